@@ -1,0 +1,94 @@
+"""
+nanoGPT-style configuration overrides. A script defines its defaults as plain module-level
+variables, then calls
+
+    config = configure(globals(), sys.argv[1:])
+
+Arguments are applied in order:
+    python train.py config/multiview_action.py --batch_size=4 --lr 1e-4
+  - a path ending in .py is executed as Python and may assign any known key;
+  - --key=value or --key value overrides one key. Values are parsed with ast.literal_eval and must have
+    the type of the default (ints are accepted for floats; anything is accepted where the default is None);
+    a bare word that is not a Python literal is taken as a string.
+An unknown key is an error that lists the closest valid keys, so a typo never trains the wrong model.
+"""
+
+import ast
+import difflib
+import os
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _known_keys(g):
+    return sorted(k for k, v in g.items()
+                  if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None))))
+
+
+def _suggest(key, keys):
+    close = difflib.get_close_matches(key, keys, n=4, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(keys)}"
+
+
+def _parse(key, text, default):
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word, e.g. --device=cuda
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"--{key}: expected True or False, got {text!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(default, (int, float)) and isinstance(value, bool):
+        raise ConfigError(f"--{key}: expected {type(default).__name__}, got {text!r}")
+    if not isinstance(value, type(default)):
+        raise ConfigError(f"--{key}: expected {type(default).__name__} (default {default!r}), got {text!r}")
+    return value
+
+
+def configure(g, argv):
+    """Apply config files and --key=value overrides from argv to the dict g (a script's globals()).
+    Returns {key: value} of all configuration keys after the overrides."""
+    keys = _known_keys(g)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                raise ConfigError(f"unexpected argument {arg!r}: expected a config file (*.py) or --key=value")
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file not found: {arg}")
+            print(f"config: {arg}")
+            scope = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), scope)
+            for k, v in scope.items():
+                if k.startswith("_") or callable(v) or type(v).__name__ == "module":
+                    continue
+                if k not in g:
+                    raise ConfigError(f"{arg}: unknown config key {k!r}.{_suggest(k, keys)}")
+                g[k] = v
+            i += 1
+            continue
+        body = arg[2:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+            i += 1
+        else:
+            key = body
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            text = argv[i + 1]
+            i += 2
+        if key not in keys:
+            raise ConfigError(f"unknown config key {key!r}.{_suggest(key, keys)}")
+        g[key] = _parse(key, text, g[key])
+    return {k: g[k] for k in keys}
