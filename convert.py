@@ -224,3 +224,305 @@ def load_dit(path, device="cpu", ema=True, dtype=torch.float32, **config_overrid
     net = build(cfg, device, dtype)
     model.load_into(net, sd, strict=True)
     return net.eval(), run_config
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+def save_weights(sd, path, config=None):
+    """Flat dict -> .pt or .safetensors (chosen by the suffix), written to a temporary name and renamed so that
+    an interrupted conversion never leaves a truncated file under the real name. config: written as
+    <path>.json beside it (what load_weights reads back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+    else:
+        torch.save(sd, tmp)
+    tmp.replace(path)
+    if config is not None:
+        path.with_suffix(".json").write_text(json.dumps(config, indent=1) + "\n")
+    n = sum(v.numel() for v in sd.values())
+    print(f"convert: wrote {path} ({len(sd)} tensors, {n:,} values, {path.stat().st_size / 2**20:,.1f} MiB)")
+
+
+def prefixed(sd, prefix="net."):
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def cast(sd, dtype):
+    """Floating tensors to dtype; integer tensors stay (None: unchanged)."""
+    if dtype is None:
+        return sd
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export(checkpoint, dest, safetensors=False):
+    """Training checkpoint -> the three official files in dest (the layout of Cosmos' convert_distcp_to_pt.py):
+    model.pt: net.* regular + net_ema.* EMA (fp32, as trained); model_ema_fp32.pt: EMA renamed to net.*;
+    model_ema_bf16.pt: the same in bf16 (what inference and the releases use). Plus dest/config.json, the run
+    config, which load_weights finds for all three files."""
+    src = resolve(checkpoint)
+    if not src.is_dir():
+        raise ValueError(f"{src} is a file; export takes a training checkpoint directory (for files: import)")
+    groups = {k.split(".", 1)[0] for k in _dcp_metadata(src)}
+    if not {"model", "ema"} <= groups:
+        raise ValueError(f"{src} must hold 'model' and 'ema' weights (has {sorted(groups)}); the EMA files need "
+                         "EMA weights: train with ema=True")
+    dest, ext = Path(dest), ".safetensors" if safetensors else ".pt"
+    ema = model.clean_state_dict(read_dcp(src, "ema"))
+    regular = model.clean_state_dict(read_dcp(src, "model"))
+    save_weights({**prefixed(regular), **prefixed(ema, "net_ema.")}, dest / ("model" + ext))
+    del regular                                        # one model's worth of memory less for the rest
+    save_weights(prefixed(cast(ema, torch.float32)), dest / ("model_ema_fp32" + ext))
+    save_weights(prefixed(cast(ema, torch.bfloat16)), dest / ("model_ema_bf16" + ext))
+    rc = run_config_for(src)
+    if rc is None:
+        cfg, _ = infer_config(ema)
+        print(f"convert: {src} has no config.json; config.json gets the one inferred from shapes: {describe(cfg)}")
+        rc = {"model": model.config_dict(cfg)}
+    (dest / "config.json").write_text(json.dumps(rc, indent=1) + "\n")
+    print(f"convert: wrote {dest / 'config.json'}")
+
+
+def check_keys(sd, cfg):
+    """(missing, unexpected) keys of sd for a DiT(cfg); raises on a shape mismatch. Checked on the meta device."""
+    with torch.device("meta"):
+        ref = model.DiT(cfg).state_dict()
+    bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in ref.items()
+           if k in sd and sd[k].shape != v.shape]
+    if bad:
+        raise ValueError("shape mismatch: " + ", ".join(bad))
+    return [k for k in ref if k not in sd], [k for k in sd if k not in ref]
+
+
+def import_official(src, out, ema=True, allow_missing=False, allow_unexpected=False, dtype=None, seed=0,
+                    **overrides):
+    """Official Cosmos file (or any checkpoint load_weights reads) -> nanocosmos consolidated file out
+    ({"net.<key>"}, .pt or .safetensors) + <out>.json with the configuration: the source's run config when it
+    has one, else inferred from the shapes, with `overrides` on top. Missing keys (kept at a fresh init) and
+    unexpected ones (dropped) are errors unless allowed. Returns the DiTConfig."""
+    info(src, ema=ema)
+    sd, run_config = load_weights(src, ema=ema)
+    cfg = config_for(sd, run_config, **overrides)
+    missing, unexpected = check_keys(sd, cfg)
+    if missing and not allow_missing:
+        raise ValueError(f"{len(missing)} weights the model needs are not in {src}: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''} (--allow-missing initialises them fresh)")
+    if unexpected and not allow_unexpected:
+        raise ValueError(f"{len(unexpected)} tensors in {src} have no place in the model {describe(cfg)}: "
+                         f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} (--allow-unexpected drops them)")
+    if unexpected:
+        print(f"convert: dropped {len(unexpected)} unexpected tensors: {unexpected}")
+    sd = {k: v for k, v in sd.items() if k not in unexpected}
+    if missing:
+        print(f"convert: {len(missing)} missing tensors get a fresh initialisation (seed {seed}): {missing}")
+        net = build(cfg)
+        torch.manual_seed(seed)
+        net.init_weights()
+        model.load_into(net, sd, strict=False)
+        sd = cast(net.state_dict(), dtype or sd["x_embedder.proj.1.weight"].dtype)
+    config = {"model": model.config_dict(cfg), "source": {"path": str(src), "weights": "ema" if ema else "regular"}}
+    save_weights(prefixed(cast(sd, dtype)), out, config)
+    return cfg
+
+
+GROW_FIELDS = ("action_mode", "action_dim", "num_actions", "actions_per_latent", "action_hidden", "n_views_emb",
+               "view_condition_dim")
+
+
+def grow(base, out, ema=True, seed=0, dtype=None, **changes):
+    """Base checkpoint -> a model with new heads (action MLPs, view-embedding channels, or an action MLP for
+    another action_dim / chunk), written to out ({"net.<key>"} + <out>.json) for train.py's init_from. New
+    heads start as no-ops (fc2 zero, zero x_embedder columns), so the grown model's output equals the base's;
+    the RoPE settings stay the base's for the same reason. Everything is written in the base's dtype unless
+    dtype is given. Returns the grown DiTConfig."""
+    unknown = set(changes) - set(GROW_FIELDS)
+    if unknown:
+        raise ValueError(f"grow changes only {', '.join(GROW_FIELDS)}; got {sorted(unknown)}")
+    sd, run_config = load_weights(base, ema=ema)
+    base_cfg = config_for(sd, run_config)
+    cfg = replace(base_cfg, **changes)
+    if cfg == base_cfg:
+        raise ValueError(f"nothing to grow: the base already is {describe(base_cfg)}")
+    net = build(cfg)
+    torch.manual_seed(seed)
+    net.init_weights()                                 # the new heads' init; every base tensor is then loaded over it
+    missing, _, regrown = model.load_into(net, sd, strict=True, grow=True)
+    print(f"convert: grew {describe(base_cfg)}\n      into {describe(cfg)}\n"
+          f"      new: {missing or '-'}; re-shaped: {regrown or '-'}")
+    config = {"model": model.config_dict(cfg), "grown_from": {"path": str(base), "weights": "ema" if ema else "regular"}}
+    save_weights(prefixed(cast(net.state_dict(), dtype or sd["x_embedder.proj.1.weight"].dtype)), out, config)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# info
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def peek(path):
+    """(format description, {key: tensor or shape-only meta tensor}) without reading the weights where the
+    format allows it (DCP metadata, safetensors header, memory-mapped .pt)."""
+    p = resolve(path)
+    if p.is_dir():
+        shards = len(list(p.glob("*.distcp")))
+        md = _dcp_metadata(p)
+        tensors = {k: torch.empty(v.size, dtype=v.properties.dtype, device="meta") for k, v in md.items()}
+        return f"training checkpoint (torch.distributed.checkpoint, {shards} shard file{'s' * (shards != 1)}) {p}", tensors
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            tensors = {k: torch.empty(f.get_slice(k).get_shape(), dtype=_ST_DTYPES[f.get_slice(k).get_dtype()],
+                                      device="meta") for k in f.keys()}
+        return f"safetensors file {p}", tensors
+    return f"flat .pt file {p}", read_file(p)
+
+
+# module order of model.DiT, for listing
+_ORDER = ("x_embedder", "t_embedder", "t_embedding_norm", "crossattn_proj", "view_embeddings", "action_embedder_B_D",
+          "action_embedder_B_3D", "blocks", "final_layer")
+
+
+def info(path, ema=True):
+    """Print what a checkpoint holds: format, prefixes, dropped entries, keys grouped by module with dtypes and
+    parameter counts, and the configuration (run config, else inferred). Returns the printed text."""
+    fmt, raw = peek(path)
+    p = resolve(path)
+    lines = [f"format: {fmt}"]
+    heads = {}
+    for k in raw:
+        h = k.split(".", 1)[0] + "." if k.startswith(("net.", "net_ema.", "model.", "ema.")) else "(unprefixed)"
+        if p.is_dir() and h == "(unprefixed)":
+            h = k.split(".", 1)[0] + "."
+        heads[h] = heads.get(h, 0) + 1
+    lines.append("entries: " + ", ".join(f"{h}* {n}" for h, n in heads.items()))
+    if p.is_dir():
+        group = "ema." if ema and "ema." in heads else "model."
+        chosen = {k[len(group):]: v for k, v in raw.items() if k.startswith(group)}
+    else:
+        group = _source_prefix(raw, ema)
+        chosen = {k[len(group):]: v for k, v in raw.items() if k.startswith(group)}
+    sd = model.clean_state_dict(chosen)
+    dropped = {}
+    for k in set(chosen) - set(sd):
+        kind = "_extra_state" if k.endswith("_extra_state") else "accum_*" if k.startswith("accum_") else "pos_embedder*"
+        dropped[kind] = dropped.get(kind, 0) + 1
+    lines.append(f"weights shown: {group or 'unprefixed '}*" +
+                 (f"; dropped on load: {', '.join(f'{n} {k}' for k, n in sorted(dropped.items()))}" if dropped else ""))
+    groups = {}
+    order = lambda kv: _ORDER.index(kv[0].split(".", 1)[0]) if kv[0].split(".", 1)[0] in _ORDER else len(_ORDER)
+    for k, v in sorted(sd.items(), key=order):
+        g = groups.setdefault(k.split(".", 1)[0], {"tensors": 0, "params": 0, "dtypes": set()})
+        g["tensors"] += 1
+        g["params"] += v.numel()
+        g["dtypes"].add(str(v.dtype).replace("torch.", ""))
+    nblocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for name, g in groups.items():
+        label = f"blocks.0-{nblocks - 1}" if name == "blocks" else name
+        lines.append(f"  {label:<24} {g['tensors']:>5} tensors {g['params']:>16,} params  {'/'.join(sorted(g['dtypes']))}")
+    dtypes = {}
+    for v in sd.values():
+        dtypes[str(v.dtype).replace("torch.", "")] = dtypes.get(str(v.dtype).replace("torch.", ""), 0) + v.numel()
+    lines.append(f"parameters: {sum(dtypes.values()):,} ({', '.join(f'{d} {n:,}' for d, n in dtypes.items())})")
+    rc = run_config_for(p)
+    if rc is not None:
+        cfg = model.config_from_dict(rc["model"])
+        extra = f", step {rc['step']}" if "step" in rc else ""
+        lines.append(f"config (run config{extra}): {describe(cfg)}")
+    else:
+        try:
+            cfg, assumed = infer_config(sd)
+            lines.append(f"config (inferred from shapes): {describe(cfg)}")
+            lines.append(f"  not in the weights, assumed: {', '.join(f'{k}={_fmt(getattr(cfg, k))}' for k in assumed)}")
+        except KeyError as e:
+            lines.append(f"config: cannot be inferred (no {e} tensor): not a DiT checkpoint?")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def _bool(s):
+    v = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(s.lower())
+    if v is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+    return v
+
+
+def _add_config_args(parser, names):
+    for f in fields(model.DiTConfig):
+        if f.name in names:
+            typ = _bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(f"--{f.name}", type=typ, default=None, metavar=f.type if isinstance(f.type, str)
+                                else f.type.__name__, help=f"(default: {'from the file' if parser.prog.endswith('import') else 'the base'})")
+
+
+def _weights_args(parser):
+    w = parser.add_mutually_exclusive_group()
+    w.add_argument("--ema", dest="ema", action="store_true", default=True, help="EMA weights (net_ema.*) (default)")
+    w.add_argument("--regular", dest="ema", action="store_false", help="regular weights (net.*) of a file with both")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("export", "import", "grow", "info")
+    if argv and argv[0] not in commands and not argv[0].startswith("-"):
+        argv.insert(0, "export")                       # python convert.py <iter_dir> <dest>
+    ap = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0].strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="training checkpoint -> model.pt, model_ema_fp32.pt, model_ema_bf16.pt")
+    e.add_argument("checkpoint", help="iter_XXXXXXXXX dir, or a dir holding [checkpoints/]latest_checkpoint.txt")
+    e.add_argument("dest", help="output directory")
+    e.add_argument("--safetensors", action="store_true", help="write .safetensors instead of .pt")
+    i = sub.add_parser("import", help="official Cosmos file -> nanocosmos file + config json")
+    i.add_argument("file")
+    i.add_argument("out", help="output .pt or .safetensors (config goes to <out>.json)")
+    _weights_args(i)
+    i.add_argument("--allow-missing", action="store_true", help="initialise weights the file lacks")
+    i.add_argument("--allow-unexpected", action="store_true", help="drop tensors the model has no place for")
+    i.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="(default: as in the file)")
+    i.add_argument("--seed", type=int, default=0, help="init seed for --allow-missing")
+    _add_config_args(i, {f.name for f in fields(model.DiTConfig)})
+    g = sub.add_parser("grow", help="add action MLPs and/or view-embedding channels to a base checkpoint")
+    g.add_argument("base")
+    g.add_argument("out", help="output .pt or .safetensors (config goes to <out>.json)")
+    _weights_args(g)
+    g.add_argument("--views", dest="n_views_emb", type=int, default=None, help="view embeddings (= --n_views_emb)")
+    g.add_argument("--seed", type=int, default=0, help="init seed of the new heads")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="(default: the base's)")
+    _add_config_args(g, set(GROW_FIELDS) - {"n_views_emb"})
+    n = sub.add_parser("info", help="print what a checkpoint holds")
+    n.add_argument("path")
+    _weights_args(n)
+    args = vars(ap.parse_args(argv))
+
+    command = args.pop("command")
+    if command == "export":
+        export(args["checkpoint"], args["dest"], safetensors=args["safetensors"])
+    elif command == "info":
+        info(args["path"], ema=args["ema"])
+    else:
+        names = {f.name for f in fields(model.DiTConfig)}
+        overrides = {k: v for k, v in args.items() if k in names and v is not None}
+        dtype = DTYPES[args["dtype"]] if args["dtype"] else None
+        if command == "import":
+            import_official(args["file"], args["out"], ema=args["ema"], allow_missing=args["allow_missing"],
+                            allow_unexpected=args["allow_unexpected"], dtype=dtype, seed=args["seed"], **overrides)
+        else:
+            grow(args["base"], args["out"], ema=args["ema"], seed=args["seed"], dtype=dtype, **overrides)
+
+
+if __name__ == "__main__":
+    main()
