@@ -1,0 +1,488 @@
+"""
+The video tokenizer of Cosmos-Predict2 / 2.5: the Wan2.1 causal 3D VAE, and a weightless `pixel` stand-in.
+
+Wan2.1: 16 latent channels, 8x spatial and 4x causal temporal compression, T = 1+4k frames -> 1+k latents.
+Latent 0 depends on frame 0 only, latent j on frames <= 4j. encode() returns the encoder mean normalised the way
+Cosmos does it, (mu - mean) * (1/std) with the 16 official constants (no sampling); decode() inverts that and
+returns video in nominal [-1, 1], NOT clamped (clamp where you convert to uint8).
+
+Memory: the network is streamed in time exactly like the official code, so peak activations are set by one chunk,
+not by the clip. encode() runs frame 0 alone, then chunks of `temporal_window` (4) frames; decode() runs one latent
+frame at a time. Between chunks every temporal convolution keeps the last frames of its own input in a cache (a
+dict keyed by module, created per call). Samples of the batch (views folded in by the caller) are streamed one
+`micro_batch` at a time, so a 4-view clip costs the memory of one view; the samples never interact, so this only
+trades a little GPU efficiency at tiny resolutions for a bounded peak.
+
+Usage:
+    tok = load_tokenizer("wan2.1", "checkpoints/tokenizer.pth", device="cuda", dtype=torch.bfloat16)
+    z_B_16_t_h_w = tok.encode(video_B_3_T_H_W)       # video in [-1, 1]
+    video_B_3_T_H_W = tok.decode(z_B_16_t_h_w)
+    python vae.py bench --size 256x320 --frames 13 --dtype both     # seconds and peak memory, random weights
+"""
+import argparse
+import os
+import threading
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
+
+# Per-channel statistics of Wan2.1 latents (Cosmos VAE.__init__; identical in Predict2.5 and diffusers).
+LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+LATENT_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+
+
+def latent_frames(num_frames: int, temporal_factor: int = 4) -> int:
+    """Latent frames for a causal clip of num_frames = 1 + k*temporal_factor pixel frames (frame 0 has its own)."""
+    if num_frames < 1 or (num_frames - 1) % temporal_factor:
+        raise ValueError(f"num_frames must be 1 + {temporal_factor}*k (1, {1 + temporal_factor}, "
+                         f"{1 + 2 * temporal_factor}, ...), got {num_frames}")
+    return 1 + (num_frames - 1) // temporal_factor
+
+
+def check_video(video, spatial_factor, temporal_factor):
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video must be (B, 3, T, H, W) RGB, got shape {tuple(video.shape)}")
+    if not video.is_floating_point():
+        raise ValueError(f"video must be float in [-1, 1] (uint8 -> x/127.5 - 1), got {video.dtype}")
+    latent_frames(video.shape[2], temporal_factor)
+    H, W = video.shape[-2:]
+    if H % spatial_factor or W % spatial_factor or H == 0 or W == 0:
+        raise ValueError(f"video height and width must be positive multiples of {spatial_factor}, got {H}x{W}")
+
+
+def check_latent(latent, channels):
+    if latent.ndim != 5 or latent.shape[1] != channels:
+        raise ValueError(f"latent must be (B, {channels}, t, h, w), got shape {tuple(latent.shape)}")
+    if not latent.is_floating_point():
+        raise ValueError(f"latent must be a float tensor, got {latent.dtype}")
+    if latent.shape[2] < 1:
+        raise ValueError("latent must have at least one frame")
+
+
+# -----------------------------------------------------------------------------
+# Wan2.1 building blocks. Attribute names and nn.Sequential slot numbers are the official state-dict key names.
+# Every block's forward takes (x_B_C_T_H_W, cache); only the temporal convolutions read or write the cache.
+
+class CPUBf16Conv:
+    """On CPUs without bf16 dot-product instructions (AVX2) oneDNN's bf16 convolutions are ~45x slower than fp32,
+    so on CPU a bf16 conv multiplies in fp32 and rounds its output to bf16, which is what cuDNN's bf16 convs do
+    anyway (fp32 accumulation). Everything else stays in bf16."""
+
+    def _conv_forward(self, x, weight, bias):
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            bias = None if bias is None else bias.float()
+            return super()._conv_forward(x.float(), weight.float(), bias).to(x.dtype)
+        return super()._conv_forward(x, weight, bias)
+
+
+class Conv2d(CPUBf16Conv, nn.Conv2d):
+    pass
+
+
+class Conv3d(CPUBf16Conv, nn.Conv3d):
+    pass
+
+
+class CausalConv3d(Conv3d):
+    """Conv3d that only looks back in time: 2*p_t frames of history on the left, symmetric zero padding in space.
+    The history is zeros at the start of a clip and the previous chunk's last input frames afterwards, which makes
+    streamed chunks identical to one pass over the whole clip."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, padding=0):
+        p_t, p_h, p_w = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_ch, out_ch, kernel_size, padding=(0, p_h, p_w))
+        self.history = 2 * p_t
+
+    def forward(self, x, cache):
+        if self.history:
+            past = cache.get(self)
+            if past is None:
+                past = x.new_zeros(*x.shape[:2], self.history, *x.shape[3:])
+            x = torch.cat([past, x], dim=2)
+            cache[self] = x[:, :, -self.history:].clone()  # clone: a view would keep the whole chunk alive
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """x / ||x|| * sqrt(C) * gamma over channels only, at each position (so it is oblivious to chunking)."""
+
+    def __init__(self, dim, images=False):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x):
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim, out_dim, dropout=0.0):
+        super().__init__()
+        # slots 1, 4, 5 (SiLU, SiLU, Dropout) hold no weights but fix the key numbers residual.{0,2,3,6}
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(inplace=True), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3, padding=1))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
+
+    def forward(self, x, cache):
+        r = self.residual
+        h = x if self.shortcut is None else self.shortcut(x, cache)
+        x = r[2](r[1](r[0](x)), cache)
+        x = r[6](r[5](r[4](r[3](x))), cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention within each frame (nothing temporal, so no cache), at the latent resolution."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = Conv2d(dim, dim * 3, 1)
+        self.proj = Conv2d(dim, dim, 1)
+
+    def forward(self, x, cache=None):
+        B, C, T, H, W = x.shape
+        h = rearrange(x, "b c t h w -> (b t) c h w")
+        qkv = self.to_qkv(self.norm(h))
+        q, k, v = rearrange(qkv, "n c h w -> n 1 (h w) c").contiguous().chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v)  # head_dim = C, scale 1/sqrt(C)
+        h = self.proj(rearrange(h, "n 1 (h w) c -> n c h w", h=H))
+        return x + rearrange(h, "(b t) c h w -> b c t h w", t=T)
+
+
+class Upsample2x(nn.Module):
+    # Official: nearest-exact 2x in fp32. For an exact factor 2 that is a 2x2 repeat, which is exact in any dtype.
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+
+
+class Resample(nn.Module):
+    """2x spatial down/up-sampling per frame, plus (for the *3d modes) 2x causal temporal resampling in which frame 0
+    is special: it is neither merged nor doubled, and is never history for the frames after it."""
+
+    def __init__(self, dim, mode):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):  # the 2D conv halves the channels
+            self.resample = nn.Sequential(Upsample2x(), Conv2d(dim, dim // 2, 3, padding=1))
+        else:  # asymmetric pad (right/bottom only) then a stride-2 conv: not the same as padding=1
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), Conv2d(dim, dim, 3, stride=2))
+        if mode == "upsample3d":  # each input frame becomes 2 output frames: channels [0:C] then [C:2C]
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":  # frames (2j-2, 2j-1, 2j) -> output frame j, for j >= 1
+            self.time_conv = Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        else:
+            assert mode in ("upsample2d", "downsample2d"), mode
+
+    def forward(self, x, cache):
+        if self.mode == "upsample3d":
+            x = self.upsample_time(x, cache)
+        T = x.shape[2]
+        x = rearrange(self.resample(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", t=T)
+        if self.mode == "downsample3d":
+            x = self.downsample_time(x, cache)
+        return x
+
+    def upsample_time(self, x, cache):
+        if self not in cache:  # first call: frame 0 passes through once; time_conv's history starts (zeros) after it
+            cache[self] = True
+            first, x = x[:, :, :1], x[:, :, 1:]
+            return first if x.shape[2] == 0 else torch.cat([first, self.upsample_time(x, cache)], dim=2)
+        y = self.time_conv(x, cache)
+        return rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+
+    def downsample_time(self, x, cache):
+        past = cache.get(self)  # the previous chunk's last frame
+        cache[self] = x[:, :, -1:].clone()
+        if past is None:  # first call: frame 0 passes through, and is history for frames 1-2
+            first = x[:, :, :1]
+            return first if x.shape[2] == 1 else torch.cat([first, self.time_conv(x)], dim=2)
+        return self.time_conv(torch.cat([past, x], dim=2))
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, attn_scales, temperal_downsample, dropout):
+        super().__init__()
+        dims = [dim * u for u in [1] + dim_mult]  # 96, 96, 192, 384, 384
+        scale = 1.0
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        self.downsamples = nn.ModuleList()
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                self.downsamples.append(ResidualBlock(in_dim, out_dim, dropout))
+                if scale in attn_scales:
+                    self.downsamples.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                self.downsamples.append(Resample(out_dim, "downsample3d" if temperal_downsample[i] else "downsample2d"))
+                scale /= 2.0
+        self.middle = nn.ModuleList([ResidualBlock(dims[-1], dims[-1], dropout), AttentionBlock(dims[-1]),
+                                     ResidualBlock(dims[-1], dims[-1], dropout)])
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(inplace=True),
+                                  CausalConv3d(dims[-1], z_dim * 2, 3, padding=1))  # mu | logvar
+
+    def forward(self, x, cache):
+        x = self.conv1(x, cache)
+        for layer in [*self.downsamples, *self.middle]:
+            x = layer(x, cache)
+        return self.head[2](self.head[1](self.head[0](x)), cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, attn_scales, temperal_upsample, dropout):
+        super().__init__()
+        dims = [dim * u for u in [dim_mult[-1]] + dim_mult[::-1]]  # 384, 384, 384, 192, 96
+        scale = 1.0 / 2 ** (len(dim_mult) - 2)
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0], dropout), AttentionBlock(dims[0]),
+                                     ResidualBlock(dims[0], dims[0], dropout)])
+        self.upsamples = nn.ModuleList()
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:  # the previous stage's upsample conv halved the channels
+                in_dim = in_dim // 2
+            for _ in range(num_res_blocks + 1):
+                self.upsamples.append(ResidualBlock(in_dim, out_dim, dropout))
+                if scale in attn_scales:
+                    self.upsamples.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                self.upsamples.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
+                scale *= 2.0
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(inplace=True), CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x, cache):
+        x = self.conv1(x, cache)
+        for layer in [*self.middle, *self.upsamples]:
+            x = layer(x, cache)
+        return self.head[2](self.head[1](self.head[0](x)), cache)
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE (Cosmos `VAE_` + the latent normalisation of `VAE`). Defaults are the released configuration
+    (126,892,531 parameters); only `temporal_window` and `micro_batch` are about scheduling, never results."""
+    latent_channels = 16
+    spatial_factor = 8
+    temporal_factor = 4
+
+    def __init__(self, dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, attn_scales=(),
+                 temperal_downsample=(False, True, True), dropout=0.0, temporal_window=4, micro_batch=1):
+        super().__init__()
+        dim_mult, temperal_downsample = list(dim_mult), list(temperal_downsample)  # "temperal" is the official name
+        if z_dim != len(LATENT_MEAN):
+            raise ValueError(f"the Wan2.1 latent statistics are for z_dim={len(LATENT_MEAN)}, got {z_dim}")
+        self.z_dim = z_dim
+        self.latent_channels = z_dim
+        self.spatial_factor = 2 ** (len(dim_mult) - 1)
+        self.temporal_factor = 2 ** sum(temperal_downsample)
+        if temporal_window < 1 or temporal_window % self.temporal_factor:
+            raise ValueError(f"temporal_window must be a multiple of {self.temporal_factor}, got {temporal_window}")
+        self.temporal_window = temporal_window
+        self.micro_batch = micro_batch
+        self.encoder = Encoder3d(dim, z_dim, dim_mult, num_res_blocks, list(attn_scales), temperal_downsample, dropout)
+        self.conv1 = CausalConv3d(z_dim * 2, z_dim * 2, 1)  # "quant conv", applied to mu | logvar
+        self.conv2 = CausalConv3d(z_dim, z_dim, 1)  # "post-quant conv", applied before the decoder
+        self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, list(attn_scales), temperal_downsample[::-1],
+                                 dropout)
+
+    def latent_stats(self, dtype, device):
+        # Cosmos holds mean and std in the model dtype and multiplies by 1/std computed in that dtype; doing the same
+        # reproduces its bf16-rounded constants exactly. Shapes (1, 16, 1, 1, 1).
+        mean = torch.tensor(LATENT_MEAN, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
+        return mean, inv_std
+
+    @torch.no_grad()
+    def encode(self, video_B_3_T_H_W):
+        mu_B_16_t_h_w = self.encode_mu(video_B_3_T_H_W)
+        mean, inv_std = self.latent_stats(mu_B_16_t_h_w.dtype, mu_B_16_t_h_w.device)
+        return (mu_B_16_t_h_w - mean) * inv_std
+
+    @torch.no_grad()
+    def encode_mu(self, video_B_3_T_H_W):
+        """The encoder mean before normalisation (the logvar half is dropped, as Cosmos does)."""
+        check_video(video_B_3_T_H_W, self.spatial_factor, self.temporal_factor)
+        w = next(self.parameters())
+        T = video_B_3_T_H_W.shape[2]
+        starts = [0] + list(range(1, T, self.temporal_window))  # frame 0 alone, then chunks
+        mu = []
+        for x in video_B_3_T_H_W.split(self.micro_batch):
+            x = x.to(w)
+            cache = {}
+            mu.append(torch.cat([self.conv1(self.encoder(x[:, :, a:b], cache), cache)[:, :self.z_dim]
+                                 for a, b in zip(starts, starts[1:] + [T])], dim=2))
+        return torch.cat(mu)
+
+    @torch.no_grad()
+    def decode(self, latent_B_16_t_h_w):
+        check_latent(latent_B_16_t_h_w, self.z_dim)
+        w = next(self.parameters())
+        mean, inv_std = self.latent_stats(w.dtype, w.device)
+        videos = []
+        for z in latent_B_16_t_h_w.split(self.micro_batch):
+            cache = {}
+            z = self.conv2(z.to(w) / inv_std + mean, cache)
+            frames = [self.decoder(z[:, :, i:i + 1], cache) for i in range(z.shape[2])]  # 1 frame, then 4 each
+            videos.append(torch.cat(frames, dim=2))
+        return torch.cat(videos)
+
+
+# -----------------------------------------------------------------------------
+# The pixel tokenizer: no weights, same interface, for tiny CPU presets.
+
+class PixelTokenizer(nn.Module):
+    """Latent = the frames themselves, average-pooled by `spatial_factor` and stacked in time groups.
+
+    Time: frame 0 is its own group (replicated 4 times so every latent frame looks alike), then each next 4 frames
+    form one group, so T = 1+4k -> t = 1+k, exactly as the VAE. Channels: latent_channels = 3*4 = 12, ordered
+    (frame-in-group, RGB): channel 3*f + c is colour c of frame f of the group. Values: pooled pixels times `scale`
+    (default 2, so [-1, 1] video of std ~0.5 becomes latents of std ~1).
+    What is lost: all spatial detail within each s x s block (decode repeats the block mean, nearest upsampling);
+    and for latent 0, its 4 copies are averaged on decode. Nothing else: decode(encode(x)) == the pooled-then-
+    upsampled x, and encode(decode(z)) == z for every z that encode can produce.
+    """
+    temporal_factor = 4
+
+    def __init__(self, spatial_factor=8, scale=2.0):
+        super().__init__()
+        self.spatial_factor = spatial_factor
+        self.latent_channels = 3 * self.temporal_factor
+        self.register_buffer("scale", torch.tensor(float(scale)), persistent=False)  # also carries dtype/device
+
+    @torch.no_grad()
+    def encode(self, video_B_3_T_H_W):
+        check_video(video_B_3_T_H_W, self.spatial_factor, self.temporal_factor)
+        x = video_B_3_T_H_W.to(self.scale)
+        s, f = self.spatial_factor, self.temporal_factor
+        x = reduce(x, "b c t (h s1) (w s2) -> b c t h w", "mean", s1=s, s2=s)
+        x = torch.cat([x[:, :, :1].expand(-1, -1, f, -1, -1), x[:, :, 1:]], dim=2)  # frame 0 -> a group of its own
+        return rearrange(x, "b c (t f) h w -> b (f c) t h w", f=f) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latent_B_C_t_h_w):
+        check_latent(latent_B_C_t_h_w, self.latent_channels)
+        z = latent_B_C_t_h_w.to(self.scale) / self.scale
+        x = rearrange(z, "b (f c) t h w -> b c t f h w", f=self.temporal_factor)
+        x = torch.cat([x[:, :, :1].mean(dim=3), x[:, :, 1:].flatten(2, 3)], dim=2)  # average latent 0's copies
+        s = self.spatial_factor
+        return repeat(x, "b c t h w -> b c t (h s1) (w s2)", s1=s, s2=s)
+
+
+# -----------------------------------------------------------------------------
+
+def load_tokenizer(name: str, path: str | None = None, device="cpu", dtype=torch.float32, **kw) -> nn.Module:
+    """'wan2.1': the official tokenizer.pth (a flat state dict, no prefix), loaded strictly; path None = random
+    weights (for benchmarks and shape tests only). 'pixel': PixelTokenizer(**kw). Returns an eval, frozen module."""
+    if name == "pixel":
+        if path is not None:
+            raise ValueError("the pixel tokenizer has no weights; path must be None")
+        tok = PixelTokenizer(**kw)
+    elif name == "wan2.1":
+        if path is None:
+            print("WARNING: Wan2.1 VAE with RANDOM weights (no tokenizer.pth given): latents and videos are meaningless")
+            tok = WanVAE(**kw)
+        else:
+            with torch.device("meta"):
+                tok = WanVAE(**kw)
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            expected = tok.state_dict().keys()
+            missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"{path} does not match the Wan2.1 VAE (expected a flat state dict with {len(expected)} keys, got "
+                    f"{len(sd)}): {len(missing)} missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                    f"{len(unexpected)} unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+            tok.load_state_dict(sd, strict=True, assign=True)  # also raises on any shape mismatch
+    else:
+        raise ValueError(f"unknown tokenizer {name!r}: expected 'wan2.1' or 'pixel'")
+    return tok.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: python vae.py bench [--size 256x320] [--frames 13] [--views 1] [--dtype fp32|bf16|both] [--device cpu]
+
+class PeakRSS:
+    """Peak growth of this process's resident memory while the block runs, sampled every millisecond from
+    /proc/self/statm (torch's CPU allocations are invisible to tracemalloc)."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def poll(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.rss())
+        self.growth = self.peak - self.base
+
+
+def measure(fn, device):
+    """(fn(), seconds, peak memory bytes): CUDA max_memory_allocated beyond what was live, or CPU peak RSS growth."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    return out, seconds, mem.growth
+
+
+def bench(args):
+    H, W = (int(v) for v in args.size.lower().split("x"))
+    device = torch.device(args.device)
+    dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "both": [torch.float32, torch.bfloat16]}[args.dtype]
+    torch.manual_seed(0)
+    video = torch.rand(args.views, 3, args.frames, H, W, device=device) * 2 - 1
+    print(f"Wan2.1 VAE, random weights, {args.views} view(s) x {args.frames} frames x {H}x{W} on {device} "
+          f"({torch.get_num_threads()} threads); latent (16, {latent_frames(args.frames)}, {H // 8}, {W // 8})")
+    for dtype in dtypes:
+        vae = load_tokenizer("wan2.1", None, device=device, dtype=dtype, micro_batch=args.micro_batch)
+        n = sum(p.numel() for p in vae.parameters())
+        print(f"{str(dtype):15s} params {n:,} ({n * dtype.itemsize / 2**20:.0f} MiB)")
+        x = video.to(dtype)
+        if args.warmup:
+            vae.decode(vae.encode(x[:, :, :1]))
+        z, t_enc, m_enc = measure(lambda: vae.encode(x), device)
+        _, t_dec, m_dec = measure(lambda: vae.decode(z), device)
+        what = "peak CUDA alloc" if device.type == "cuda" else "peak RSS growth"
+        print(f"{str(dtype):15s} encode {t_enc:8.2f} s  {what} {m_enc / 2**20:8.0f} MiB")
+        print(f"{str(dtype):15s} decode {t_dec:8.2f} s  {what} {m_dec / 2**20:8.0f} MiB")
+        del vae, x, z
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Wan2.1 VAE utilities")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="time and peak memory of encode/decode, real configuration, random weights")
+    b.add_argument("--size", default="256x320", help="HxW")
+    b.add_argument("--frames", type=int, default=13)
+    b.add_argument("--views", type=int, default=1, help="views folded into the batch")
+    b.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"])
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--micro_batch", type=int, default=1, help="samples streamed together")
+    b.add_argument("--warmup", type=int, default=1, help="1: run a 1-frame encode/decode first (kernel selection)")
+    bench(parser.parse_args())
