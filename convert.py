@@ -157,22 +157,24 @@ def load_weights(path, ema=True):
 # -----------------------------------------------------------------------------
 # configuration and building
 
+ROPE_FIELDS = ("rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio", "rope_t_extrapolation_ratio",
+               "rope_enable_fps_modulation")
+
+
 def infer_config(sd, **overrides):
-    """model.infer_config plus what the released models tell about what shapes cannot: the 14B RoPE ratios, and
-    the multi-view net's RoPE (t ratio 8/24, temporal positions modulated by fps). Returns (cfg, assumed), where
-    assumed lists the fields that came from such assumptions rather than from shapes or overrides."""
+    """model.infer_config, plus the RoPE settings that no tensor holds, taken from the released models: the 14B
+    ratios for a 14B-sized net, and the official multi-view net's (t ratio 8/24, temporal positions modulated by
+    fps) when there is a view embedding; the single-view defaults otherwise. Returns (cfg, the RoPE fields that
+    were assumed rather than given in overrides)."""
     cfg = model.infer_config(sd, **overrides)
-    assumed = {}
+    known = {}
     for preset in model.PRESETS.values():
         if all(getattr(cfg, k) == v for k, v in preset.items() if k in ("model_channels", "num_blocks", "num_heads")):
-            assumed.update({k: v for k, v in preset.items() if k.startswith("rope_")})
+            known.update({k: v for k, v in preset.items() if k in ROPE_FIELDS})
     if cfg.n_views_emb:
-        assumed.update(rope_t_extrapolation_ratio=8 / 24, rope_enable_fps_modulation=True)
-    assumed = {k: v for k, v in assumed.items() if k not in overrides}
-    rope_defaults = {k: getattr(cfg, k) for k in ("rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio",
-                                                  "rope_t_extrapolation_ratio", "rope_enable_fps_modulation")
-                     if k not in overrides}
-    return replace(cfg, **assumed), sorted({**rope_defaults, **assumed})
+        known.update(rope_t_extrapolation_ratio=8 / 24, rope_enable_fps_modulation=True)
+    cfg = replace(cfg, **{k: v for k, v in known.items() if k not in overrides})
+    return cfg, [k for k in ROPE_FIELDS if k not in overrides]
 
 
 def describe(cfg):
@@ -327,7 +329,8 @@ def import_official(src, out, ema=True, allow_missing=False, allow_unexpected=Fa
         net.init_weights()
         model.load_into(net, sd, strict=False)
         sd = cast(net.state_dict(), dtype or sd["x_embedder.proj.1.weight"].dtype)
-    config = {"model": model.config_dict(cfg), "source": {"path": str(src), "weights": "ema" if ema else "regular"}}
+    config = {**(run_config or {}), "model": model.config_dict(cfg),
+              "source": {"path": str(src), "weights": "ema" if ema else "regular"}}
     save_weights(prefixed(cast(sd, dtype)), out, config)
     return cfg
 
@@ -356,7 +359,9 @@ def grow(base, out, ema=True, seed=0, dtype=None, **changes):
     missing, _, regrown = model.load_into(net, sd, strict=True, grow=True)
     print(f"convert: grew {describe(base_cfg)}\n      into {describe(cfg)}\n"
           f"      new: {missing or '-'}; re-shaped: {regrown or '-'}")
-    config = {"model": model.config_dict(cfg), "grown_from": {"path": str(base), "weights": "ema" if ema else "regular"}}
+    # the base's other run settings (cameras, tokenizer, ...) still hold: the grown model behaves as the base
+    config = {**(run_config or {}), "model": model.config_dict(cfg),
+              "grown_from": {"path": str(base), "weights": "ema" if ema else "regular"}}
     save_weights(prefixed(cast(net.state_dict(), dtype or sd["x_embedder.proj.1.weight"].dtype)), out, config)
     return cfg
 

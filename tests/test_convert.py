@@ -244,13 +244,17 @@ def test_import_official_release_reproduces_fixture(tmp_path, fixture, capsys):
 def test_import_picks_ema_or_regular_and_overrides_config(tmp_path):
     tensors = official_file("dit_action", tmp_path / "model.pt", with_regular=True)
     inputs = {k[len("inputs."):]: v for k, v in tensors.items() if k.startswith("inputs.")}
-    convert.import_official(tmp_path / "model.pt", tmp_path / "ema.safetensors", rope_t_extrapolation_ratio=1.0)
-    convert.import_official(tmp_path / "model.pt", tmp_path / "reg.pt", ema=False, dtype=torch.bfloat16)
+    convert.import_official(tmp_path / "model.pt", tmp_path / "ema.safetensors")
     with torch.no_grad():
         assert_close(call(convert.load_dit(tmp_path / "ema.safetensors")[0], inputs, 1), tensors["output"], "ema")
-        reg = convert.load_dit(tmp_path / "reg.pt")[0]
-        assert (call(reg, inputs, 1) - tensors["output"]).abs().max() > 1e-3
+    convert.main(["import", str(tmp_path / "model.pt"), str(tmp_path / "reg.pt"), "--regular", "--dtype", "bfloat16",
+                  "--rope_t_extrapolation_ratio", "0.5", "--rope_enable_fps_modulation", "true"])
+    reg, rc = convert.load_dit(tmp_path / "reg.pt")
+    assert rc["model"]["rope_t_extrapolation_ratio"] == 0.5 and reg.cfg.rope_enable_fps_modulation
+    assert rc["source"]["weights"] == "regular"
     assert torch.load(tmp_path / "reg.pt", weights_only=True)["net.t_embedding_norm.weight"].dtype == torch.bfloat16
+    with torch.no_grad():
+        assert (call(reg, inputs, 1) - tensors["output"]).abs().max() > 1e-3
 
 
 def test_import_missing_and_unexpected_need_permission(tmp_path):
@@ -344,20 +348,20 @@ def test_round_trip_train_export_sample(tmp_path):
     train = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"--data_root={tmp_path / 'data'}", f"--out_dir={out_dir}",
          "--model_channels=32", "--num_blocks=2", "--num_heads=2", "--frame_size=(32, 48)", "--batch_size=2",
-         "--num_workers=0", "--eval_interval=0", "--warmup_iters=1", "--max_iters=3", "--save_interval=3"],
+         "--num_workers=0", "--eval_interval=0", "--warmup_iters=1", "--max_iters=2", "--save_interval=2"],
         cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
-    convert.main([str(out_dir / "checkpoints" / "iter_000000003"), str(tmp_path / "release")])
+    convert.main([str(out_dir / "checkpoints" / "iter_000000002"), str(tmp_path / "release")])
 
     def frames(dit_path):
         args = ["--dit_path", str(dit_path), "--save_path", str(tmp_path / f"{Path(dit_path).stem}.mp4"),
                 "--num_steps", "4", "--device", "cpu"]
-        (_, video), = sample.main(args)
+        with torch.enable_grad():                      # sample.main switches autograd off for the process
+            (_, video), = sample.main(args)
         return video.float()
 
     direct = frames(out_dir / "checkpoints")          # the training checkpoint itself (latest)
     assert torch.equal(frames(tmp_path / "release" / "model_ema_fp32.pt"), direct)
-    assert torch.equal(frames(tmp_path / "release" / "model.pt"), direct)
     # bf16 weights: rounding moves a few pixel values by a level or two (measured: see the bound's comment)
     diff = (frames(tmp_path / "release" / "model_ema_bf16.pt") - direct).abs()
     print(f"bf16 round trip: mean |diff| {diff.mean():.4f}, max {diff.max():.0f} (uint8 levels)")
