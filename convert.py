@@ -409,7 +409,7 @@ def info(path, ema=True):
         if p.is_dir() and h == "(unprefixed)":
             h = k.split(".", 1)[0] + "."
         heads[h] = heads.get(h, 0) + 1
-    lines.append("entries: " + ", ".join(f"{h}* {n}" for h, n in heads.items()))
+    lines.append("entries: " + ", ".join(f"{h}{'*' * (h != '(unprefixed)')} {n}" for h, n in heads.items()))
     if p.is_dir():
         group = "ema." if ema and "ema." in heads else "model."
         chosen = {k[len(group):]: v for k, v in raw.items() if k.startswith(group)}
@@ -421,7 +421,7 @@ def info(path, ema=True):
     for k in set(chosen) - set(sd):
         kind = "_extra_state" if k.endswith("_extra_state") else "accum_*" if k.startswith("accum_") else "pos_embedder*"
         dropped[kind] = dropped.get(kind, 0) + 1
-    lines.append(f"weights shown: {group or 'unprefixed '}*" +
+    lines.append(f"weights shown: {group + '*' if group else 'unprefixed keys'}" +
                  (f"; dropped on load: {', '.join(f'{n} {k}' for k, n in sorted(dropped.items()))}" if dropped else ""))
     groups = {}
     order = lambda kv: _ORDER.index(kv[0].split(".", 1)[0]) if kv[0].split(".", 1)[0] in _ORDER else len(_ORDER)
