@@ -2,7 +2,9 @@
 nanoGPT-style configuration overrides. A script defines its defaults as plain module-level
 variables, then calls
 
-    config = configure(globals(), sys.argv[1:])
+    _keys = config_keys(globals())      # right after the defaults
+    ...
+    config = configure(globals(), _keys, sys.argv[1:])
 
 Arguments are applied in order:
     python train.py config/multiview_action.py --batch_size=4 --lr 1e-4
@@ -22,9 +24,11 @@ class ConfigError(ValueError):
     pass
 
 
-def _known_keys(g):
+def config_keys(g):
+    """The configuration keys of a script: its public module-level values of plain types. Call it right
+    after the defaults, before the script defines anything else."""
     return sorted(k for k, v in g.items()
-                  if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None))))
+                  if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None))))
 
 
 def _suggest(key, keys):
@@ -54,10 +58,9 @@ def _parse(key, text, default):
     return value
 
 
-def configure(g, argv):
-    """Apply config files and --key=value overrides from argv to the dict g (a script's globals()).
-    Returns {key: value} of all configuration keys after the overrides."""
-    keys = _known_keys(g)
+def configure(g, keys, argv):
+    """Apply config files and --key=value overrides from argv to the dict g (a script's globals()), for the
+    given keys (see config_keys). Returns {key: value} of all configuration keys after the overrides."""
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -73,7 +76,7 @@ def configure(g, argv):
             for k, v in scope.items():
                 if k.startswith("_") or callable(v) or type(v).__name__ == "module":
                     continue
-                if k not in g:
+                if k not in keys:
                     raise ConfigError(f"{arg}: unknown config key {k!r}.{_suggest(k, keys)}")
                 g[k] = v
             i += 1
