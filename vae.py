@@ -20,6 +20,7 @@ Usage:
     python vae.py bench --size 256x320 --frames 13 --dtype both     # seconds and peak memory, random weights
 """
 import argparse
+import ctypes
 import os
 import threading
 import time
@@ -341,10 +342,11 @@ class PixelTokenizer(nn.Module):
     Time: frame 0 is its own group (replicated 4 times so every latent frame looks alike), then each next 4 frames
     form one group, so T = 1+4k -> t = 1+k, exactly as the VAE. Channels: latent_channels = 3*4 = 12, ordered
     (frame-in-group, RGB): channel 3*f + c is colour c of frame f of the group. Values: pooled pixels times `scale`
-    (default 2, so [-1, 1] video of std ~0.5 becomes latents of std ~1).
-    What is lost: all spatial detail within each s x s block (decode repeats the block mean, nearest upsampling);
-    and for latent 0, its 4 copies are averaged on decode. Nothing else: decode(encode(x)) == the pooled-then-
-    upsampled x, and encode(decode(z)) == z for every z that encode can produce.
+    (default 2: on the Bridge sample clips, pixel std ~0.5 becomes latent std 0.93-0.98).
+    What is lost: all spatial detail within each s x s block (decode repeats the block mean, nearest upsampling).
+    Nothing else: decode(encode(x)) == the pooled-then-upsampled x, and encode(decode(z)) == z for every z that
+    encode produces. Decode averages latent 0's 4 copies, so an arbitrary z (a DiT sample) comes back with latent 0
+    projected onto equal copies and latents 1.. unchanged.
     """
     temporal_factor = 4
 
@@ -408,9 +410,14 @@ def load_tokenizer(name: str, path: str | None = None, device="cpu", dtype=torch
 
 class PeakRSS:
     """Peak growth of this process's resident memory while the block runs, sampled every millisecond from
-    /proc/self/statm (torch's CPU allocations are invisible to tracemalloc)."""
+    /proc/self/statm (torch's CPU allocations are invisible to tracemalloc). Memory freed earlier but still held
+    by glibc's malloc would be reused unseen, so it is handed back to the OS first."""
 
     def __enter__(self):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the figure can only come out low
+            pass
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.base = self.peak = self.rss()
         self.running = True
@@ -435,20 +442,20 @@ class PeakRSS:
 
 
 def measure(fn, device):
-    """(fn(), seconds, peak memory bytes): CUDA max_memory_allocated beyond what was live, or CPU peak RSS growth."""
+    """(fn(), wall seconds, process CPU seconds, peak memory bytes): CUDA max_memory_allocated beyond what was live
+    before, or CPU peak RSS growth. CPU seconds tell the work apart from waiting on a busy machine."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        seconds = time.perf_counter() - t0
-    return out, seconds, mem.growth
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else mem.growth
+    return out, seconds, cpu_seconds, peak
 
 
 def bench(args):
@@ -458,7 +465,8 @@ def bench(args):
     torch.manual_seed(0)
     video = torch.rand(args.views, 3, args.frames, H, W, device=device) * 2 - 1
     print(f"Wan2.1 VAE, random weights, {args.views} view(s) x {args.frames} frames x {H}x{W} on {device} "
-          f"({torch.get_num_threads()} threads); latent (16, {latent_frames(args.frames)}, {H // 8}, {W // 8})")
+          f"({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}); "
+          f"latent (16, {latent_frames(args.frames)}, {H // 8}, {W // 8})")
     for dtype in dtypes:
         vae = load_tokenizer("wan2.1", None, device=device, dtype=dtype, micro_batch=args.micro_batch)
         n = sum(p.numel() for p in vae.parameters())
@@ -466,11 +474,12 @@ def bench(args):
         x = video.to(dtype)
         if args.warmup:
             vae.decode(vae.encode(x[:, :, :1]))
-        z, t_enc, m_enc = measure(lambda: vae.encode(x), device)
-        _, t_dec, m_dec = measure(lambda: vae.decode(z), device)
         what = "peak CUDA alloc" if device.type == "cuda" else "peak RSS growth"
-        print(f"{str(dtype):15s} encode {t_enc:8.2f} s  {what} {m_enc / 2**20:8.0f} MiB")
-        print(f"{str(dtype):15s} decode {t_dec:8.2f} s  {what} {m_dec / 2**20:8.0f} MiB")
+        z, *enc = measure(lambda: vae.encode(x), device)
+        _, *dec = measure(lambda: vae.decode(z), device)
+        for name, (seconds, cpu_seconds, peak) in [("encode", enc), ("decode", dec)]:
+            print(f"{str(dtype):15s} {name} {seconds:8.2f} s (process CPU {cpu_seconds:8.1f} s)  "
+                  f"{what} {peak / 2**20:6.0f} MiB")
         del vae, x, z
 
 

@@ -223,6 +223,10 @@ def test_pixel_tokenizer_layout_and_round_trip():
     x_hat = tok.decode(z)
     torch.testing.assert_close(x_hat, pooled.repeat_interleave(s, 3).repeat_interleave(s, 4))
     torch.testing.assert_close(tok.encode(x_hat), z)  # encode(decode(z)) == z on encode's range
+    z_any = torch.randn_like(z)  # elsewhere: latent 0 becomes the mean of its 4 copies, latents 1.. are kept
+    z_back = tok.encode(tok.decode(z_any))
+    torch.testing.assert_close(z_back[:, :, 1:], z_any[:, :, 1:])
+    torch.testing.assert_close(z_back[:, :, 0], z_any[:, :, 0].unflatten(1, (4, 3)).mean(1).repeat(1, 4, 1, 1))
     blocky = pooled.repeat_interleave(s, 3).repeat_interleave(s, 4)
     torch.testing.assert_close(tok.decode(tok.encode(blocky)), blocky)
 
