@@ -368,9 +368,15 @@ def build_model(c, cfg, device, init=True, say=print):
     raw.init_weights()
     if c["init_from"] and init:
         import convert
-        sd, _ = convert.load_weights(c["init_from"], ema=c["init_ema"])
+        sd, src = convert.load_weights(c["init_from"], ema=c["init_ema"])
         missing, unexpected, regrown = model.load_into(raw, sd, strict=False, grow=True)
         say(f"init_from {c['init_from']}: {len(sd)} tensors")
+        # settings no tensor shape reveals: a mismatch silently changes what the released weights compute
+        src_model = (src or {}).get("model", {})
+        for k in ("rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio", "rope_t_extrapolation_ratio",
+                  "rope_enable_fps_modulation", "timestep_scale"):
+            if k in src_model and src_model[k] != getattr(cfg, k):
+                say(f"  warning: {k} is {getattr(cfg, k)} here but {src_model[k]} in {c['init_from']}'s config")
         new = regrown + [k for k in missing if k.startswith(("action_", "view_"))]
         for label, keys in (("grown (start as no-ops)", new),
                             ("missing (left at init)", [k for k in missing if k not in new]),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,6 +114,24 @@ def test_exact_resume_ddp_and_reshard(dataset, tmp_path):
     p = run(common + [f"--out_dir={tmp_path / 'c'}", "--max_iters=4", "--grad_accum=2"])
     assert "at step 2" in p.stdout and "global batch changed" not in p.stdout
     assert_same_state(load_state(ckpt(tmp_path / "a", 4)), load_state(ckpt(tmp_path / "c", 4)), exact=False)
+
+
+def test_exact_resume_fsdp2_and_reshard_to_one_process(dataset, tmp_path):
+    """FSDP2 runs on CPU with gloo in torch 2.13: sharded model, EMA and optimizer state resume exactly, and the
+    sharded checkpoint loads into a single unsharded process."""
+    common = [f"--data_root={dataset}", "--save_interval=2", "--keep_last=5", "--batch_size=1", "--parallel=fsdp"]
+    run(common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=4"], nproc=2)
+    run(common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=2"], nproc=2)
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt(tmp_path / "b", 2), ckpt(tmp_path / "c", 2))
+    (tmp_path / "c" / "checkpoints" / "latest_checkpoint.txt").write_text("iter_000000002")
+    p = run(common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=4"], nproc=2)
+    assert "at step 2" in p.stdout and "parallel fsdp" in p.stdout
+    a = load_state(ckpt(tmp_path / "a", 4))
+    assert_same_state(a, load_state(ckpt(tmp_path / "b", 4)))
+    p = run(common[:-1] + [f"--out_dir={tmp_path / 'c'}", "--max_iters=4", "--grad_accum=2"])
+    assert "at step 2" in p.stdout
+    assert_same_state(a, load_state(ckpt(tmp_path / "c", 4)), exact=False)
 
 
 def test_sigkill_resumes_from_last_complete_checkpoint(dataset, tmp_path):
