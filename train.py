@@ -178,6 +178,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return 2 ** 62
 
 
+def single_threaded_worker(_):
+    # each loader worker decodes whole clips on its own: torch's intra-op threads would only oversubscribe cores
+    torch.set_num_threads(1)
+
+
 # -----------------------------------------------------------------------------
 # objective
 
@@ -339,13 +344,13 @@ def lr_factor(step, c):
     raise ValueError(f"lr_schedule must be constant, linear or cosine, got {c['lr_schedule']!r}")
 
 
-def flops_per_sample(cfg: DiTConfig, tokens, views, text_tokens=0):
-    """Training FLOPs (forward + backward = 3x forward) per sample: matmuls plus self-attention."""
+def flops_per_sample(cfg: DiTConfig, tokens):
+    """Model FLOPs per training sample (forward + backward = 3x forward; recomputation from activation
+    checkpointing not counted, as MFU is usually quoted): per-token matmuls (self-attention q/k/v/out and the
+    MLP; cross-attention is skipped with the all-zero text of action models) plus the joint self-attention."""
     D, L = cfg.model_channels, cfg.num_blocks
-    per_token = 2 * L * (4 * D * D + 2 * D * D * cfg.mlp_ratio + D * D)        # self-attn qkvo, mlp, cross q+o
-    attn = 2 * L * 2 * tokens * tokens * D                                      # QK^T and AV over all tokens
-    if text_tokens:
-        attn += 2 * L * 2 * tokens * text_tokens * D
+    per_token = 2 * L * (4 * D * D + 2 * D * D * cfg.mlp_ratio)
+    attn = L * 4 * tokens * tokens * D                                          # QK^T and AV over all tokens
     return 3 * (per_token * tokens + attn)
 
 
@@ -471,7 +476,7 @@ def main(argv):
         step_pos = 0
 
     tokens = V * t_lat * (h // 2) * (w // 2)
-    fl = flops_per_sample(cfg, tokens, V)
+    fl = flops_per_sample(cfg, tokens)
     say(f"nanocosmos train | world {world} x {device} | parallel {c['parallel'] if ddp else 'none'} | "
         f"dtype {'bf16 autocast, fp32 master' if use_bf16 else 'fp32'}")
     say(f"model {c['model_size']}: {n_all / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, "
@@ -503,6 +508,7 @@ def main(argv):
     sampler = StepBatchSampler(len(train_ds), c["batch_size"], c["grad_accum"], rank, world, c["seed"], step_pos)
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=c["num_workers"],
                                          pin_memory=device.type == "cuda", persistent_workers=c["num_workers"] > 0,
+                                         worker_init_fn=single_threaded_worker,
                                          prefetch_factor=4 if c["num_workers"] > 0 else None)
     batches = iter(loader)
 
