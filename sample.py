@@ -1,0 +1,731 @@
+"""
+Roll a trained nanocosmos world model out over a whole robot trajectory, write the video, or evaluate it.
+
+    python sample.py                                   # latest checkpoint of `python train.py`, first val episode
+    python sample.py --compare=True --num_steps 20     # ground truth beside the prediction
+    python sample.py --eval                            # PSNR / SSIM over the val split, per view and per chunk
+    python sample.py --model_size 2B --dit_path checkpoints/.../model/iter_000001000.pt \\
+        --input_path datasets/multiview_action/videos/cam0/example.mp4 \\
+        --annotation datasets/multiview_action/annotations/example.json \\
+        --num_conditional_frames 1 --save_path output/multiview_action_result.mp4
+
+Given the first frame of every camera and the episode's actions, the model predicts 12 frames at a time
+(13-frame models: 1 conditioning frame + 12 new ones); each chunk starts from the last frame it generated.
+Samplers (shared/spec/dit.md 7.1): the official second-order AB2 multistep on the Karras sigma grid, and Euler;
+both step with model.predict_x0, so the rectified-flow maths live in model.py only.
+Options are --key=value or --key value (configurator.py); a bare --eval / --compare / --disable_guardrail
+means True.
+"""
+
+import json
+import math
+import os
+import re
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+import configurator
+import model
+from vae import latent_frames
+
+# -----------------------------------------------------------------------------
+# default config. Empty / None / 0 = take it from the checkpoint's run config (what train.py was told).
+# what to load
+dit_path = "out/synthetic/checkpoints"  # training checkpoint dir (latest), iter_* dir, consolidated .pt / .safetensors
+model_size = ""                # accepted for the official command line; the checkpoint decides the size
+ema = True                     # EMA weights when the checkpoint has both
+# what to roll out: a dataset episode (default) or files
+data_root = ""                 # "" -> run config data_root (train.py's default: datasets/synthetic)
+split = ""                     # "" -> run config val_split ("val")
+episode = None                 # None -> the first episode of the split; an index or an episode name
+input_path = ""                # one camera's video of the episode; the others are the same name in sibling cam<k>/
+annotation = ""                # episode JSON (state, continuous_gripper_state[, videos]), a JSON list, or a folder
+cameras = None                 # camera ids (cam<k> folders / IRASim videos[k]); None -> run config
+num_conditional_frames = 1     # pixel frames; the action models condition on exactly one
+max_actions = 0                # 0: the whole trajectory; n: only the first n actions (n+1 frames)
+# sampling
+num_steps = 35
+sampler = "ab2"                # "ab2" (official) | "euler"
+seed = 0                       # chunk starting at time step i uses seed + i (Cosmos: seed = i)
+guidance = 0.0                 # CFG; no effect for action models (their text context is all zeros)
+cond_t = None                  # t of the conditioning latent; None -> run config (<0 = same t as the rest)
+# data settings (None / 0 -> run config)
+num_frames = 0
+frame_size = None
+frame_stride = 0
+action_scale = 0.0
+gripper_scale = 0.0
+fps = 0                        # what the net is told; also the mp4 rate unless save_fps is set
+tokenizer = ""
+tokenizer_path = ""
+pixel_factor = 0
+# output
+save_path = "output/sample.mp4"
+strip_path = ""                # PNG frame strip; "" -> save_path with .png
+save_fps = 0
+compare = False                # ground truth beside the prediction
+eval = False                   # metrics over the split instead of a video (shadows the builtin, never used here)
+eval_episodes = 0              # 0: every episode of the split
+eval_json = ""                 # "" -> output/eval.json
+disable_guardrail = False      # accepted for the official command line: nanocosmos has no guardrail
+device = "auto"                # "auto" | "cpu" | "cuda"
+_KEYS = configurator.config_keys(globals())
+_DEFAULTS = {k: globals()[k] for k in _KEYS}
+_FLAGS = [k for k in _KEYS if isinstance(_DEFAULTS[k], bool)]
+# -----------------------------------------------------------------------------
+
+SIGMA_MAX, SIGMA_MIN, RHO = 80.0, 0.002, 7.0   # Predict2 Video2World / action sampler (dit.md 7.1)
+
+
+# -----------------------------------------------------------------------------
+# samplers: both integrate the same probability-flow ODE, starting from x = sigma_max * eps.
+# denoise(x_t, t) -> x0 is the conditioned (and guided) model; x_t = (1 - t) x0 + t eps, t = sigma / (1 + sigma).
+
+def karras_sigmas(num_steps, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO):
+    """N+1 sigmas from sigma_max down to sigma_min, float64 (as official)."""
+    i = torch.arange(num_steps + 1, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + i / num_steps * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sample_ab2(denoise, eps, num_steps):
+    """The official "2ab" RectifiedFlowAB2Scheduler: an exponential integrator in lambda = -ln sigma on the
+    sigma-space state x_sigma = x0 + sigma eps. Step 0 is Euler, later steps add the previous x0 (Adams-Bashforth 2).
+    N steps, then a last x0 evaluation at sigma_min: N+1 network calls. Coefficients in float64."""
+    sigmas = karras_sigmas(num_steps).tolist()
+    x = sigmas[0] * eps
+    x0_prev = None
+    for i in range(num_steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x / (1 + s), model.sigma_to_t(s))          # the net sees x_t = x_sigma / (1 + sigma)
+        if i == 0:
+            x = (s_next / s) * x + (1 - s_next / s) * x0
+        else:
+            h = math.log(s / s_next)
+            c2 = math.log(s / sigmas[i - 1]) / h                  # negative: the previous point is behind
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1) / -h
+            b2 = phi2 / c2
+            b1 = phi1 - b2
+            x = math.exp(-h) * x + h * (b1 * x0 + b2 * x0_prev)
+        x0_prev = x0
+    return denoise(x / (1 + sigmas[-1]), model.sigma_to_t(sigmas[-1]))
+
+
+def sample_euler(denoise, eps, num_steps):
+    """Plain velocity Euler in t, on the same Karras grid mapped to t (so it converges to what AB2 does as steps
+    grow), then one last step to t = 0. v = (x_t - x0) / t is the net's velocity. N+1 network calls, like AB2."""
+    ts = [model.sigma_to_t(s) for s in karras_sigmas(num_steps).tolist()] + [0.0]
+    x = ts[0] * eps                                                # = sigma_max eps / (1 + sigma_max), AB2's start
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x0 = denoise(x, t)
+        x = x + (t_next - t) * (x - x0) / t
+    return x
+
+
+SAMPLERS = {"ab2": sample_ab2, "euler": sample_euler}
+
+
+# -----------------------------------------------------------------------------
+# chunked autoregressive multi-view rollout
+
+def to_uint8(video):
+    """[-1, 1] (the tokenizer's decode is unclamped) -> uint8, rounded."""
+    return ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def check_actions(net, num_frames, tokenizer, A):
+    cfg = net.cfg
+    per_chunk = num_frames - 1
+    if cfg.action_mode == "global" and cfg.num_actions != per_chunk:
+        raise ValueError(f"the model takes {cfg.num_actions} actions per chunk but num_frames={num_frames} "
+                         f"needs {per_chunk}")
+    if cfg.action_mode == "per_frame":
+        need = (latent_frames(num_frames, tokenizer.temporal_factor) - 1) * cfg.actions_per_latent
+        if need != per_chunk:
+            raise ValueError(f"num_frames={num_frames} gives {need} actions per chunk at {cfg.actions_per_latent} per "
+                             f"latent frame, but a chunk spans {per_chunk} steps")
+    if cfg.action_mode != "none" and A != cfg.action_dim:
+        raise ValueError(f"the model takes {cfg.action_dim}-D actions, got {A}-D")
+
+
+def pad_actions(a_B_n_A, n):
+    """The last chunk of a trajectory whose length is not a multiple of 12: 'hold still' (zero motion, the gripper
+    kept at its last value; the gripper column is an absolute target, not a delta). Cosmos zero-pads, which also
+    commands the gripper open (0). Only frames driven by real actions are kept, but in a global-chunk model the
+    padding still reaches every frame through the one action embedding, and in any model through attention, so
+    the least surprising padding is the robot standing still."""
+    B, k, A = a_B_n_A.shape
+    pad = a_B_n_A.new_zeros(B, n - k, A)
+    pad[..., -1] = a_B_n_A[:, -1:, -1]
+    return torch.cat([a_B_n_A, pad], dim=1)
+
+
+def encode_frames(tokenizer, frames_B_V_3_H_W, latent_T):
+    """The conditioning latents [B, C, V*latent_T, h, w]: latent 0 of every view from its frame, the rest zeros
+    (masked). Encoding the frame alone gives exactly latent 0 of the 13-frame clip Cosmos encodes (frame 0 followed by
+    zeros): both tokenizers are causal, latent 0 sees frame 0 only."""
+    B, V = frames_B_V_3_H_W.shape[:2]
+    x = rearrange(frames_B_V_3_H_W, "b v c h w -> (b v) c 1 h w").float() / 127.5 - 1
+    z = tokenizer.encode(x.to(tokenizer_device(tokenizer))).float()
+    z = F.pad(z, (0, 0, 0, 0, 0, latent_T - 1))
+    return rearrange(z, "(b v) c t h w -> b c (v t) h w", b=B, v=V)
+
+
+def tokenizer_device(tokenizer):
+    t = next(iter(tokenizer.parameters()), None)
+    if t is None:
+        t = next(iter(tokenizer.buffers()))
+    return t.device
+
+
+def chunk_noise(seed, shape):
+    """numpy RandomState normal noise, as the official arch_invariant_rand: the same on every device."""
+    return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
+
+
+@torch.no_grad()
+def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames=13, num_steps=35, sampler="ab2",
+            seed=0, cond_t=None, fps=4, guidance=0.0, crossattn_emb=None, progress=True, timings=None):
+    """
+    Predict every camera over the whole action sequence. Returns uint8 [B, V, 3, N+1, H, W]: frame k is time step k
+    (frame 0 is the given frame; frame k >= 1 follows actions 0..k-1). Chunk c covers time steps 12c..12c+12 (for
+    13-frame models): it is conditioned on time step 12c (the given frame for c = 0, else the previous chunk's last
+    generated frame, converted to uint8 and re-encoded, as Cosmos does) and its actions are actions[12c:12c+12];
+    the last chunk is padded (pad_actions) and only its real frames kept. Chunk c draws its noise with
+    seed + 12c. Nothing but the first frames and the actions is read: no ground truth beyond the conditioning frame.
+    The official tools instead repeat time step 12 and drop the last one (data_and_pipeline.md 6.2).
+    timings: a list that receives one dict per chunk (seconds, network calls).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    B, V, C3, H, W = first_frames_B_V_3_H_W.shape
+    if C3 != 3 or first_frames_B_V_3_H_W.dtype != torch.uint8:
+        raise ValueError(f"first frames must be uint8 [B, V, 3, H, W], got {first_frames_B_V_3_H_W.dtype} "
+                         f"{list(first_frames_B_V_3_H_W.shape)}")
+    N, A = actions_B_N_A.shape[1:]
+    check_actions(net, num_frames, tokenizer, A)
+    per_chunk = num_frames - 1
+    T_lat = latent_frames(num_frames, tokenizer.temporal_factor)
+    s = tokenizer.spatial_factor
+    if H % (s * net.cfg.patch_spatial) or W % (s * net.cfg.patch_spatial):
+        raise ValueError(f"frame size {H}x{W} must be a multiple of {s * net.cfg.patch_spatial} "
+                         f"(tokenizer {s} x patch {net.cfg.patch_spatial})")
+    h, w = H // s, W // s
+    dev = next(net.parameters()).device
+    fps_B = torch.full((B,), float(fps), device=dev)
+    mask = model.condition_mask(B, V, T_lat, h, w, 1, device=dev)
+    use_cfg = guidance != 0 and crossattn_emb is not None
+    if guidance != 0 and crossattn_emb is None and progress:
+        print("guidance: no effect (no text context: the conditional and unconditional predictions are identical)")
+    if crossattn_emb is not None:
+        crossattn_emb = crossattn_emb.to(dev)
+
+    out = torch.empty(B, V, 3, N + 1, H, W, dtype=torch.uint8)
+    out[:, :, :, 0] = first_frames_B_V_3_H_W.cpu()
+    frame = first_frames_B_V_3_H_W
+    starts = list(range(0, N, per_chunk))
+    bar = tqdm(starts, desc="chunks", unit="chunk", disable=not progress, leave=False)
+    for k, start in enumerate(bar):
+        t0 = time.perf_counter()
+        a = actions_B_N_A[:, start:start + per_chunk].float()
+        n_real = a.shape[1]
+        if n_real < per_chunk:
+            a = pad_actions(a, per_chunk)
+        net_kw = dict(action=a.to(dev) if net.cfg.action_mode != "none" else None, num_views=V, fps=fps_B)
+        x0_cond = encode_frames(tokenizer, frame, T_lat).to(dev)
+        calls = 0
+
+        def denoise(x_t, t):
+            nonlocal calls
+            t_B = torch.full((B,), t, device=dev, dtype=x_t.dtype)
+            x0 = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=crossattn_emb, **net_kw)
+            calls += 1
+            if use_cfg:   # cond-anchored CFG (Predict2 / action / multi-view); the unconditional text is all zeros
+                x0_u = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=None, **net_kw)
+                calls += 1
+                x0 = x0 + guidance * (x0 - x0_u)
+            return x0
+
+        eps = chunk_noise(seed + start, (B, x0_cond.shape[1], V * T_lat, h, w)).to(dev)
+        t1 = time.perf_counter()
+        latents = SAMPLERS[sampler](denoise, eps, num_steps)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)   # else the timing measures kernel launches, not the work
+        t2 = time.perf_counter()
+        # decode one chunk at a time (and the tokenizer streams its frames): memory stays one chunk
+        z = rearrange(latents, "b c (v t) h w -> (b v) c t h w", v=V)
+        video = to_uint8(tokenizer.decode(z.to(tokenizer_device(tokenizer)))).cpu()
+        video = rearrange(video, "(b v) c t h w -> b v c t h w", b=B, v=V)
+        out[:, :, :, start + 1:start + 1 + n_real] = video[:, :, :, 1:1 + n_real]
+        frame = video[:, :, :, per_chunk]   # the next chunk's conditioning frame (uint8, as Cosmos)
+        t3 = time.perf_counter()
+        rec = dict(chunk=k, start=start, frames=n_real, seconds=t3 - t0, sample_seconds=t2 - t1,
+                   encode_seconds=t1 - t0, decode_seconds=t3 - t2, net_calls=calls)
+        if timings is not None:
+            timings.append(rec)
+        bar.set_postfix_str(f"{rec['seconds']:.2f} s/chunk, {rec['sample_seconds'] / calls:.3f} s/step")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# output: tiled mp4, PNG frame strip
+
+SEPARATOR = 2   # px of white between prediction and ground truth (even: H.264 wants even sizes)
+
+
+def grid(video_V_3_T_H_W):
+    """[T, H', W', 3]: up to 3 views in a row, more in a ceil(sqrt(V))-wide grid (empty cells black)."""
+    V, _, T, H, W = video_V_3_T_H_W.shape
+    cols = V if V <= 3 else math.ceil(math.sqrt(V))
+    rows = math.ceil(V / cols)
+    canvas = torch.zeros(rows * cols, T, H, W, 3, dtype=torch.uint8)
+    canvas[:V] = video_V_3_T_H_W.permute(0, 2, 3, 4, 1)
+    return rearrange(canvas, "(r c) t h w x -> t (r h) (c w) x", r=rows, c=cols)
+
+
+def tile_views(video_V_3_T_H_W, gt=None):
+    """uint8 [T, H', W', 3] of all views; with gt [V,3,T',H,W] the ground truth on the right, after a white
+    separator (ground truth frames past T' are black)."""
+    tiles = grid(video_V_3_T_H_W.cpu())
+    if gt is None:
+        return tiles
+    T = tiles.shape[0]
+    gt = gt.cpu()[:, :, :T]
+    if gt.shape[2] < T:
+        gt = torch.cat([gt, gt.new_zeros(*gt.shape[:2], T - gt.shape[2], *gt.shape[3:])], dim=2)
+    sep = torch.full((T, tiles.shape[1], SEPARATOR, 3), 255, dtype=torch.uint8)
+    return torch.cat([tiles, sep, grid(gt)], dim=2)
+
+
+def save_video(path, video_V_3_T_H_W, gt=None, fps=4):
+    import data
+    data.write_mp4(path, tile_views(video_V_3_T_H_W, gt), fps=fps)
+
+
+def write_png(path, image_H_W_3):
+    """A minimal PNG encoder (8-bit RGB, filter 0, zlib), so that no image library is needed."""
+    img = np.ascontiguousarray(np.asarray(image_H_W_3, dtype=np.uint8))
+    H, W, _ = img.shape
+
+    def chunk(tag, payload):
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(H))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(png)
+
+
+def strip_times(T, count=8):
+    """Up to `count` time steps spread over the rollout, first and last included."""
+    return sorted(set(np.linspace(0, T - 1, min(count, T)).round().astype(int).tolist()))
+
+
+def save_strip(path, video_V_3_T_H_W, gt=None, count=8):
+    """A PNG: time runs left to right (the tiled views at strip_times), the ground truth as a second row."""
+    times = strip_times(video_V_3_T_H_W.shape[2], count)
+    rows = [video_V_3_T_H_W] + ([gt] if gt is not None else [])
+    lines = []
+    for v in rows:
+        tiles = grid(v.cpu()[:, :, [t for t in times if t < v.shape[2]]])
+        sep = torch.full((tiles.shape[1], SEPARATOR, 3), 255, dtype=torch.uint8)
+        cells = [x for t in tiles for x in (t, sep)][:-1]
+        lines.append(torch.cat(cells, dim=1))
+    width = max(x.shape[1] for x in lines)
+    lines = [F.pad(x, (0, 0, 0, width - x.shape[1])) for x in lines]
+    hsep = torch.full((SEPARATOR, width, 3), 255, dtype=torch.uint8)
+    write_png(path, torch.cat([x for line in lines for x in (line, hsep)][:-1], dim=0).numpy())
+    return times
+
+
+# -----------------------------------------------------------------------------
+# metrics: PSNR (data range 255) and SSIM (Wang et al. 2004: gaussian window 11, sigma 1.5, grayscale,
+# K1 0.01, K2 0.03, 'valid' filtering as the reference MATLAB code), per frame
+
+def psnr(pred_N_3_H_W, gt_N_3_H_W):
+    mse = (pred_N_3_H_W.double() - gt_N_3_H_W.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse.clamp(min=1e-10))    # identical frames: ~148 dB, never inf
+
+
+def ssim(pred_N_3_H_W, gt_N_3_H_W, window=11, sigma=1.5):
+    def gray(x):  # ITU-R BT.601 luma, as skimage's rgb2gray up to scaling
+        luma = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)[:, None, None]
+        return (x.double() * luma).sum(1, keepdim=True)
+
+    x, y = gray(pred_N_3_H_W), gray(gt_N_3_H_W)
+    window = min(window, *x.shape[-2:])   # frames smaller than the window: the window shrinks to the frame
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    k = (g[:, None] * g[None, :])[None, None]
+
+    def blur(z):
+        return F.conv2d(z, k)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def frame_metrics(pred_V_3_T_H_W, gt_V_3_T_H_W):
+    """(psnr [V, T], ssim [V, T]) frame by frame."""
+    p, g = (rearrange(x, "v c t h w -> (v t) c h w") for x in (pred_V_3_T_H_W, gt_V_3_T_H_W))
+    V = pred_V_3_T_H_W.shape[0]
+    return psnr(p, g).view(V, -1), ssim(p, g).view(V, -1)
+
+
+def reconstruct(tokenizer, video_V_3_T_H_W, num_frames=13):
+    """The ground truth through the tokenizer alone, window by window as a rollout sees it (time steps 12c..12c+12,
+    a short last window padded with its last frame): the best any model can score with this tokenizer."""
+    V, _, T = video_V_3_T_H_W.shape[:3]
+    per_chunk, dev = num_frames - 1, tokenizer_device(tokenizer)
+    out = video_V_3_T_H_W.clone()
+    for start in range(0, T - 1, per_chunk):
+        clip = video_V_3_T_H_W[:, :, start:start + num_frames]
+        k = clip.shape[2]
+        clip = torch.cat([clip, clip[:, :, -1:].expand(-1, -1, num_frames - k, -1, -1)], dim=2)
+        rec = to_uint8(tokenizer.decode(tokenizer.encode(clip.to(dev).float() / 127.5 - 1))).cpu()
+        out[:, :, start + 1:start + k] = rec[:, :, 1:k]
+    return out
+
+
+def shuffled_actions(dataset, i):
+    """Actions that do not belong to episode i: the next episode's (rolled by one). With a single episode, its own
+    actions time-reversed. Returns (actions [n, A], how)."""
+    n = len(dataset.episodes)
+    if n > 1:
+        return dataset.episode_actions((i + 1) % n), "actions of the next episode (rolled by one)"
+    return dataset.episode_actions(i).flip(0), "the episode's own actions time-reversed (single episode)"
+
+
+@torch.no_grad()
+def evaluate(net, tokenizer, dataset, *, episodes=0, num_frames=13, num_steps=35, sampler="ab2", seed=0, cond_t=None,
+             fps=4, guidance=0.0, max_actions=0, progress=True):
+    """Roll out every episode of a data.RobotVideoDataset from its first frame and compare to the ground truth
+    (time steps 1..N; step 0 is given). Reports PSNR / SSIM overall, per view, per chunk (the drift over the
+    rollout), the same with shuffled actions (action sensitivity = true minus shuffled: > 0 means the model follows
+    the actions), and two references: copying the first frame (a model that predicts no motion) and the ground
+    truth through the tokenizer alone (the ceiling). Returns a JSON-able dict."""
+    per_chunk = num_frames - 1
+    n_eps = len(dataset.episodes) if not episodes else min(episodes, len(dataset.episodes))
+    true_p, true_s, shuf_p, shuf_s, copy_p, copy_s, rec_p, rec_s = ([] for _ in range(8))
+    chunk_p, chunk_s = {}, {}
+    per_episode, timings, how = [], [], ""
+    for i in tqdm(range(n_eps), desc="episodes", disable=not progress):
+        gt = dataset.episode_frames(i)                      # [V,3,T,H,W]
+        act = dataset.episode_actions(i)
+        if max_actions:
+            act = act[:max_actions]
+        N = act.shape[0]
+        gt = gt[:, :, :N + 1]
+        kw = dict(num_frames=num_frames, num_steps=num_steps, sampler=sampler, seed=seed, cond_t=cond_t, fps=fps,
+                  guidance=guidance, progress=False)
+        first = gt[None, :, :, 0]
+        pred = rollout(net, tokenizer, first, act[None], timings=timings, **kw)[0]
+        p, s = frame_metrics(pred[:, :, 1:], gt[:, :, 1:])       # [V, N]
+        wrong, how = shuffled_actions(dataset, i)
+        L = min(N, wrong.shape[0])
+        pred_w = rollout(net, tokenizer, first, wrong[None, :L], **kw)[0]
+        pw, sw = frame_metrics(pred_w[:, :, 1:], gt[:, :, 1:L + 1])
+        pc, sc = frame_metrics(gt[:, :, :1].expand(-1, -1, N, -1, -1), gt[:, :, 1:])
+        pr, sr = frame_metrics(reconstruct(tokenizer, gt, num_frames)[:, :, 1:], gt[:, :, 1:])
+        true_p.append(p), true_s.append(s), copy_p.append(pc), copy_s.append(sc), rec_p.append(pr), rec_s.append(sr)
+        shuf_p.append((p[:, :L], pw)), shuf_s.append((s[:, :L], sw))
+        for k in range(math.ceil(N / per_chunk)):
+            sl = slice(k * per_chunk, (k + 1) * per_chunk)
+            chunk_p.setdefault(k, []).append(p[:, sl].flatten())
+            chunk_s.setdefault(k, []).append(s[:, sl].flatten())
+        per_episode.append(dict(name=dataset.episodes[i].name, frames=N + 1, psnr=p.mean().item(),
+                                ssim=s.mean().item(), psnr_shuffled=pw.mean().item(), ssim_shuffled=sw.mean().item()))
+
+    def mean(xs):
+        return torch.cat([x.flatten() for x in xs]).mean().item()
+
+    V = true_p[0].shape[0]
+    longest = max(p.shape[1] for p in true_p)
+    report = {
+        "episodes": n_eps, "views": V, "chunk_size": per_chunk, "num_steps": num_steps, "sampler": sampler,
+        "seed": seed,
+        "psnr": mean(true_p), "ssim": mean(true_s),
+        "per_view": {"psnr": [mean([p[v] for p in true_p]) for v in range(V)],
+                     "ssim": [mean([s[v] for s in true_s]) for v in range(V)]},
+        "per_chunk": {"psnr": [mean(chunk_p[k]) for k in sorted(chunk_p)],
+                      "ssim": [mean(chunk_s[k]) for k in sorted(chunk_s)],
+                      "frames": [sum(x.numel() for x in chunk_p[k]) for k in sorted(chunk_p)],
+                      "time_steps": [[k * per_chunk + 1, min((k + 1) * per_chunk, longest)] for k in sorted(chunk_p)]},
+        "shuffled_actions": {"how": how, "psnr": mean([w for _, w in shuf_p]), "ssim": mean([w for _, w in shuf_s])},
+        "action_sensitivity": {"psnr": mean([t for t, _ in shuf_p]) - mean([w for _, w in shuf_p]),
+                               "ssim": mean([t for t, _ in shuf_s]) - mean([w for _, w in shuf_s])},
+        "copy_first_frame": {"psnr": mean(copy_p), "ssim": mean(copy_s)},
+        "tokenizer_round_trip": {"psnr": mean(rec_p), "ssim": mean(rec_s)},
+        "seconds_per_chunk": sum(r["seconds"] for r in timings) / len(timings),
+        "seconds_per_step": sum(r["sample_seconds"] for r in timings) / sum(r["net_calls"] for r in timings),
+        "per_episode": per_episode,
+    }
+    return report
+
+
+def format_table(report, camera_names=None):
+    """The eval report as a plain-text table."""
+    names = camera_names or [f"view {v}" for v in range(report["views"])]
+    rows = [("all frames", report["psnr"], report["ssim"])]
+    rows += [(f"  {name}", p, s) for name, p, s in zip(names, report["per_view"]["psnr"], report["per_view"]["ssim"])]
+    chunks = report["per_chunk"]
+    rows += [(f"  chunk {k} (t {a}-{b})", p, s)
+             for k, (p, s, (a, b)) in enumerate(zip(chunks["psnr"], chunks["ssim"], chunks["time_steps"]))]
+    rows += [("shuffled actions", report["shuffled_actions"]["psnr"], report["shuffled_actions"]["ssim"]),
+             ("action sensitivity (true - shuffled)", report["action_sensitivity"]["psnr"],
+              report["action_sensitivity"]["ssim"]),
+             ("copy first frame (no-motion baseline)", report["copy_first_frame"]["psnr"],
+              report["copy_first_frame"]["ssim"]),
+             ("tokenizer round trip (ceiling)", report["tokenizer_round_trip"]["psnr"],
+              report["tokenizer_round_trip"]["ssim"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}   PSNR dB    SSIM", "-" * (width + 18)]
+    lines += [f"{name:{width}}  {p:8.2f}  {s:6.3f}" for name, p, s in rows]
+    lines.append(f"{report['episodes']} episodes, {report['sampler']} {report['num_steps']} steps, "
+                 f"{report['seconds_per_chunk']:.2f} s/chunk, {report['seconds_per_step'] * 1000:.1f} ms/step; "
+                 f"shuffled = {report['shuffled_actions']['how']}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# command line: settings, episodes from a dataset or from files
+
+def parse_args(argv):
+    """configurator with bare boolean flags: `--eval` is `--eval=True`."""
+    args = []
+    for i, a in enumerate(argv):
+        args.append(a)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a.startswith("--") and "=" not in a and a[2:] in _FLAGS and (nxt is None or nxt.startswith("--")
+                                                                          or nxt.endswith(".py")):
+            args.append("True")
+    g = dict(_DEFAULTS)
+    return configurator.configure(g, _KEYS, args)
+
+
+def settings(c, run):
+    """CLI value, else the run config's (train.py), else the defaults of the released Predict2 action model."""
+    t = (run or {}).get("train", {})
+    fallback = dict(data_root="datasets/synthetic", split=t.get("val_split", "val"), cameras=(0,), num_frames=13,
+                    frame_size=(256, 320), frame_stride=1, action_scale=20.0, gripper_scale=1.0, fps=4,
+                    tokenizer="wan2.1", tokenizer_path="", pixel_factor=8, cond_t=-1.0)
+    s = {}
+    for k, default in fallback.items():
+        v = c[k]
+        unset = v is None if k == "cond_t" else v in (None, "", 0, 0.0)   # cond_t 0 is a real value
+        s[k] = t.get("val_split" if k == "split" else k, default) if unset else v
+    s["cameras"] = tuple(int(x) for x in (s["cameras"] if isinstance(s["cameras"], (list, tuple)) else [s["cameras"]]))
+    s["frame_size"] = tuple(s["frame_size"])
+    s["cond_t"] = None if s["cond_t"] is None or s["cond_t"] < 0 else float(s["cond_t"])
+    return s
+
+
+def load_tokenizer(s, dev):
+    import vae
+    if s["tokenizer"] == "pixel":
+        return vae.load_tokenizer("pixel", None, device=dev, spatial_factor=s["pixel_factor"])
+    path = s["tokenizer_path"] or None
+    if path is not None and not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: tokenizer weights not found (--tokenizer_path)")
+    if path is None:
+        raise FileNotFoundError("the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
+    return vae.load_tokenizer(s["tokenizer"], path, device=dev)
+
+
+def dataset_root(ann_path, folder, data_root):
+    """--data_root, else the folder holding the annotation's `folder` ancestor (root/annotation/<split>/x.json)."""
+    if data_root:
+        return Path(data_root)
+    ancestor = next((p for p in Path(ann_path).resolve().parents if p.name == folder), Path(ann_path).parent)
+    return ancestor.parent
+
+
+def camera_files(ann_path, ann, video_path, cameras, data_root):
+    """The video of every camera for one annotation. With a video path: its sibling cam<k>/ folders (the camera
+    folder layout) or, for one camera, the file itself. Without: IRASim (json["videos"][k]["video_path"] relative to
+    the dataset root, root/annotation/<split>/<id>.json) or camera folders (root/annotations/[split/]<name>.json,
+    root/videos/cam<k>/<name>.mp4). Missing files are named."""
+    import data
+    if video_path:
+        p = Path(video_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: input video not found")
+        if re.fullmatch(r"cam\d+", p.parent.name):
+            paths = [p.parent.parent / f"cam{k}" / p.name for k in cameras]
+        elif len(cameras) == 1:
+            paths = [p]
+        else:
+            raise ValueError(f"{p}: the model needs cameras {list(cameras)}; put each camera's video in sibling "
+                             f"folders cam<k>/ under the same file name")
+    elif ann.get("videos"):
+        paths = data.camera_paths(dataset_root(ann_path, "annotation", data_root), "irasim", ann_path, ann, cameras)
+    else:
+        root = dataset_root(ann_path, "annotations", data_root)
+        paths = data.camera_paths(root, "camera_folders", ann_path, ann, cameras)
+    missing = [f"camera {k}: {q}" for k, q in zip(cameras, paths) if not Path(q).is_file()]
+    if missing:
+        raise FileNotFoundError(f"video not found for {ann_path}: " + "; ".join(missing))
+    return paths
+
+
+def load_files_episode(ann_path, video_path, s, data_root):
+    """(frames uint8 [V,3,T,H,W], actions [T-1, 7]) of one episode given by files, at the run's frame size/stride."""
+    import data
+    ann = data.parse_annotation(ann_path)
+    videos = camera_files(ann_path, ann["json"], video_path, s["cameras"], data_root)
+    T = len(ann["state"])
+    data.check_frame_counts(ann_path, T, videos, [data.probe_video(v)[0] for v in videos])
+    st = s["frame_stride"]
+    frames = torch.stack([data.read_frames(v, range(0, T, st), s["frame_size"]) for v in videos]).transpose(1, 2)
+    actions = data.compute_actions(ann["state"][::st], ann["gripper"][::st], s["action_scale"], s["gripper_scale"])
+    return frames.contiguous(), torch.from_numpy(actions)
+
+
+def resolve(p, base):
+    p = Path(p)
+    return p if p.exists() or p.is_absolute() else base / p
+
+
+def file_jobs(c, save_path):
+    """[(name, annotation, video or "", save path)] from --annotation (a JSON episode, a JSON list of episodes, or a
+    folder of episodes) and --input_path."""
+    if not c["annotation"]:
+        raise ValueError("--input_path needs --annotation (the episode's state and gripper, for the actions)")
+    a = Path(c["annotation"])
+    if a.is_dir():
+        entries = [str(p) for p in sorted(a.glob("*.json"))]
+        if not entries:
+            raise FileNotFoundError(f"{a}: no *.json episodes in this folder")
+        base = Path(".")
+    elif not a.is_file():
+        raise FileNotFoundError(f"{a}: annotation not found")
+    else:
+        try:
+            d = json.loads(a.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{a}: not valid JSON ({e.msg} at line {e.lineno})") from e
+        if not isinstance(d, list):
+            return [(a.stem, a, c["input_path"], save_path)]
+        entries, base = d, a.parent
+    jobs = []
+    for e in entries:   # batch: each entry is an annotation path or {"annotation", "input_path", "save_path"}
+        e = {"annotation": e} if isinstance(e, str) else e
+        if not isinstance(e, dict) or "annotation" not in e:
+            raise ValueError(f"{a}: each entry must be an annotation path or a dict with 'annotation', got {e!r}")
+        ann = resolve(e["annotation"], base)
+        out = e.get("save_path") or save_path.with_name(f"{save_path.stem}_{ann.stem}{save_path.suffix}")
+        jobs.append((ann.stem, ann, str(resolve(e["input_path"], base)) if e.get("input_path") else "", Path(out)))
+    return jobs
+
+
+def dataset(s, split):
+    import data
+    return data.RobotVideoDataset(s["data_root"], split, num_frames=s["num_frames"], cameras=s["cameras"],
+                                  size=s["frame_size"], frame_stride=s["frame_stride"], action_scale=s["action_scale"],
+                                  gripper_scale=s["gripper_scale"])
+
+
+def episode_index(ds, ep):
+    if ep is None:
+        return 0
+    if isinstance(ep, int):
+        if not -len(ds.episodes) <= ep < len(ds.episodes):
+            raise IndexError(f"episode {ep} out of range: {ds.root} split {ds.split!r} has {len(ds.episodes)}")
+        return ep
+    names = [e.name for e in ds.episodes]
+    if str(ep) not in names:
+        raise KeyError(f"no episode {ep!r} in {ds.root} split {ds.split!r}; first ones: {names[:5]}")
+    return names.index(str(ep))
+
+
+def main(argv=None):
+    c = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_grad_enabled(False)
+    dev = torch.device("cuda" if c["device"] == "cuda" or (c["device"] == "auto" and torch.cuda.is_available())
+                       else "cpu")
+    if c["disable_guardrail"]:
+        print("--disable_guardrail: nanocosmos has no guardrail models, so there is nothing to disable")
+    if c["num_conditional_frames"] != 1:
+        raise ValueError("--num_conditional_frames: the action models condition on exactly 1 frame per camera")
+    if c["sampler"] not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {c['sampler']!r}")
+    if not os.path.exists(c["dit_path"]):
+        raise FileNotFoundError(f"{c['dit_path']}: checkpoint not found (--dit_path: a training checkpoint directory, "
+                                f"or a consolidated .pt / .safetensors; `python train.py` writes out/synthetic)")
+
+    import convert
+    net, run = convert.load_dit(c["dit_path"], device=dev, ema=c["ema"])
+    if run is None:
+        print("no run config beside the checkpoint: Predict2 action-model defaults (256x320, 13 frames, 4 fps, "
+              "Wan2.1 tokenizer) unless given on the command line")
+    s = settings(c, run)
+    if c["model_size"] in model.PRESETS and net.cfg.model_channels != model.PRESETS[c["model_size"]]["model_channels"]:
+        print(f"--model_size {c['model_size']}: the checkpoint is a {net.cfg.model_channels}-channel, "
+              f"{net.cfg.num_blocks}-block model; using it as it is")
+    tok = load_tokenizer(s, dev)
+    print(f"model: {net.num_params() / 1e6:.2f}M params, action {net.cfg.action_mode}, {s['tokenizer']} tokenizer | "
+          f"cameras {list(s['cameras'])} at {s['frame_size'][0]}x{s['frame_size'][1]}, {s['num_frames']}-frame chunks, "
+          f"fps {s['fps']}, cond_t {s['cond_t']} | {c['sampler']} {c['num_steps']} steps, seed {c['seed']}, {dev}")
+    common = dict(num_frames=s["num_frames"], num_steps=c["num_steps"], sampler=c["sampler"], seed=c["seed"],
+                  cond_t=s["cond_t"], fps=s["fps"], guidance=c["guidance"])
+
+    if c["eval"]:
+        ds = dataset(s, c["split"] or s["split"])
+        print(f"eval: {ds}")
+        report = evaluate(net, tok, ds, episodes=c["eval_episodes"], max_actions=c["max_actions"], **common)
+        report.update(checkpoint=str(c["dit_path"]), data_root=str(s["data_root"]), split=ds.split,
+                      cameras=list(s["cameras"]))
+        print(format_table(report, [f"cam{k}" for k in s["cameras"]]))
+        path = Path(c["eval_json"] or "output/eval.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
+        return report
+
+    save_path = Path(c["save_path"])
+    if c["input_path"] or c["annotation"]:
+        jobs = [(name, lambda a=ann, v=vid: load_files_episode(a, v, s, c["data_root"]), out)
+                for name, ann, vid, out in file_jobs(c, save_path)]
+    else:
+        ds = dataset(s, c["split"] or s["split"])
+        i = episode_index(ds, c["episode"])
+        jobs = [(ds.episodes[i].name, lambda: (ds.episode_frames(i), ds.episode_actions(i)), save_path)]
+
+    outputs = []
+    for name, load, out in jobs:
+        frames, actions = load()
+        if c["max_actions"]:
+            actions = actions[:c["max_actions"]]
+        timings = []
+        t0 = time.perf_counter()
+        video = rollout(net, tok, frames[None, :, :, 0].to(dev), actions[None], timings=timings, **common)[0]
+        dt = time.perf_counter() - t0
+        gt = frames[:, :, :video.shape[2]]
+        save_video(out, video, gt if c["compare"] else None, fps=c["save_fps"] or s["fps"])
+        strip = Path(c["strip_path"]) if c["strip_path"] and len(jobs) == 1 else out.with_suffix(".png")
+        times = save_strip(strip, video, gt if c["compare"] else None)
+        calls = sum(r["net_calls"] for r in timings)
+        print(f"{name}: {actions.shape[0]} actions -> {video.shape[2]} frames x {video.shape[0]} views in "
+              f"{len(timings)} chunks, {dt:.1f} s ({dt / max(len(timings), 1):.2f} s/chunk, "
+              f"{sum(r['sample_seconds'] for r in timings) / max(calls, 1) * 1000:.1f} ms/denoising step, "
+              f"{sum(r['decode_seconds'] for r in timings):.2f} s decoding)")
+        print(f"wrote {out} ({c['save_fps'] or s['fps']} fps) and {strip} (time steps {times})")
+        outputs.append((out, video))
+    return outputs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,497 @@
+"""sample.py: rollout alignment and conditioning, determinism and per-chunk seeds, AB2 vs Euler, metrics and the
+eval report, tiling / mp4 / PNG, the command lines (default run, the official guide's command, IRASim, batches),
+and clear errors. Tiny models and few steps: the whole file runs in well under a minute on 2 cores."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import data
+import model
+import sample
+import vae
+
+ROOT = Path(__file__).resolve().parents[1]
+BRIDGE = ROOT.parent / "shared" / "bridge_samples"
+H, W = 32, 48          # pixel tokenizer /8 -> 4x6 latents -> 2x3 patches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small are dominated by thread synchronisation: one thread is many times faster on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_net(action_mode="per_frame", seed=0, init=False):
+    torch.manual_seed(seed)
+    cfg = model.DiTConfig(model_channels=32, num_blocks=2, num_heads=2, adaln_lora_dim=8, crossattn_emb_channels=16,
+                          in_channels=12, out_channels=12, action_mode=action_mode, n_views_emb=7)
+    net = model.DiT(cfg).eval()
+    if init:
+        net.init_weights()
+    return net
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return vae.load_tokenizer("pixel", None, spatial_factor=8)
+
+
+def first_and_actions(B=1, V=2, N=19, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (B, V, 3, H, W), generator=g, dtype=torch.uint8),
+            torch.randn(B, N, 7, generator=g))
+
+
+# -----------------------------------------------------------------------------
+# rollout: alignment, conditioning, seeds
+
+class OracleNet(torch.nn.Module):
+    """Predicts, for every chunk, the clip whose frame j (1..12) is a flat image of value action[j-1, 0]: a correct
+    rollout then shows action k-1's value at time step k. Records the conditioning latents it is given."""
+
+    def __init__(self, tok, action_mode):
+        super().__init__()
+        self.cfg = model.DiTConfig(model_channels=8, num_blocks=0, num_heads=1, in_channels=12, out_channels=12,
+                                   action_mode=action_mode)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.cond = tok, []
+
+    def forward(self, x, t_B_T, condition_video_input_mask_B_C_T_H_W=None, action=None, num_views=1, **kw):
+        B, C, VT, h, w = x.shape
+        T = VT // num_views
+        self.cond.append(x[:, :, ::T].clone())                          # latent 0 of every view (fed clean)
+        values = torch.cat([torch.zeros(B, 1), action[:, :, 0]], dim=1)  # [B, 13]
+        clip = values[:, None, :, None, None].expand(B, 3, 13, h * 8, w * 8)
+        target = self.tok.encode(clip).repeat(1, 1, num_views, 1, 1)
+        return (x - target) / t_B_T[:, None, :, None, None]             # velocity whose x0 is the target
+
+
+@pytest.mark.parametrize("action_mode", ["per_frame", "global"])
+@pytest.mark.parametrize("N", [12, 19, 5, 30])
+def test_rollout_alignment_frame_k_is_time_step_k(tok, action_mode, N):
+    net = OracleNet(tok, action_mode)
+    first, actions = first_and_actions(B=2, V=3, N=N)
+    values = torch.linspace(-0.9, 0.9, N + 1)[1:]                       # time step k shows values[k-1]
+    actions[:, :, 0] = values
+    out = sample.rollout(net, tok, first, actions, num_steps=3, progress=False)
+    assert out.shape == (2, 3, 3, N + 1, H, W) and out.dtype == torch.uint8
+    assert torch.equal(out[:, :, :, 0], first)                           # frame 0 is the given frame
+    expected = sample.to_uint8(values)                                   # [N]
+    got = out[:, :, :, 1:].float().mean(dim=(0, 1, 2, 4, 5))
+    assert (got - expected.float()).abs().max() <= 1, (got, expected)
+    # chunk c is conditioned on time step 12c of every view: the given frame, then the last generated frame
+    calls = 4                                                            # 3 steps + the final x0 evaluation
+    starts = list(range(0, N, 12))
+    assert len(net.cond) == calls * len(starts)
+    for c, start in enumerate(starts):
+        frame = out[:, :, :, start]
+        z = tok.encode(frame.flatten(0, 1)[:, :, None].float() / 127.5 - 1).view(2, 3, 12, 1, 4, 6)
+        seen = net.cond[c * calls].view(2, 12, 3, 4, 6).permute(0, 2, 1, 3, 4)
+        assert torch.allclose(seen, z[:, :, :, 0], atol=1e-6), f"chunk {c} not conditioned on time step {start}"
+
+
+def test_rollout_never_reads_ground_truth(tok):
+    """The tokenizer only ever encodes the given first frames or frames the rollout itself produced."""
+    encoded = []
+
+    class Spy(torch.nn.Module):
+        spatial_factor, temporal_factor, latent_channels = 8, 4, 12
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("anchor", torch.zeros(1))
+
+        def encode(self, x):
+            encoded.append(x.clone())
+            return tok.encode(x)
+
+        def decode(self, z):
+            return tok.decode(z)
+
+    first, actions = first_and_actions(V=2, N=30)
+    out = sample.rollout(tiny_net(), Spy(), first, actions, num_steps=2, progress=False)
+    assert len(encoded) == 3 and all(x.shape[2] == 1 for x in encoded)  # one conditioning frame per chunk
+    for c, x in enumerate(encoded):
+        frame = sample.to_uint8(x[:, :, 0]).view(1, 2, 3, H, W)
+        assert torch.equal(frame, out[:, :, :, 12 * c])
+
+
+def test_cli_prediction_ignores_ground_truth_beyond_first_frame(synth, ckpt2, tmp_path, monkeypatch):
+    """Through the command line (dataset and files): ground truth after frame 0 replaced by noise, same video."""
+    monkeypatch.chdir(tmp_path)
+    ann = next((synth / "annotations" / "val").glob("*.json"))
+    runs = [["--dit_path", str(ckpt2), f"--data_root={synth}", "--num_steps=2"],
+            ["--dit_path", str(ckpt2), "--annotation", str(ann), "--num_steps=2"]]
+    clean = [sample.main(args + ["--save_path", "a.mp4"])[0][1] for args in runs]
+    real = data.read_frames
+
+    def noisy(path, indices, size=None):
+        x = real(path, indices, size)
+        idx = list(range(indices)) if isinstance(indices, int) else list(indices)
+        for j, i in enumerate(idx):
+            if i > 0:
+                x[j] = torch.randint(0, 256, x[j].shape, dtype=torch.uint8)
+        return x
+
+    monkeypatch.setattr(data, "read_frames", noisy)
+    for args, ref in zip(runs, clean):
+        assert torch.equal(sample.main(args + ["--save_path", "b.mp4"])[0][1], ref)
+
+
+def test_determinism_and_chunk_seeds(tok):
+    net = tiny_net()
+    first, actions = first_and_actions(V=2, N=24)
+    kw = dict(num_steps=3, progress=False)
+    a = sample.rollout(net, tok, first, actions, seed=5, **kw)
+    assert torch.equal(a, sample.rollout(net, tok, first, actions, seed=5, **kw))
+    assert not torch.equal(a, sample.rollout(net, tok, first, actions, seed=6, **kw))
+    # chunk 1 is exactly a fresh rollout from time step 12 with seed + 12 and actions 12..23
+    b = sample.rollout(net, tok, a[:, :, :, 12], actions[:, 12:], seed=5 + 12, **kw)
+    assert torch.equal(b, a[:, :, :, 12:])
+    # a shorter trajectory is a prefix (the first chunk does not depend on later actions)
+    assert torch.equal(sample.rollout(net, tok, first, actions[:, :12], seed=5, **kw), a[:, :, :, :13])
+
+
+def test_last_partial_chunk_is_padded_hold_still():
+    a = torch.tensor([[[1.0, 2, 3, 4, 5, 6, 0.7], [1, 1, 1, 1, 1, 1, 0.3]]])
+    p = sample.pad_actions(a, 5)
+    assert p.shape == (1, 5, 7) and torch.equal(p[:, :2], a)
+    assert torch.all(p[:, 2:, :6] == 0) and torch.all(p[:, 2:, 6] == 0.3)
+
+
+def test_action_model_checks(tok):
+    first, actions = first_and_actions(N=12)
+    with pytest.raises(ValueError, match="7-D"):
+        sample.rollout(tiny_net(), tok, first, actions[..., :6], num_steps=1, progress=False)
+    with pytest.raises(ValueError, match="num_frames=9"):
+        sample.rollout(tiny_net("global"), tok, first, actions, num_frames=9, num_steps=1, progress=False)
+    with pytest.raises(ValueError, match="sampler"):
+        sample.rollout(tiny_net(), tok, first, actions, sampler="heun", progress=False)
+
+
+# -----------------------------------------------------------------------------
+# samplers
+
+def test_karras_grid():
+    s = sample.karras_sigmas(35)
+    assert s.dtype == torch.float64 and len(s) == 36
+    assert s[0].item() == pytest.approx(80.0) and s[-1].item() == pytest.approx(0.002)
+    assert torch.all(s[1:] < s[:-1])
+
+
+@pytest.mark.parametrize("name", ["ab2", "euler"])
+def test_samplers_exact_for_a_constant_denoiser(name):
+    """With x0 independent of x the ODE is linear and both integrators are exact: the last network input is
+    x_t = (1 - t) X + t (eps - X / sigma_max) at sigma_min."""
+    X, eps = torch.randn(2, 3), torch.randn(2, 3)
+    seen = []
+
+    def denoise(x_t, t):
+        seen.append((x_t.clone(), t))
+        return X
+
+    out = sample.SAMPLERS[name](lambda x, t: denoise(x, t), eps, 10)
+    assert torch.equal(out, X) and len(seen) == 11
+    x_t, t = seen[-1]
+    assert t == pytest.approx(model.sigma_to_t(0.002))
+    assert torch.allclose(x_t, (1 - t) * X + t * (eps - X / 80.0), atol=1e-6)
+
+
+def test_ab2_and_euler_agree_as_steps_grow(tok):
+    net = tiny_net()                        # default PyTorch init: a non-trivial velocity field
+    B, V, T, h, w = 1, 1, 4, 4, 6
+    g = torch.Generator().manual_seed(0)
+    x0_cond, act = torch.randn(B, 12, V * T, h, w, generator=g), torch.randn(B, 12, 7, generator=g)
+    mask = model.condition_mask(B, V, T, h, w, 1)
+    eps = sample.chunk_noise(0, (B, 12, V * T, h, w))
+
+    def denoise(x_t, t):
+        return model.predict_x0(net, x_t, torch.full((B,), t), x0_cond, mask, action=act, num_views=V)
+
+    with torch.no_grad():
+        gaps = {n: (sample.sample_ab2(denoise, eps, n) - sample.sample_euler(denoise, eps, n)).abs().max().item()
+                for n in (4, 8, 16, 32)}
+    assert gaps[8] < gaps[4] and gaps[16] < gaps[8] / 1.5 and gaps[32] < gaps[16] / 1.5, gaps
+    assert gaps[32] < 0.25 * gaps[8], gaps
+
+
+def test_guidance_needs_a_text_context(tok, capsys):
+    first, actions = first_and_actions(N=12)
+    net = tiny_net()
+    a = sample.rollout(net, tok, first, actions, num_steps=2, guidance=7.0, progress=True)
+    assert "no effect" in capsys.readouterr().out
+    assert torch.equal(a, sample.rollout(net, tok, first, actions, num_steps=2, progress=False))
+    timings = []
+    ctx = torch.randn(1, 2 * 512, 16)                                    # multi-view: 512 tokens per view
+    b = sample.rollout(net, tok, first, actions, num_steps=2, guidance=3.0, crossattn_emb=ctx, progress=False,
+                       timings=timings)
+    assert timings[0]["net_calls"] == 6 and b.shape == a.shape        # conditional + unconditional per step
+
+
+# -----------------------------------------------------------------------------
+# output
+
+@pytest.mark.parametrize("V, grid_hw", [(1, (1, 1)), (2, (1, 2)), (3, (1, 3)), (4, (2, 2)), (5, (2, 3)), (7, (3, 3))])
+def test_tile_views_layout(V, grid_hw):
+    video = torch.randint(0, 256, (V, 3, 5, 8, 10), dtype=torch.uint8)
+    t = sample.tile_views(video)
+    rows, cols = grid_hw
+    assert t.shape == (5, rows * 8, cols * 10, 3)
+    for v in range(V):
+        r, c = divmod(v, cols)
+        assert torch.equal(t[:, r * 8:(r + 1) * 8, c * 10:(c + 1) * 10], video[v].permute(1, 2, 3, 0))
+    gt = torch.randint(0, 256, (V, 3, 3, 8, 10), dtype=torch.uint8)     # shorter ground truth: black after
+    tc = sample.tile_views(video, gt)
+    w = cols * 10
+    assert tc.shape == (5, rows * 8, 2 * w + sample.SEPARATOR, 3)
+    assert torch.all(tc[:, :, w:w + sample.SEPARATOR] == 255)
+    assert torch.equal(tc[:3, :, w + sample.SEPARATOR:], sample.grid(gt))
+    assert torch.all(tc[3:, :, w + sample.SEPARATOR:] == 0)
+
+
+def read_mp4(path):
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def read_png(path):
+    with av.open(str(path)) as c:
+        return next(c.decode(video=0)).to_ndarray(format="rgb24")
+
+
+def test_png_and_mp4_round_trip(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (7, 13, 3), dtype=np.uint8)
+    sample.write_png(tmp_path / "a.png", img)
+    assert np.array_equal(read_png(tmp_path / "a.png"), img)
+    video = torch.randint(0, 256, (2, 3, 9, 16, 16), dtype=torch.uint8)
+    sample.save_video(tmp_path / "v.mp4", video, gt=video, fps=5)
+    frames = read_mp4(tmp_path / "v.mp4")
+    assert frames.shape == (9, 16, 2 * 32 + sample.SEPARATOR, 3)
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        assert c.streams.video[0].average_rate == 5
+    times = sample.save_strip(tmp_path / "s.png", video, gt=video)
+    assert times == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert read_png(tmp_path / "s.png").shape == (2 * 16 + 2, 8 * 32 + 7 * 2, 3)
+
+
+# -----------------------------------------------------------------------------
+# metrics and the eval report
+
+def test_metrics():
+    x = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
+    assert torch.all(sample.psnr(x, x) > 100) and torch.allclose(sample.ssim(x, x), torch.ones(4, dtype=torch.float64))
+    y = (x.int() + 1).clamp(max=255).to(torch.uint8)
+    y[x == 255] = 254                                                    # every value off by exactly 1
+    assert torch.allclose(sample.psnr(x, y), torch.full((4,), 20 * math.log10(255), dtype=torch.float64))
+    a, b = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8), torch.full((1, 3, 16, 16), 150, dtype=torch.uint8)
+    c1 = (0.01 * 255) ** 2                                               # flat images: SSIM = luminance term only
+    assert sample.ssim(a, b).item() == pytest.approx((2 * 100 * 150 + c1) / (100 ** 2 + 150 ** 2 + c1), rel=1e-6)
+    s = sample.ssim(x, 255 - x)
+    assert torch.all(s < 0.2) and torch.all(s >= -1)
+
+
+def test_tokenizer_round_trip_is_exact_for_block_constant_video(tok):
+    """The pixel tokenizer keeps 8x8-block-constant frames exactly (frame 0 of each window is the given one)."""
+    video = torch.randint(0, 256, (2, 3, 20, 4, 6), dtype=torch.uint8)
+    video = video.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4)
+    assert torch.equal(sample.reconstruct(tok, video), video)
+
+
+def test_eval_report(synth, tok):
+    ds = data.RobotVideoDataset(synth, "val", num_frames=13, cameras=(0, 1), size=(H, W))
+    report = sample.evaluate(tiny_net(init=True), tok, ds, num_steps=2, progress=False)
+    json.dumps(report)
+    N = ds.episodes[0].num_frames - 1
+    assert report["episodes"] == len(ds.episodes) == 2 and report["views"] == 2
+    assert len(report["per_view"]["psnr"]) == len(report["per_view"]["ssim"]) == 2
+    assert len(report["per_chunk"]["psnr"]) == math.ceil(N / 12) == len(report["per_chunk"]["frames"])
+    assert sum(report["per_chunk"]["frames"]) == 2 * 2 * N               # episodes x views x predicted frames
+    assert report["per_chunk"]["time_steps"] == [[1, 12], [13, N]]
+    for d in (report, report["shuffled_actions"], report["copy_first_frame"], report["tokenizer_round_trip"]):
+        assert 0 < d["psnr"] < 150 and -1 <= d["ssim"] <= 1
+    for k in ("psnr", "ssim"):
+        assert all(0 < p < 150 for p in report["per_chunk"]["psnr"] + report["per_view"]["psnr"])
+        assert all(-1 <= s <= 1 for s in report["per_chunk"]["ssim"] + report["per_view"]["ssim"])
+        assert math.isfinite(report["action_sensitivity"][k])
+    assert "next episode" in report["shuffled_actions"]["how"]
+    assert report["seconds_per_chunk"] > 0 and report["seconds_per_step"] > 0
+    assert [e["name"] for e in report["per_episode"]] == [e.name for e in ds.episodes]
+    table = sample.format_table(report, ["cam0", "cam1"])
+    assert f"chunk 1 (t 13-{N})" in table and "action sensitivity" in table and "cam1" in table
+
+
+def test_eval_command_line(synth, ckpt2, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    report = sample.main(["--dit_path", str(ckpt2), "--eval", "--data_root", str(synth), "--num_steps", "1",
+                          "--eval_episodes=1", "--eval_json", "r.json"])
+    on_disk = json.loads(Path("r.json").read_text())
+    assert on_disk["episodes"] == 1 and on_disk["psnr"] == report["psnr"] and on_disk["split"] == "val"
+    assert "PSNR" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# command lines
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "syn"
+    data.make_synthetic(str(root), episodes=4, cameras=4, frames=20, size=(H, W), seed=0, val_episodes=2, workers=1)
+    return root
+
+
+def write_checkpoint(path, net, cameras, data_root="datasets/synthetic"):
+    """A consolidated file in the official layout ({"net.<key>"}) with train.py's run config beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"net." + k: v for k, v in net.state_dict().items()}, path)
+    train_cfg = dict(data_root=str(data_root), val_split="val", cameras=list(cameras), num_frames=13,
+                     frame_size=[H, W], frame_stride=1, action_scale=20.0, gripper_scale=1.0, fps=4,
+                     tokenizer="pixel", tokenizer_path="", pixel_factor=8, cond_t=-1.0)
+    path.with_suffix(".json").write_text(json.dumps({"model": model.config_dict(net.cfg), "train": train_cfg}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt2(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ck") / "model" / "iter_000000010.pt", tiny_net(init=True), (0, 1))
+
+
+def test_args_forms():
+    c = sample.parse_args(["--eval", "--num_steps", "4", "--compare=True", "--disable_guardrail", "--seed=3"])
+    assert c["eval"] is True and c["compare"] is True and c["disable_guardrail"] is True
+    assert c["num_steps"] == 4 and c["seed"] == 3
+    assert sample.parse_args([])["eval"] is False                        # defaults are not mutated by a call
+    with pytest.raises(Exception, match="num_step"):
+        sample.parse_args(["--num_step", "4"])
+
+
+def test_guide_command(synth, tmp_path, monkeypatch, capsys):
+    """The command of the project's guide, verbatim, on datasets/multiview_action/{annotations,videos/cam0..cam3}."""
+    monkeypatch.chdir(tmp_path)
+    ds = Path("datasets/multiview_action")
+    (ds / "annotations").mkdir(parents=True)
+    shutil.copy(synth / "annotations" / "val" / "ep00002.json", ds / "annotations" / "example.json")
+    for k in range(4):
+        (ds / "videos" / f"cam{k}").mkdir(parents=True)
+        shutil.copy(synth / "videos" / f"cam{k}" / "ep00002.mp4", ds / "videos" / f"cam{k}" / "example.mp4")
+    ckpt = Path("checkpoints/posttraining/multiview_action/2b/checkpoints/model/iter_000001000.pt")
+    write_checkpoint(ckpt, tiny_net(init=True), (0, 1, 2, 3))
+    guide = ("--model_size 2B --dit_path checkpoints/posttraining/multiview_action/2b/checkpoints/model/"
+             "iter_000001000.pt --input_path datasets/multiview_action/videos/cam0/example.mp4 --annotation "
+             "datasets/multiview_action/annotations/example.json --num_conditional_frames 1 "
+             "--save_path output/multiview_action_result.mp4").split()
+    sample.main(guide + ["--num_steps", "2", "--disable_guardrail"])
+    assert "nothing to disable" in capsys.readouterr().out
+    frames = read_mp4("output/multiview_action_result.mp4")
+    assert frames.shape == (20, 2 * H, 2 * W, 3)                         # whole trajectory, 2x2 grid of 4 cameras
+    assert read_png("output/multiview_action_result.png").shape[0] == 2 * H
+    # --key=value spelling, and --compare: ground truth on the right
+    eq = [f"{a}={b}" for a, b in zip(guide[::2], guide[1::2])]
+    sample.main(eq + ["--num_steps=2", "--compare", "--save_path=output/cmp.mp4"])
+    assert read_mp4("output/cmp.mp4").shape == (20, 2 * H, 4 * W + sample.SEPARATOR, 3)
+
+
+def test_irasim_layout_and_batch(synth, ckpt2, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = Path("bridge_like")
+    names = []
+    for name in ("ep00002", "ep00003"):
+        ann = json.loads((synth / "annotations" / "val" / f"{name}.json").read_text())
+        ann["videos"] = []
+        for k in range(2):
+            rel = f"videos/val/{name}/rgb{k}.mp4"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(synth / "videos" / f"cam{k}" / f"{name}.mp4", root / rel)
+            ann["videos"].append({"video_path": rel})
+        (root / "annotation" / "val").mkdir(parents=True, exist_ok=True)
+        (root / "annotation" / "val" / f"{name}.json").write_text(json.dumps(ann))
+        names.append(name)
+    out = sample.main(["--dit_path", str(ckpt2), "--annotation", str(root / "annotation/val/ep00002.json"),
+                       "--cameras", "(0, 1)", "--num_steps", "2", "--save_path", "one.mp4"])
+    assert read_mp4("one.mp4").shape == (20, H, 2 * W, 3) and out[0][1].shape == (2, 3, 20, H, W)
+    # a JSON list of episodes runs them all: IRASim and camera-folder entries, default and explicit outputs
+    batch = [str(root / "annotation/val/ep00002.json"),
+             {"annotation": str(synth / "annotations" / "val" / "ep00003.json"), "save_path": "b/three.mp4"}]
+    Path("batch.json").write_text(json.dumps(batch))
+    out = sample.main(["--dit_path", str(ckpt2), "--annotation", "batch.json", "--num_steps", "2",
+                       "--save_path", "b/run.mp4", "--max_actions", "7"])
+    assert [str(p) for p, _ in out] == ["b/run_ep00002.mp4", "b/three.mp4"]
+    assert read_mp4("b/three.mp4").shape == (8, H, 2 * W, 3) and Path("b/three.png").is_file()
+    # a folder of annotations is a batch too
+    out = sample.main(["--dit_path", str(ckpt2), "--annotation", str(root / "annotation/val"), "--num_steps", "1",
+                       "--max_actions", "3", "--save_path", "c/x.mp4"])
+    assert [p.name for p, _ in out] == ["x_ep00002.mp4", "x_ep00003.mp4"]
+
+
+@pytest.mark.skipif(not BRIDGE.is_dir(), reason="shared/bridge_samples not available")
+def test_real_bridge_episode(tmp_path, monkeypatch):
+    """A real Bridge episode (IRASim layout, 640x480 mp4v) with a single-camera model: resized to the run's size."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = write_checkpoint(tmp_path / "m.pt", tiny_net(init=True), (0,))
+    ann = BRIDGE / "annotation" / "test" / "0.json"
+    T = len(json.loads(ann.read_text())["state"])
+    out = sample.main(["--dit_path", str(ckpt), "--annotation", str(ann), "--num_steps", "1", "--save_path", "b.mp4"])
+    assert out[0][1].shape == (1, 3, T, H, W) and read_mp4("b.mp4").shape == (T, H, W, 3)
+
+
+def test_clear_errors(synth, ckpt2, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope/ckpt"):
+        sample.main(["--dit_path", "nope/ckpt"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"continuous_gripper_state": [0, 0]}))
+    with pytest.raises(data.DataError, match=r"bad\.json.*'state'"):
+        sample.main(["--dit_path", str(ckpt2), "--annotation", str(bad), "--input_path",
+                     str(synth / "videos/cam0/ep00002.mp4")])
+    # camera 1's file missing: named
+    (tmp_path / "v" / "cam0").mkdir(parents=True)
+    shutil.copy(synth / "videos/cam0/ep00002.mp4", tmp_path / "v" / "cam0" / "ep.mp4")
+    with pytest.raises(FileNotFoundError, match=r"camera 1: .*cam1/ep\.mp4"):
+        sample.main(["--dit_path", str(ckpt2), "--annotation", str(synth / "annotations/val/ep00002.json"),
+                     "--input_path", str(tmp_path / "v" / "cam0" / "ep.mp4")])
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        sample.main(["--dit_path", str(ckpt2), "--annotation", "missing.json"])
+    with pytest.raises(ValueError, match="num_conditional_frames"):
+        sample.main(["--dit_path", str(ckpt2), "--num_conditional_frames", "5"])
+
+
+# -----------------------------------------------------------------------------
+# the default run: `python train.py` then a bare `python sample.py`
+
+def test_default_run_then_bare_sample(tmp_path):
+    """train.py with its default out_dir / data_root (a tiny, 2-step version), then `python sample.py` with no
+    arguments: an mp4 of the whole first val episode, 2 cameras side by side, and the PNG strip."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    data.make_synthetic(str(tmp_path / "datasets" / "synthetic"), episodes=4, cameras=2, frames=20, size=(H, W),
+                        seed=0, val_episodes=2, workers=1)
+    tiny = ["--model_channels=32", "--num_blocks=2", "--num_heads=2", f"--frame_size=({H}, {W})", "--batch_size=2",
+            "--num_workers=0", "--eval_interval=0", "--warmup_iters=1", "--max_iters=2"]
+    for cmd in ([str(ROOT / "train.py")] + tiny, [str(ROOT / "sample.py")]):
+        p = subprocess.run([sys.executable] + cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, f"{cmd[0]} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "s/chunk" in p.stdout and "ms/denoising step" in p.stdout
+    frames = read_mp4(tmp_path / "output" / "sample.mp4")
+    assert frames.shape == (20, H, 2 * W, 3)
+    gt = torch.stack([data.read_frames(tmp_path / f"datasets/synthetic/videos/cam{k}/ep00002.mp4", [0], (H, W))[0]
+                      for k in range(2)]).permute(0, 2, 3, 1).numpy()
+    left, right = frames[0, :, :W], frames[0, :, W:]
+
+    def err(a, b):
+        return np.abs(a.astype(float) - b.astype(float)).mean()
+
+    assert err(left, gt[0]) < 6 and err(right, gt[1]) < 6               # frame 0 is the given frame, cam0 left
+    assert err(left, gt[1]) > err(left, gt[0])
+    strip = read_png(tmp_path / "output" / "sample.png")
+    assert strip.shape == (H, 8 * 2 * W + 7 * sample.SEPARATOR, 3)
