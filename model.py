@@ -623,7 +623,16 @@ def predict_velocity(net, x_t, t_B, x0_cond, mask, cond_t=None, **kw):
     if cond_t is not None:
         m = mask[:, 0, :, 0, 0]
         t_B_T = m * cond_t + (1 - m) * t_B_T
-    return net(x_in, t_B_T.to(x_t.dtype), condition_video_input_mask_B_C_T_H_W=mask, **kw)
+    # the network's timestep input is t / timestep_scale (Predict2.5 nets take 1000 t and scale it back)
+    scale = unwrap(net).cfg.timestep_scale
+    return net(x_in, (t_B_T / scale).to(x_t.dtype), condition_video_input_mask_B_C_T_H_W=mask, **kw)
+
+
+def unwrap(net):
+    """The DiT inside DDP / torch.compile wrappers."""
+    while not isinstance(net, DiT):
+        net = getattr(net, "module", None) or getattr(net, "_orig_mod")
+    return net
 
 
 def predict_x0(net, x_t, t_B, x0_cond, mask, cond_t=None, **kw):

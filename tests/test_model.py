@@ -255,3 +255,19 @@ def test_rectified_flow_maths():
     ts = model.sample_t(100_000, shift=2.0, generator=g)
     # shifted logit-normal: median of sigmoid(N(ln 2, 1)) is 2/3
     assert 0 < ts.min() and ts.max() < 1 and abs(ts.median().item() - 2 / 3) < 0.01
+
+
+def test_predict_velocity_feeds_the_timestep_convention_of_the_net():
+    """Predict2.5 nets (timestep_scale 0.001) take 1000 t: the conditioned denoiser must give both conventions the
+    same sinusoid, so the same weights predict the same velocity."""
+    a = tiny()
+    b = DiT(DiTConfig(**{**model.config_dict(a.cfg), "timestep_scale": 0.001})).eval()
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(4)
+    x, x0 = torch.randn(2, 16, 3, 8, 8, generator=g), torch.randn(2, 16, 3, 8, 8, generator=g)
+    t = torch.rand(2, generator=g)
+    mask = model.condition_mask(2, 1, 3, 8, 8, 1)
+    with torch.no_grad():
+        va = model.predict_velocity(a, x, t, x0, mask, cond_t=1e-4)
+        vb = model.predict_velocity(b, x, t, x0, mask, cond_t=1e-4)
+    assert_close(vb, va, "timestep_scale")
