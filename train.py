@@ -467,6 +467,11 @@ def main(argv):
     if resume_path:
         step, saved_G = load_checkpoint(resume_path, raw, opt, sched, ema_params, rank, world)
         say(f"resumed from {resume_path} at step {step}")
+        if sched.base_lrs[0] != c["lr"]:      # the config wins over the saved optimizer's lr
+            say(f"lr changed {sched.base_lrs[0]:g} -> {c['lr']:g}")
+            sched.base_lrs = [c["lr"]] * len(sched.base_lrs)
+            for group in opt.param_groups:
+                group["lr"] = c["lr"] * lr_factor(step, c)
         if saved_G != G:
             say(f"warning: global batch changed {saved_G} -> {G}: the data position is kept in samples, not steps")
             step_pos = step * saved_G // G

@@ -156,6 +156,32 @@ def test_sigkill_resumes_from_last_complete_checkpoint(dataset, tmp_path):
     assert not any(d.name.endswith(".tmp") for d in (out / "checkpoints").iterdir())
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    out = tmp_path / "run"
+    run([f"--data_root={dataset}", f"--out_dir={out}", "--save_interval=2", "--max_iters=2"])
+    p = run([f"--data_root={dataset}", f"--out_dir={out}", "--save_interval=2", "--max_iters=8", "--log_interval=100",
+             "--lr=1e30", "--grad_clip=0.0", "--warmup_iters=0", "--lr_schedule=constant"], check=False)
+    assert p.returncode != 0 and "non-finite loss" in p.stderr and "iter_000000002" in p.stderr
+    assert (out / "checkpoints" / "latest_checkpoint.txt").read_text() == "iter_000000002"
+    assert sorted(d.name for d in (out / "checkpoints").iterdir() if d.name.startswith("iter_")) == ["iter_000000002"]
+
+
+@pytest.mark.slow
+def test_default_run(tmp_path):
+    """`python train.py` exactly as a new user runs it (in a scratch directory): data generated, loss falls,
+    checkpoint written, positive action gain printed at the end."""
+    p = subprocess.run([sys.executable, str(ROOT / "train.py")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = [json.loads(line) for line in open(tmp_path / "out" / "synthetic" / "log.jsonl")]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0]
+    evals = [r for r in log if "action_gain" in r]
+    assert evals[-1]["action_gain"] > 0
+    assert (tmp_path / "out" / "synthetic" / "checkpoints" / "latest_checkpoint.txt").exists()
+    assert "action gain +" in p.stdout
+
+
 def test_grown_heads_start_as_the_checkpoint(tmp_path):
     c = {k: getattr(train, k) for k in train._CONFIG_KEYS}
     c.update(model_channels=32, num_blocks=2, num_heads=2)
