@@ -277,8 +277,6 @@ class WanVAE(nn.Module):
         dim_mult, temperal_downsample = list(dim_mult), list(temperal_downsample)  # "temperal" is the official name
         if z_dim != len(LATENT_MEAN):
             raise ValueError(f"the Wan2.1 latent statistics are for z_dim={len(LATENT_MEAN)}, got {z_dim}")
-        self.z_dim = z_dim
-        self.latent_channels = z_dim
         self.spatial_factor = 2 ** (len(dim_mult) - 1)
         self.temporal_factor = 2 ** sum(temperal_downsample)
         if temporal_window < 1 or temporal_window % self.temporal_factor:
@@ -315,13 +313,13 @@ class WanVAE(nn.Module):
         for x in video_B_3_T_H_W.split(self.micro_batch):
             x = x.to(w)
             cache = {}
-            mu.append(torch.cat([self.conv1(self.encoder(x[:, :, a:b], cache), cache)[:, :self.z_dim]
+            mu.append(torch.cat([self.conv1(self.encoder(x[:, :, a:b], cache), cache)[:, :self.latent_channels]
                                  for a, b in zip(starts, starts[1:] + [T])], dim=2))
         return torch.cat(mu)
 
     @torch.no_grad()
     def decode(self, latent_B_16_t_h_w):
-        check_latent(latent_B_16_t_h_w, self.z_dim)
+        check_latent(latent_B_16_t_h_w, self.latent_channels)
         w = next(self.parameters())
         mean, inv_std = self.latent_stats(w.dtype, w.device)
         videos = []
