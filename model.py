@@ -629,9 +629,12 @@ def predict_velocity(net, x_t, t_B, x0_cond, mask, cond_t=None, **kw):
 
 
 def unwrap(net):
-    """The DiT inside DDP / torch.compile wrappers."""
-    while not isinstance(net, DiT):
-        net = getattr(net, "module", None) or getattr(net, "_orig_mod")
+    """The network inside DDP / torch.compile wrappers (the module that carries `cfg`)."""
+    while not hasattr(net, "cfg"):
+        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"{type(net).__name__} is not a DiT (no .cfg) nor a DDP/compile wrapper of one")
+        net = inner
     return net
 
 
