@@ -1,0 +1,738 @@
+"""
+Robot video data for nanocosmos: datasets, actions, frame decoding, the synthetic world, and three commands.
+
+Two on-disk layouts are read (the layout is detected from the folder):
+  IRASim / Bridge   root/annotation/<split>/<id>.json; camera k is root / json["videos"][k]["video_path"]
+  camera folders    root/annotations/[<split>/]<name>.json; camera k is root/videos/cam<k>/<name>.mp4
+                    (without split folders a deterministic hash of <name> holds out `val_fraction` as "val")
+An item is {"video": uint8 [V,3,T,H,W], "action": float32 [T-1,7], "key": "<episode>/<start>"}, on the CPU.
+Actions are recomputed from `state` and `continuous_gripper_state` exactly as Cosmos does (compute_actions).
+
+    python data.py synth --out datasets/synth --episodes 100 --cameras 4   # the built-in robot world
+    python data.py check ROOT [--cameras 0,1,2,3]                          # validate a dataset, list problems
+    python data.py bench ROOT                                               # loader clips/s vs raw decode
+"""
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# errors: every message starts with the offending file, so a user can go and look at it
+
+
+class DataError(ValueError):
+    """A dataset file is unreadable or inconsistent. str(e) is '<file>: <problem>'."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A file the dataset refers to does not exist (catchable as FileNotFoundError too)."""
+
+# -----------------------------------------------------------------------------
+# the action convention (Cosmos `_get_actions`, dataset_utils.py), float64 throughout
+
+
+def euler_to_rotm(rpy):
+    """[..., 3] (roll, pitch, yaw) -> [..., 3, 3] = Rz(yaw) @ Ry(pitch) @ Rx(roll), i.e. scipy from_euler('xyz')."""
+    rpy = np.asarray(rpy, dtype=np.float64)
+    ca, sa = np.cos(rpy[..., 0]), np.sin(rpy[..., 0])
+    cb, sb = np.cos(rpy[..., 1]), np.sin(rpy[..., 1])
+    cc, sc = np.cos(rpy[..., 2]), np.sin(rpy[..., 2])
+    return np.stack([
+        np.stack([cb * cc, cc * sb * sa - sc * ca, cc * sb * ca + sc * sa], -1),
+        np.stack([cb * sc, sc * sb * sa + cc * ca, sc * sb * ca - cc * sa], -1),
+        np.stack([-sb, cb * sa, cb * ca], -1),
+    ], -2)
+
+
+def rotm_to_euler(R):
+    """[..., 3, 3] -> [..., 3] (roll, pitch, yaw), each in (-pi, pi]; inverse of euler_to_rotm for |pitch| < pi/2."""
+    R = np.asarray(R, dtype=np.float64)
+    sy = np.hypot(R[..., 0, 0], R[..., 1, 0])
+    singular = sy < 1e-6  # pitch = +-pi/2: roll and yaw are one angle, Cosmos puts it all in roll
+    x = np.where(singular, np.arctan2(-R[..., 1, 2], R[..., 1, 1]), np.arctan2(R[..., 2, 1], R[..., 2, 2]))
+    y = np.arctan2(-R[..., 2, 0], sy)
+    z = np.where(singular, 0.0, np.arctan2(R[..., 1, 0], R[..., 0, 0]))
+    rpy = np.stack([x, y, z], -1)
+    return np.where(rpy <= -np.pi, rpy + 2 * np.pi, rpy)  # atan2 can return -pi; Cosmos wraps to (-pi, pi]
+
+
+def relative_actions(state_T_S, gripper_T):
+    """Unscaled float64 [T-1, 7] actions; see compute_actions."""
+    state = np.asarray(state_T_S, dtype=np.float64)
+    gripper = np.asarray(gripper_T, dtype=np.float64)
+    assert state.ndim == 2 and state.shape[1] >= 6 and gripper.shape == state.shape[:1], (state.shape, gripper.shape)
+    p, R = state[:, :3], euler_to_rotm(state[:, 3:6])
+    R_prev_T = np.swapaxes(R[:-1], -1, -2)
+    actions = np.empty((len(state) - 1, 7), dtype=np.float64)
+    actions[:, 0:3] = np.einsum("tij,tj->ti", R_prev_T, p[1:] - p[:-1])
+    actions[:, 3:6] = rotm_to_euler(R_prev_T @ R[1:])
+    actions[:, 6] = gripper[1:]
+    return actions
+
+
+def compute_actions(state_T_S, gripper_T, action_scale=20.0, gripper_scale=1.0):
+    """
+    The Cosmos robot action between consecutive rows of an end-effector trajectory, float32 [T-1, 7]:
+      a[k-1, 0:3] = R_{k-1}^T (p_k - p_{k-1})       translation in the previous end-effector frame
+      a[k-1, 3:6] = rotm_to_euler(R_{k-1}^T R_k)    relative rotation, same Euler convention
+      a[k-1, 6]   = gripper_k                       the target frame's continuous gripper value (not a delta)
+    computed in float64, then scaled by [action_scale]*6 + [gripper_scale]. state_T_S is [T, >=6]
+    (x, y, z, roll, pitch, yaw, anything else is ignored). For a frame stride s pass state[::s], gripper[::s], as Cosmos.
+    """
+    scale = np.array([action_scale] * 6 + [gripper_scale], dtype=np.float64)
+    return (relative_actions(state_T_S, gripper_T) * scale).astype(np.float32)
+
+# -----------------------------------------------------------------------------
+# video: one reader, one writer, resize; all on the CPU
+
+
+def resize_frames(x_N_3_H_W, size):
+    """uint8 frames -> uint8 frames of exactly `size` = (H, W): bilinear with antialias (torchvision's resize), no crop."""
+    if size is None or tuple(x_N_3_H_W.shape[-2:]) == tuple(size):
+        return x_N_3_H_W
+    x = F.interpolate(x_N_3_H_W.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def read_frames(path, indices_or_count, size=None):
+    """
+    Frames `indices_or_count` (a list of frame indices, or an int n for frames 0..n-1) of a video, uint8 [N,3,H,W].
+    Decodes from the start only as far as the last index asked for, and converts to RGB only the frames returned.
+    """
+    if isinstance(indices_or_count, (int, np.integer)):
+        indices_or_count = range(int(indices_or_count))
+    indices = [int(i) for i in indices_or_count]
+    if not indices or min(indices) < 0:
+        raise ValueError(f"{path}: frame indices must be a non-empty list of non-negative ints, got {indices_or_count}")
+    wanted, last, frames, decoded = set(indices), max(indices), {}, 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(path, "has no video stream")
+            for frame in container.decode(container.streams.video[0]):
+                if decoded in wanted:
+                    frames[decoded] = frame.to_ndarray(format="rgb24")
+                decoded += 1
+                if decoded > last:
+                    break
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "video file not found") from e
+    except av.error.FFmpegError as e:
+        raise DataError(path, f"cannot decode video ({e})") from e
+    if decoded <= last:
+        raise DataError(path, f"has only {decoded} decodable frames, frame {last} was asked for")
+    x = torch.from_numpy(np.stack([frames[i] for i in indices])).permute(0, 3, 1, 2)
+    return resize_frames(x, size).contiguous()
+
+
+def probe_video(path):
+    """(frame count, height, width) from the container header, without decoding (about 0.3 ms a file)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(path, "has no video stream")
+            stream = container.streams.video[0]
+            n, h, w = stream.frames, stream.codec_context.height, stream.codec_context.width
+            if n <= 0:  # some containers do not record a frame count: count packets instead (still no decode)
+                n = sum(1 for p in container.demux(stream) if p.size > 0)
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "video file not found") from e
+    except av.error.FFmpegError as e:
+        raise DataError(path, f"cannot open video ({e})") from e
+    if n <= 0 or h <= 0 or w <= 0:
+        raise DataError(path, f"video has {n} frames of {h}x{w}")
+    return n, h, w
+
+
+def count_frames(path):
+    """(decoded frame count, height, width): the slow, certain count that `check` uses."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(path, "has no video stream")
+            n, h, w = 0, 0, 0
+            for frame in container.decode(container.streams.video[0]):
+                n, h, w = n + 1, frame.height, frame.width
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "video file not found") from e
+    except av.error.FFmpegError as e:
+        raise DataError(path, f"cannot decode video ({e})") from e
+    if n == 0:
+        raise DataError(path, "video has no decodable frames")
+    return n, h, w
+
+
+def write_mp4(path, frames, fps=4, codec="libx264", crf=18, preset="medium"):
+    """
+    The one mp4 writer of the project. frames: uint8 [T,H,W,3] (numpy or tensor), H and W even (yuv420p).
+    libx264 at `crf` (18 = visually lossless); falls back to mpeg4 at a high bit rate when this ffmpeg has no x264.
+    Written to a temporary name and renamed, so a crash never leaves a half-written video behind.
+    """
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise ValueError(f"{path}: write_mp4 wants uint8 [T,H,W,3] frames, got {frames.dtype} {list(frames.shape)}")
+    T, H, W, _ = frames.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"{path}: frame size {H}x{W} must be even for yuv420p")
+    if codec not in av.codecs_available:
+        codec = "mpeg4"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.mp4")
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(crf), "preset": preset}
+        else:
+            stream.bit_rate = max(1_000_000, 8 * H * W * int(math.ceil(fps)))
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# layouts and annotations: parsed once, validated, every problem named with its file
+
+
+def detect_layout(root):
+    root = Path(root)
+    if (root / "annotation").is_dir():
+        return "irasim"
+    if (root / "annotations").is_dir():
+        return "camera_folders"
+    if not root.is_dir():
+        raise MissingFileError(root, "dataset folder not found")
+    raise DataError(root, "neither annotation/<split>/*.json (IRASim) nor annotations/*.json (camera folders) found")
+
+
+def available_splits(root):
+    root, layout = Path(root), detect_layout(root)
+    if layout == "irasim":
+        return sorted(p.name for p in (root / "annotation").iterdir() if p.is_dir())
+    folders = sorted(p.name for p in (root / "annotations").iterdir() if p.is_dir())
+    return folders or ["train", "val"]
+
+
+def is_held_out(name, val_fraction):
+    """Deterministic and stable: an episode's split depends only on its own name, so adding episodes moves none."""
+    return zlib.crc32(name.encode()) % 1_000_000 < val_fraction * 1_000_000
+
+
+def list_annotations(root, split, val_fraction=0.1):
+    """Sorted annotation paths of a split (sorted by path, like Cosmos)."""
+    root, layout = Path(root), detect_layout(root)
+    folder = root / ("annotation" if layout == "irasim" else "annotations")
+    if (folder / split).is_dir():
+        return sorted((folder / split).glob("*.json"))
+    if layout == "irasim" or any(p.is_dir() for p in folder.iterdir()):
+        raise DataError(folder / split, f"split folder not found; splits here: {available_splits(root)}")
+    if split not in ("train", "val"):
+        raise DataError(folder, f"has no split folders, so only 'train' and 'val' (held out by name) exist, not {split!r}")
+    paths = sorted(folder.glob("*.json"))
+    held = [is_held_out(p.stem, val_fraction) for p in paths]
+    if val_fraction > 0 and len(paths) > 1 and not any(held):  # tiny datasets: still hold out one, chosen by hash
+        held[min(range(len(paths)), key=lambda i: zlib.crc32(paths[i].stem.encode()))] = True
+    return [p for p, h in zip(paths, held) if h == (split == "val")]
+
+
+def _array(d, key, path):
+    try:
+        return np.asarray(d[key], dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise DataError(path, f"{key!r} is not a rectangular array of numbers ({e})") from e
+
+
+def parse_annotation(path):
+    """One annotation JSON -> dict(state [T,S] f64, gripper [T] f64, action [T-1,>=6] f64 or None, videos, json)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "annotation file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot read annotation ({e})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?)") from e
+    if not isinstance(d, dict):
+        raise DataError(path, f"annotation must be a JSON object, got {type(d).__name__}")
+    for key in ("state", "continuous_gripper_state"):
+        if key not in d:
+            raise DataError(path, f"missing key {key!r}")
+    state, gripper = _array(d, "state", path), _array(d, "continuous_gripper_state", path)
+    if state.ndim != 2 or state.shape[1] < 6 or state.shape[0] < 2:
+        raise DataError(path, f"'state' must be T x >=6 (x, y, z, roll, pitch, yaw, ...) with T >= 2, got {list(state.shape)}")
+    T = len(state)
+    if gripper.shape != (T,):
+        raise DataError(path, f"'continuous_gripper_state' must have shape [{T}] like 'state', got {list(gripper.shape)}")
+    for key, x in (("state", state), ("continuous_gripper_state", gripper)):
+        bad = np.argwhere(~np.isfinite(x))
+        if len(bad):
+            raise DataError(path, f"{key!r} has {len(bad)} NaN/inf values, first at index {bad[0].tolist()}")
+    action = None
+    if "action" in d:
+        action = _array(d, "action", path)
+        if action.ndim != 2 or action.shape[0] != T - 1 or action.shape[1] < 6:
+            raise DataError(path, f"'action' must be [{T - 1}, 7] (one row per state transition), got {list(action.shape)}")
+    return dict(state=state, gripper=gripper, action=action, videos=d.get("videos"), json=d)
+
+
+def camera_paths(root, layout, ann_path, ann, cameras):
+    """The video file of each requested camera for one annotation."""
+    root = Path(root)
+    if layout == "camera_folders":
+        return [root / "videos" / f"cam{k}" / f"{Path(ann_path).stem}.mp4" for k in cameras]
+    videos = ann["videos"]
+    if not isinstance(videos, list) or not videos:
+        raise DataError(ann_path, "missing key 'videos' (a list of {'video_path': ...}, one per camera)")
+    paths = []
+    for k in cameras:
+        if not 0 <= k < len(videos):
+            raise DataError(ann_path, f"lists {len(videos)} camera(s) in 'videos', camera {k} was asked for")
+        entry = videos[k]
+        rel = entry.get("video_path") if isinstance(entry, dict) else entry  # P2.5 also accepts a bare string
+        if not isinstance(rel, str):
+            raise DataError(ann_path, f"videos[{k}] has no 'video_path' string")
+        paths.append(root / rel)
+    return paths
+
+
+def check_frame_counts(ann_path, T, videos, counts):
+    """Every camera must have the same number of frames, and at least one per state."""
+    if len(set(counts)) > 1:
+        listing = ", ".join(f"{v} has {n}" for v, n in zip(videos, counts))
+        raise DataError(ann_path, f"cameras have different frame counts: {listing}")
+    if counts[0] < T:
+        raise DataError(videos[0], f"has {counts[0]} frames but {ann_path} has {T} states")
+
+
+@dataclass
+class Episode:
+    name: str            # annotation file stem; keys are "<name>/<start frame>"
+    annotation: Path
+    videos: list         # one Path per requested camera
+    num_frames: int      # = len(state); every video has at least this many frames
+    actions: np.ndarray  # float32 [num_frames - frame_stride, 7]: row j is the scaled action from frame j to j + frame_stride
+
+
+def load_episode(root, layout, ann_path, cameras, frame_stride=1, action_scale=20.0, gripper_scale=1.0):
+    ann = parse_annotation(ann_path)
+    videos = camera_paths(root, layout, ann_path, ann, cameras)
+    T = len(ann["state"])
+    check_frame_counts(ann_path, T, videos, [probe_video(v)[0] for v in videos])
+    # row j = action between states j and j+s, i.e. compute_actions on state[::s] of every phase at once
+    s = frame_stride
+    actions = np.zeros((max(T - s, 0), 7), dtype=np.float32)
+    for phase in range(min(s, T)):
+        actions[phase::s] = compute_actions(ann["state"][phase::s], ann["gripper"][phase::s], action_scale, gripper_scale)
+    return Episode(Path(ann_path).stem, Path(ann_path), videos, T, actions)
+
+# -----------------------------------------------------------------------------
+# the dataset
+
+
+class RobotVideoDataset(torch.utils.data.Dataset):
+    """
+    Windows of `num_frames` frames, `frame_stride` apart, starting every `start_stride` frames (full windows only),
+    sorted by (annotation path, start). No randomness at all: shuffling is the sampler's job, so
+    DistributedSampler and DataLoader workers see the same dataset everywhere.
+    """
+
+    def __init__(self, root, split="train", num_frames=13, cameras=(0,), size=(256, 320), frame_stride=1, start_stride=1,
+                 action_scale=20.0, gripper_scale=1.0, val_fraction=0.1, skip_bad=False):
+        assert num_frames >= 2 and frame_stride >= 1 and start_stride >= 1, (num_frames, frame_stride, start_stride)
+        self.root, self.split, self.layout = Path(root), split, detect_layout(root)
+        self.num_frames, self.frame_stride, self.start_stride = num_frames, frame_stride, start_stride
+        self.cameras = tuple(int(k) for k in cameras)
+        self.size = None if size is None else tuple(size)
+        self.episodes, skipped = [], 0
+        for ann_path in list_annotations(self.root, split, val_fraction):
+            try:
+                self.episodes.append(load_episode(self.root, self.layout, ann_path, self.cameras, frame_stride,
+                                                  action_scale, gripper_scale))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                print(f"skipping bad episode: {e}")
+                skipped += 1
+        if skipped:
+            print(f"skipped {skipped} bad episode(s) of {skipped + len(self.episodes)} in {self.root} split {split!r}")
+        if not self.episodes:
+            raise DataError(self.root, f"split {split!r} has no usable episodes")
+        span = (num_frames - 1) * frame_stride
+        windows = [(e, i) for e, ep in enumerate(self.episodes) for i in range(0, ep.num_frames - span, start_stride)]
+        self.window_episode = np.array([e for e, _ in windows], dtype=np.int64)
+        self.window_start = np.array([i for _, i in windows], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.window_start)
+
+    def __repr__(self):
+        return (f"RobotVideoDataset({str(self.root)!r}, split={self.split!r}, {self.layout}: {len(self.episodes)} episodes, "
+                f"{len(self)} windows of {self.num_frames} frames at stride {self.frame_stride}, cameras {list(self.cameras)}, "
+                f"size {self.size})")
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        e, start = int(self.window_episode[i]), int(self.window_start[i])
+        return {
+            "video": self.episode_frames(e, start, self.num_frames),
+            "action": self.episode_actions(e, start, self.num_frames),
+            "key": f"{self.episodes[e].name}/{start}",
+        }
+
+    def _count(self, episode_index, start, count):
+        n, s = self.episodes[episode_index].num_frames, self.frame_stride
+        count = 1 + (n - 1 - start) // s if count is None else count
+        if start < 0 or count < 1 or start + (count - 1) * s >= n:
+            raise IndexError(f"episode {self.episodes[episode_index].name} has {n} frames: "
+                             f"{count} frames from {start} at stride {s} do not fit")
+        return count
+
+    def episode_frames(self, episode_index, start=0, count=None):
+        """uint8 [V,3,count,H,W]: frames start, start+s, ... of every camera (count=None: as many as fit)."""
+        ep = self.episodes[episode_index]
+        count = self._count(episode_index, start, count)
+        indices = range(start, start + count * self.frame_stride, self.frame_stride)
+        views = [read_frames(v, indices, self.size) for v in ep.videos]  # each [count,3,H,W]
+        return torch.stack(views).transpose(1, 2).contiguous()
+
+    def episode_actions(self, episode_index, start=0, count=None):
+        """float32 [count-1,7]: the actions between the frames that episode_frames(episode_index, start, count) returns."""
+        count = self._count(episode_index, start, count)
+        s = self.frame_stride
+        return torch.from_numpy(self.episodes[episode_index].actions[start:start + (count - 1) * s:s].copy())
+
+# -----------------------------------------------------------------------------
+# the synthetic multi-camera robot world: a table, a gripper with a red fin, cubes it pushes and carries.
+# Geometry is oriented boxes, ray cast per pixel (only inside each box group's projected rectangle),
+# Lambert shading and soft contact shadows. World frame: z up, table top at z = 0, metres.
+
+TABLE_HALF = 0.45                                 # the table top is |x|, |y| < TABLE_HALF
+WORK_LO, WORK_HI = np.array([-0.24, -0.24, 0.035]), np.array([0.24, 0.24, 0.26])  # where the tool centre may go
+LIGHT = np.array([0.35, 0.25, 1.0]) / np.linalg.norm([0.35, 0.25, 1.0])
+AMBIENT, DIFFUSE = 0.38, 0.62
+OPEN_GAP, CLOSED_GAP = 0.08, 0.012                # distance between the fingers' inner faces
+FINGER_HALF = np.array([0.012, 0.007, 0.03])
+# End-effector parts in its own frame: x forward (the red fin), y across the fingers, z up (the fingers hang down
+# at roll = pitch = 0). The pose in `state` is the tool centre point, between the fingers' centres.
+EE_PARTS = [  # (centre, half extents, colour); the two fingers are added per frame because they move
+    ((0.0, 0.0, 0.045), (0.028, 0.03, 0.014), (0.62, 0.64, 0.68)),    # palm
+    ((0.0, 0.0, 0.13), (0.014, 0.014, 0.072), (0.22, 0.28, 0.48)),    # wrist
+    ((0.058, 0.0, 0.045), (0.03, 0.006, 0.012), (0.92, 0.12, 0.08)),  # fin
+]
+FINGER_COLOUR = (0.1, 0.1, 0.12)
+OBJECT_COLOURS = {"green": (0.15, 0.72, 0.22), "blue": (0.16, 0.38, 0.92), "yellow": (0.96, 0.8, 0.1),
+                  "magenta": (0.82, 0.2, 0.72), "cyan": (0.1, 0.78, 0.82), "orange": (1.0, 0.52, 0.1)}
+
+
+def make_camera(k, size, target=(0.0, 0.0, 0.06)):
+    """Camera k of a fixed rig: front, left, right, top, then oblique views around the table."""
+    presets = [(0.0, 32.0, 0.95), (90.0, 30.0, 0.9), (-90.0, 30.0, 0.9), (180.0, 78.0, 0.95)]
+    azimuth, elevation, distance = presets[k] if k < len(presets) else (45.0 + 90.0 * (k - len(presets)), 45.0, 0.95)
+    az, el = math.radians(azimuth), math.radians(elevation)
+    target = np.array(target)
+    origin = target + distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
+    forward = (target - origin) / np.linalg.norm(target - origin)
+    right = np.cross(forward, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right)  # no camera looks straight down, so `right` is well defined
+    down = np.cross(forward, right)
+    H, W = size
+    focal = 0.5 * W / math.tan(math.radians(55.0) / 2)
+    u = (np.arange(W) + 0.5 - W / 2) / focal
+    v = (np.arange(H) + 0.5 - H / 2) / focal
+    rays = forward + u[None, :, None] * right + v[:, None, None] * down
+    rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
+    cam = dict(origin=origin, forward=forward, right=right, down=down, focal=focal, size=(H, W), rays=rays)
+    # the static part of the picture (table, floor, wall) and its depth, rendered once per camera
+    dz = rays[..., 2]
+    t_table = np.where(dz < 0, -origin[2] / np.minimum(dz, -1e-9), np.inf)
+    xy = origin[:2] + t_table[..., None] * rays[..., :2]
+    on_table = np.isfinite(t_table) & (np.abs(xy) < TABLE_HALF).all(-1)
+    checker = (np.floor(xy[..., 0] / 0.1) + np.floor(xy[..., 1] / 0.1)) % 2
+    wood = np.where(checker[..., None] > 0, [0.80, 0.71, 0.58], [0.71, 0.62, 0.50])
+    wood = np.where((np.abs(xy) > TABLE_HALF - 0.02).any(-1)[..., None], [0.45, 0.36, 0.28], wood)  # table rim
+    t_floor = np.where(dz < 0, (-0.75 - origin[2]) / np.minimum(dz, -1e-9), np.inf)
+    floor_xy = origin[:2] + t_floor[..., None] * rays[..., :2]
+    on_floor = np.isfinite(t_floor) & (np.abs(floor_xy) < 3.0).all(-1)
+    wall = (0.55 + 0.25 * np.clip(dz, -1, 1))[..., None] * np.array([0.8, 0.88, 1.0])
+    image = np.where(on_table[..., None], wood * (AMBIENT + DIFFUSE * LIGHT[2]),
+                     np.where(on_floor[..., None], [0.33, 0.33, 0.36], wall))
+    cam.update(background=image.astype(np.float32), depth=np.where(on_table, t_table, np.inf),
+               table_mask=on_table, table_xy=xy[on_table])
+    return cam
+
+
+def project(cam, points_N_3):
+    """World points -> (row, col) pixel coordinates and depth along the view axis."""
+    q = points_N_3 - cam["origin"]
+    z = np.maximum(q @ cam["forward"], 1e-6)
+    H, W = cam["size"]
+    col = cam["focal"] * (q @ cam["right"]) / z + W / 2 - 0.5
+    row = cam["focal"] * (q @ cam["down"]) / z + H / 2 - 0.5
+    return row, col, z
+
+
+def draw_boxes(cam, image, depth, centre, R, offsets_B_3, halves_B_3, colours_B_3):
+    """Ray-cast boxes that are axis-aligned in one rigid frame (centre, R) into image/depth, in place."""
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+    local = (offsets_B_3[:, None] + corners[None] * halves_B_3[:, None]).reshape(-1, 3)
+    row, col, _ = project(cam, centre + local @ R.T)
+    H, W = cam["size"]
+    r0, r1 = max(int(row.min()) - 1, 0), min(int(row.max()) + 3, H)
+    c0, c1 = max(int(col.min()) - 1, 0), min(int(col.max()) + 3, W)
+    if r0 >= r1 or c0 >= c1:
+        return
+    d_P_3 = cam["rays"][r0:r1, c0:c1].reshape(-1, 3) @ R  # rays in the boxes' frame (R^T d)
+    d_P_3 = np.where(np.abs(d_P_3) < 1e-12, 1e-12, d_P_3)
+    o_B_3 = (cam["origin"] - centre) @ R - offsets_B_3      # the camera in each box's frame
+    inv = 1.0 / d_P_3
+    t1 = (-halves_B_3[:, None] - o_B_3[:, None]) * inv[None]  # slab test, [B,P,3]
+    t2 = (halves_B_3[:, None] - o_B_3[:, None]) * inv[None]
+    t_in, t_out = np.minimum(t1, t2), np.maximum(t1, t2)
+    t_near, t_far, axis = t_in.max(-1), t_out.min(-1), t_in.argmax(-1)
+    t_B_P = np.where((t_near <= t_far) & (t_near > 0), t_near, np.inf)
+    b = t_B_P.argmin(0)
+    P = np.arange(len(b))
+    t = t_B_P[b, P]
+    patch_depth = depth[r0:r1, c0:c1].reshape(-1)
+    visible = t < patch_depth
+    if not visible.any():
+        return
+    p, b, ax = P[visible], b[visible], axis[b[visible], P[visible]]
+    facing = -np.sign(d_P_3[p, ax]) * (LIGHT @ R)[ax]  # the hit face's outward normal . light
+    shade = AMBIENT + DIFFUSE * np.maximum(facing, 0.0)
+    patch = image[r0:r1, c0:c1].reshape(-1, 3)
+    patch[p] = colours_B_3[b] * shade[:, None]
+    patch_depth[p] = t[visible]
+    image[r0:r1, c0:c1] = patch.reshape(r1 - r0, c1 - c0, 3)
+    depth[r0:r1, c0:c1] = patch_depth.reshape(r1 - r0, c1 - c0)
+
+
+def finger_offsets(gap):
+    y = 0.5 * gap + FINGER_HALF[1]
+    return np.array([[0.0, y, 0.0], [0.0, -y, 0.0]])
+
+
+def render(cam, ee_pose, gap, objects):
+    """One frame, uint8 [H,W,3]. ee_pose = (p, R); objects = list of dicts with centre, R, half, colour."""
+    p, R = ee_pose
+    image, depth = cam["background"].copy(), cam["depth"].copy()
+    # soft contact shadows: the light is nearly overhead, so a blob under each thing that fades with height
+    shadow = np.ones(len(cam["table_xy"]), dtype=np.float32)
+    casters = [(p[:2], 0.035 + 0.25 * p[2], 0.55 * math.exp(-p[2] / 0.25))]
+    casters += [(o["centre"][:2], 1.5 * o["half"][0] + 0.25 * (o["centre"][2] - o["half"][2]),
+                 0.55 * math.exp(-(o["centre"][2] - o["half"][2]) / 0.25)) for o in objects]
+    for xy, radius, strength in casters:
+        d2 = ((cam["table_xy"] - xy) ** 2).sum(-1)
+        shadow *= 1.0 - strength * np.exp(-d2 / radius ** 2)
+    image[cam["table_mask"]] *= shadow[:, None]
+    for o in objects:
+        draw_boxes(cam, image, depth, o["centre"], o["R"], np.zeros((1, 3)), o["half"][None], np.array([o["colour"]]))
+    offsets = np.array([c for c, _, _ in EE_PARTS] + list(finger_offsets(gap)))
+    halves = np.array([h for _, h, _ in EE_PARTS] + [FINGER_HALF, FINGER_HALF])
+    colours = np.array([c for _, _, c in EE_PARTS] + [FINGER_COLOUR, FINGER_COLOUR])
+    draw_boxes(cam, image, depth, p, R, offsets, halves, colours)
+    return (image * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def rot_z(yaw):
+    return euler_to_rotm([0.0, 0.0, yaw])
+
+
+def wrap(angle):
+    return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+
+def yaw_of(R):
+    return math.atan2(R[1, 0], R[0, 0])
+
+
+def plan_task(rng, p, yaw, objects):
+    """(instruction, waypoints): each waypoint is (tool position, gripper command 0 open / 1 closed, frames to dwell, yaw)."""
+    kind = rng.choice(["pick", "pick", "push", "wander"])
+    if kind != "wander" and objects:
+        o = objects[int(rng.integers(len(objects)))]
+        ox, oy, h = o["centre"][0], o["centre"][1], o["half"][2]
+        down = max(h, WORK_LO[2])
+        if kind == "pick":
+            # turn so the fingers close on two faces of the cube
+            grip_yaw = yaw_of(o["R"]) + np.pi / 2 * np.round(wrap(yaw - yaw_of(o["R"])) / (np.pi / 2))
+            for _ in range(20):  # somewhere away from the other cubes
+                place = rng.uniform(WORK_LO[:2] + 0.02, WORK_HI[:2] - 0.02)
+                if all(np.linalg.norm(place - q["centre"][:2]) > 0.09 for q in objects):
+                    break
+            (px, py), up = place, down + 0.006
+            return f"pick up the {o['name']} cube and put it down elsewhere", [
+                ((ox, oy, 0.15), 0, 0, grip_yaw), ((ox, oy, down), 0, 0, grip_yaw), ((ox, oy, down), 1, 3, grip_yaw),
+                ((ox, oy, 0.18), 1, 0, None), ((px, py, 0.18), 1, 0, None), ((px, py, up), 1, 0, None),
+                ((px, py, up), 0, 3, None), ((px, py, 0.16), 0, 0, None)]
+        direction = rng.normal(size=2)
+        direction /= np.linalg.norm(direction)
+        (ax, ay), (bx, by) = np.array([ox, oy]) - 0.09 * direction, np.array([ox, oy]) + 0.12 * direction
+        return f"push the {o['name']} cube", [
+            (tuple(p), 1, 2, None), ((ax, ay, 0.14), 1, 0, None), ((ax, ay, 0.04), 1, 0, None),
+            ((bx, by, 0.04), 1, 0, None), ((bx, by, 0.15), 0, 0, None)]
+    return "move the gripper around", [
+        (tuple(rng.uniform([WORK_LO[0], WORK_LO[1], 0.06], WORK_HI)), int(rng.integers(2)), 2, yaw + rng.uniform(-1.5, 1.5))
+        for _ in range(int(rng.integers(2, 5)))]
+
+
+def simulate_episode(rng, frames, num_objects):
+    """
+    Roll the world forward under a scripted pick / push / wander policy with smooth random 6-DoF noise.
+    Returns state [T,7] (x, y, z, roll, pitch, yaw, 1 = gripper commanded open, as Bridge), continuous gripper [T]
+    (0 open .. 1 closed; it stops on a held cube, like Bridge's 0.3-0.95), the scene of every frame, and instructions.
+    """
+    objects = []
+    for name in rng.choice(list(OBJECT_COLOURS), size=num_objects, replace=False):
+        half = rng.uniform(0.018, 0.026)
+        for _ in range(50):
+            xy = rng.uniform(WORK_LO[:2], WORK_HI[:2])
+            if all(np.linalg.norm(xy - q["centre"][:2]) > 0.1 for q in objects):
+                break
+        objects.append(dict(name=str(name), colour=OBJECT_COLOURS[name], half=np.full(3, half),
+                            centre=np.array([xy[0], xy[1], half]), R=rot_z(rng.uniform(-np.pi, np.pi))))
+    p = rng.uniform([WORK_LO[0], WORK_LO[1], 0.12], [WORK_HI[0], WORK_HI[1], 0.22])
+    rpy = np.array([rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(-np.pi, np.pi)])
+    g, command, held, vmax = 0.0, 0, None, rng.uniform(0.025, 0.04)
+    noise_v, noise_r = np.zeros(3), np.zeros(3)
+    texts, waypoints, waited, arrived = [], [], 0, 0
+    states, grippers, scenes = [], [], []
+    for t in range(frames):
+        if t > 0:
+            if not waypoints:
+                text, waypoints = plan_task(rng, p, rpy[2], objects)
+                texts.append(text)
+            target, command, hold, yaw_goal = waypoints[0]
+            target = np.asarray(target)
+            # a bounded pull toward the waypoint plus Ornstein-Uhlenbeck noise: smooth, random, always 6-DoF
+            pull = target - p
+            pull *= min(1.0, vmax / max(np.linalg.norm(pull), 1e-9))
+            noise_v = 0.7 * noise_v + rng.normal(0, 0.004, 3)
+            p = np.clip(p + pull + noise_v, WORK_LO, WORK_HI)
+            noise_r = 0.7 * noise_r + rng.normal(0, 0.02, 3)
+            rpy[:2] = np.clip(0.8 * rpy[:2] + noise_r[:2], -0.35, 0.35)
+            turn = noise_r[2] if yaw_goal is None else np.clip(wrap(yaw_goal - rpy[2]), -0.2, 0.2)
+            rpy[2] = wrap(rpy[2] + turn)
+            g += float(np.clip(command - g, -0.34, 0.34))
+            R = euler_to_rotm(rpy)
+            if command == 1 and held is None and g < 0.7:  # closing on a cube that sits between the fingers grasps it
+                for i, o in enumerate(objects):
+                    c = R.T @ (o["centre"] - p)
+                    if abs(c[0]) < 0.02 and abs(c[1]) < 0.5 * OPEN_GAP - o["half"][1] and abs(c[2]) < 0.03:
+                        held, o["grip"] = i, (c, R.T @ o["R"])
+                        break
+            if command == 0 and held is not None:  # opening drops it; it lands upright
+                objects[held]["R"] = rot_z(yaw_of(objects[held]["R"]))
+                held = None
+            waited += 1
+            arrived += np.linalg.norm(target - p) < 0.015
+            if arrived > hold or waited > 25:  # give up on a waypoint the noise or the workspace keeps out of reach
+                waypoints, waited, arrived = waypoints[1:], 0, 0
+        R = euler_to_rotm(rpy)
+        if held is not None:  # the fingers stop on the cube
+            g = min(g, (OPEN_GAP - 2 * objects[held]["half"][1]) / (OPEN_GAP - CLOSED_GAP))
+        gap = OPEN_GAP - g * (OPEN_GAP - CLOSED_GAP)
+        for i, o in enumerate(objects):
+            if i == held:
+                c, R_rel = o["grip"]
+                o["centre"], o["R"] = p + R @ c, R @ R_rel
+                continue
+            o["centre"][2] = max(o["half"][2], o["centre"][2] - 0.04)  # falling
+            if p[2] - FINGER_HALF[2] < 2 * o["half"][2]:  # fingers low enough to shove the cube
+                for f in finger_offsets(gap):
+                    f_xy = (p + R @ f)[:2]
+                    d = o["centre"][:2] - f_xy
+                    reach = FINGER_HALF[0] + 1.2 * o["half"][0]
+                    if np.linalg.norm(d) < reach:
+                        o["centre"][:2] = f_xy + d / max(np.linalg.norm(d), 1e-9) * reach
+        for i, o in enumerate(objects):  # cubes on the table shove each other apart and stay on it
+            for j in range(i + 1, len(objects)):
+                q = objects[j]
+                d = q["centre"][:2] - o["centre"][:2]
+                reach = 1.2 * (o["half"][0] + q["half"][0])
+                if held not in (i, j) and np.linalg.norm(d) < reach:
+                    shift = 0.5 * (reach - np.linalg.norm(d)) * d / max(np.linalg.norm(d), 1e-9)
+                    o["centre"][:2] -= shift
+                    q["centre"][:2] += shift
+            if i != held:
+                o["centre"][:2] = np.clip(o["centre"][:2], -TABLE_HALF + o["half"][0], TABLE_HALF - o["half"][0])
+        states.append([*p, *rpy, 1.0 - command])
+        grippers.append(g)
+        scenes.append(((p.copy(), R), gap, [dict(centre=o["centre"].copy(), R=o["R"].copy(), half=o["half"],
+                                                 colour=o["colour"]) for o in objects]))
+    return np.array(states), np.array(grippers), scenes, texts or ["move the gripper around"]
+
+
+_CAMERAS = {}  # per process: the rig of each (camera, size), built once
+
+
+def synth_episode(job):
+    """Simulate, render and write one episode (a worker's unit of work). Deterministic in (seed, index)."""
+    out, index, name, split, cameras, frames, size, seed, objects, fps = job
+    rng = np.random.default_rng([seed, index])
+    state, gripper, scenes, texts = simulate_episode(rng, frames, int(rng.integers(objects[0], objects[1] + 1)))
+    for k in range(cameras):
+        if (k, size) not in _CAMERAS:
+            _CAMERAS[(k, size)] = make_camera(k, size)
+        cam = _CAMERAS[(k, size)]
+        write_mp4(Path(out) / "videos" / f"cam{k}" / f"{name}.mp4", np.stack([render(cam, *s) for s in scenes]), fps=fps)
+    action = relative_actions(state, gripper)
+    action[:, 6] = state[1:, 6]  # stored like Bridge: unscaled, column 6 = the binary open command of the target frame
+    ann = dict(episode_id=name, task="robot_trajectory_prediction", texts=texts, state=state.tolist(),
+               continuous_gripper_state=gripper.tolist(), action=action.tolist())
+    path = Path(out) / "annotations" / split / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ann))
+    os.replace(tmp, path)  # written last, so an interrupted run leaves no annotation without its videos
+    return name
+
+
+def make_synthetic(out, episodes=100, cameras=4, frames=40, size=(128, 160), seed=0, val_episodes=10,
+                   objects=(1, 3), fps=4, workers=None):
+    """
+    Write the synthetic robot world in the camera-folder layout: annotations/{train,val}/epNNNNN.json and
+    videos/cam<k>/epNNNNN.mp4. The last `val_episodes` of the `episodes` are the val split.
+    Episode i depends only on (seed, i), so any worker count gives the same files.
+    """
+    assert 0 <= val_episodes < episodes and cameras >= 1 and frames >= 2, (episodes, val_episodes, cameras, frames)
+    size = tuple(size)
+    jobs = [(str(out), i, f"ep{i:05d}", "val" if i >= episodes - val_episodes else "train", cameras, frames, size,
+             seed, tuple(objects), fps) for i in range(episodes)]
+    workers = min(workers or os.cpu_count() or 1, episodes)
+    if workers > 1:
+        # fork: the workers need no torch, and spawning would re-import it in each (seconds)
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        with ctx.Pool(workers) as pool:
+            names = list(pool.imap(synth_episode, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        names = [synth_episode(job) for job in jobs]
+    meta = dict(generator="nanocosmos data.py synth", episodes=episodes, val_episodes=val_episodes, cameras=cameras,
+                frames=frames, size=list(size), seed=seed, objects=list(objects), fps=fps,
+                camera_names=[["front", "left", "right", "top"][k] if k < 4 else f"oblique{k - 4}" for k in range(cameras)])
+    (Path(out) / "synth.json").write_text(json.dumps(meta, indent=1))
+    return names
