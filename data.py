@@ -425,32 +425,41 @@ class RobotVideoDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.episodes[episode_index].actions[start:start + (count - 1) * s:s].copy())
 
 # -----------------------------------------------------------------------------
-# the synthetic multi-camera robot world: a table, a gripper with a red fin, cubes it pushes and carries.
+# the synthetic multi-camera robot world: a table, a big gripper with a red fin, cubes it pushes and carries.
 # Geometry is oriented boxes, ray cast per pixel (only inside each box group's projected rectangle),
 # Lambert shading and soft contact shadows. World frame: z up, table top at z = 0, metres.
+# Built to make actions matter to a tiny model at 64x80: the cameras frame only the workspace, the end effector
+# spans about a fifth of every view, and the commanded motion is random (not inferable from the first frame).
 
 TABLE_HALF = 0.45                                 # the table top is |x|, |y| < TABLE_HALF
-WORK_LO, WORK_HI = np.array([-0.24, -0.24, 0.035]), np.array([0.24, 0.24, 0.26])  # where the tool centre may go
+WORK_LO, WORK_HI = np.array([-0.13, -0.13, 0.045]), np.array([0.13, 0.13, 0.17])  # where the tool centre may go
 LIGHT = np.array([0.35, 0.25, 1.0]) / np.linalg.norm([0.35, 0.25, 1.0])
 AMBIENT, DIFFUSE = 0.38, 0.62
-OPEN_GAP, CLOSED_GAP = 0.08, 0.012                # distance between the fingers' inner faces
-FINGER_HALF = np.array([0.012, 0.007, 0.03])
+OPEN_GAP, CLOSED_GAP = 0.10, 0.02                 # distance between the fingers' inner faces
+FINGER_HALF = np.array([0.02, 0.012, 0.036])
 # End-effector parts in its own frame: x forward (the red fin), y across the fingers, z up (the fingers hang down
 # at roll = pitch = 0). The pose in `state` is the tool centre point, between the fingers' centres.
 EE_PARTS = [  # (centre, half extents, colour); the two fingers are added per frame because they move
-    ((0.0, 0.0, 0.045), (0.028, 0.03, 0.014), (0.62, 0.64, 0.68)),    # palm
-    ((0.0, 0.0, 0.13), (0.014, 0.014, 0.072), (0.22, 0.28, 0.48)),    # wrist
-    ((0.058, 0.0, 0.045), (0.03, 0.006, 0.012), (0.92, 0.12, 0.08)),  # fin
+    ((0.0, 0.0, 0.05), (0.045, 0.075, 0.016), (0.16, 0.22, 0.55)),    # palm
+    ((0.0, 0.0, 0.105), (0.026, 0.026, 0.04), (0.55, 0.58, 0.66)),     # wrist
+    ((0.08, 0.0, 0.05), (0.04, 0.012, 0.014), (0.92, 0.12, 0.08)),     # fin
 ]
-FINGER_COLOUR = (0.1, 0.1, 0.12)
-OBJECT_COLOURS = {"green": (0.15, 0.72, 0.22), "blue": (0.16, 0.38, 0.92), "yellow": (0.96, 0.8, 0.1),
+FINGER_COLOUR = (0.08, 0.08, 0.1)
+OBJECT_COLOURS = {"green": (0.15, 0.72, 0.22), "yellow": (0.96, 0.8, 0.1), "white": (0.95, 0.95, 0.95),
                   "magenta": (0.82, 0.2, 0.72), "cyan": (0.1, 0.78, 0.82), "orange": (1.0, 0.52, 0.1)}
+CAMERA_FOV = 40.0                                 # horizontal field of view, degrees
+# the motion: piecewise random velocity goals (segments of SEGMENT frames), eased into so the path is smooth
+SPEED = (0.008, 0.035)                            # m per frame: 0.16 .. 0.7 after the x20 action scale
+YAW_RATE = 0.2                                    # rad per frame, at most
+SEGMENT = (3, 8)                                  # frames per velocity goal
+EASE = 0.4                                        # velocity moves this fraction of the way to its goal each frame
+TOGGLE = 0.08                                     # chance per frame of flipping the gripper command (after 4 frames)
 
 
-def make_camera(k, size, target=(0.0, 0.0, 0.06)):
-    """Camera k of a fixed rig: front, left, right, top, then oblique views around the table."""
-    presets = [(0.0, 32.0, 0.95), (90.0, 30.0, 0.9), (-90.0, 30.0, 0.9), (180.0, 78.0, 0.95)]
-    azimuth, elevation, distance = presets[k] if k < len(presets) else (45.0 + 90.0 * (k - len(presets)), 45.0, 0.95)
+def make_camera(k, size, target=(0.0, 0.0, 0.11)):
+    """Camera k of a fixed rig around the workspace: front, left, right, top, then oblique views."""
+    presets = [(0.0, 55, 0.7), (90.0, 52, 0.7), (-90.0, 52, 0.7), (180.0, 80.0, 0.72)]
+    azimuth, elevation, distance = presets[k] if k < len(presets) else (45.0 + 90.0 * (k - len(presets)), 50.0, 0.7)
     az, el = math.radians(azimuth), math.radians(elevation)
     target = np.array(target)
     origin = target + distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
@@ -459,7 +468,7 @@ def make_camera(k, size, target=(0.0, 0.0, 0.06)):
     right /= np.linalg.norm(right)  # no camera looks straight down, so `right` is well defined
     down = np.cross(forward, right)
     H, W = size
-    focal = 0.5 * W / math.tan(math.radians(55.0) / 2)
+    focal = 0.5 * W / math.tan(math.radians(CAMERA_FOV) / 2)
     u = (np.arange(W) + 0.5 - W / 2) / focal
     v = (np.arange(H) + 0.5 - H / 2) / focal
     rays = forward + u[None, :, None] * right + v[:, None, None] * down
@@ -479,8 +488,8 @@ def make_camera(k, size, target=(0.0, 0.0, 0.06)):
     wall = (0.55 + 0.25 * np.clip(dz, -1, 1))[..., None] * np.array([0.8, 0.88, 1.0])
     image = np.where(on_table[..., None], wood * (AMBIENT + DIFFUSE * LIGHT[2]),
                      np.where(on_floor[..., None], [0.33, 0.33, 0.36], wall))
-    cam.update(background=image.astype(np.float32), depth=np.where(on_table, t_table, np.inf),
-               table_mask=on_table, table_xy=xy[on_table])
+    cam.update(background=image.astype(np.float32), depth=np.where(on_table, t_table, np.inf).astype(np.float32),
+               table_xy=np.where(on_table[..., None], xy, 1e3).astype(np.float32))  # off the table: too far for shadows
     return cam
 
 
@@ -494,24 +503,38 @@ def project(cam, points_N_3):
     return row, col, z
 
 
+def screen_rect(cam, points_N_3, margin=1):
+    """The pixel rectangle (r0, r1, c0, c1) covering some world points, clipped to the image (may be empty)."""
+    row, col, _ = project(cam, points_N_3)
+    H, W = cam["size"]
+    return (max(int(row.min()) - margin, 0), min(int(row.max()) + 2 + margin, H),
+            max(int(col.min()) - margin, 0), min(int(col.max()) + 2 + margin, W))
+
+
+BOX_CORNERS = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+
+
 def draw_boxes(cam, image, depth, centre, R, offsets_B_3, halves_B_3, colours_B_3):
     """Ray-cast boxes that are axis-aligned in one rigid frame (centre, R) into image/depth, in place."""
-    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
-    local = (offsets_B_3[:, None] + corners[None] * halves_B_3[:, None]).reshape(-1, 3)
-    row, col, _ = project(cam, centre + local @ R.T)
-    H, W = cam["size"]
-    r0, r1 = max(int(row.min()) - 1, 0), min(int(row.max()) + 3, H)
-    c0, c1 = max(int(col.min()) - 1, 0), min(int(col.max()) + 3, W)
+    corners = (offsets_B_3[:, None] + BOX_CORNERS[None] * halves_B_3[:, None]).reshape(-1, 3)
+    r0, r1, c0, c1 = screen_rect(cam, centre + corners @ R.T)
     if r0 >= r1 or c0 >= c1:
         return
-    d_P_3 = cam["rays"][r0:r1, c0:c1].reshape(-1, 3) @ R  # rays in the boxes' frame (R^T d)
-    d_P_3 = np.where(np.abs(d_P_3) < 1e-12, 1e-12, d_P_3)
-    o_B_3 = (cam["origin"] - centre) @ R - offsets_B_3      # the camera in each box's frame
-    inv = 1.0 / d_P_3
-    t1 = (-halves_B_3[:, None] - o_B_3[:, None]) * inv[None]  # slab test, [B,P,3]
-    t2 = (halves_B_3[:, None] - o_B_3[:, None]) * inv[None]
-    t_in, t_out = np.minimum(t1, t2), np.maximum(t1, t2)
-    t_near, t_far, axis = t_in.max(-1), t_out.min(-1), t_in.argmax(-1)
+    d_3_P = (cam["rays"][r0:r1, c0:c1].reshape(-1, 3) @ R).T.astype(np.float32)  # rays in the boxes' frame (R^T d)
+    inv_3_P = 1.0 / np.where(np.abs(d_3_P) < 1e-9, np.float32(1e-9), d_3_P)
+    o_B_3 = ((cam["origin"] - centre) @ R - offsets_B_3).astype(np.float32)  # the camera in each box's frame
+    h_B_3 = halves_B_3.astype(np.float32)
+    # slab test one axis at a time on [B,P] arrays: the entry distance is the largest per-axis entry
+    t_near = t_far = axis = None
+    for k in range(3):
+        t1 = (-h_B_3[:, k:k + 1] - o_B_3[:, k:k + 1]) * inv_3_P[k]
+        t2 = (h_B_3[:, k:k + 1] - o_B_3[:, k:k + 1]) * inv_3_P[k]
+        t_in, t_out = np.minimum(t1, t2), np.maximum(t1, t2)
+        if k == 0:
+            t_near, t_far, axis = t_in, t_out, np.zeros(t_in.shape, dtype=np.int64)
+        else:
+            axis = np.where(t_in > t_near, k, axis)
+            t_near, t_far = np.maximum(t_near, t_in), np.minimum(t_far, t_out)
     t_B_P = np.where((t_near <= t_far) & (t_near > 0), t_near, np.inf)
     b = t_B_P.argmin(0)
     P = np.arange(len(b))
@@ -520,11 +543,11 @@ def draw_boxes(cam, image, depth, centre, R, offsets_B_3, halves_B_3, colours_B_
     visible = t < patch_depth
     if not visible.any():
         return
-    p, b, ax = P[visible], b[visible], axis[b[visible], P[visible]]
-    facing = -np.sign(d_P_3[p, ax]) * (LIGHT @ R)[ax]  # the hit face's outward normal . light
-    shade = AMBIENT + DIFFUSE * np.maximum(facing, 0.0)
+    p, b = P[visible], b[visible]
+    ax = axis[b, p]
+    facing = -np.sign(d_3_P[ax, p]) * (LIGHT @ R)[ax]  # the hit face's outward normal . light
     patch = image[r0:r1, c0:c1].reshape(-1, 3)
-    patch[p] = colours_B_3[b] * shade[:, None]
+    patch[p] = colours_B_3[b] * (AMBIENT + DIFFUSE * np.maximum(facing, 0.0))[:, None]
     patch_depth[p] = t[visible]
     image[r0:r1, c0:c1] = patch.reshape(r1 - r0, c1 - c0, 3)
     depth[r0:r1, c0:c1] = patch_depth.reshape(r1 - r0, c1 - c0)
@@ -540,14 +563,16 @@ def render(cam, ee_pose, gap, objects):
     p, R = ee_pose
     image, depth = cam["background"].copy(), cam["depth"].copy()
     # soft contact shadows: the light is nearly overhead, so a blob under each thing that fades with height
-    shadow = np.ones(len(cam["table_xy"]), dtype=np.float32)
-    casters = [(p[:2], 0.035 + 0.25 * p[2], 0.55 * math.exp(-p[2] / 0.25))]
+    casters = [(p[:2], 0.06 + 0.25 * p[2], 0.55 * math.exp(-p[2] / 0.25))]
     casters += [(o["centre"][:2], 1.5 * o["half"][0] + 0.25 * (o["centre"][2] - o["half"][2]),
                  0.55 * math.exp(-(o["centre"][2] - o["half"][2]) / 0.25)) for o in objects]
     for xy, radius, strength in casters:
-        d2 = ((cam["table_xy"] - xy) ** 2).sum(-1)
-        shadow *= 1.0 - strength * np.exp(-d2 / radius ** 2)
-    image[cam["table_mask"]] *= shadow[:, None]
+        reach = 2.5 * radius  # exp(-6) is invisible
+        r0, r1, c0, c1 = screen_rect(cam, np.array([[xy[0] + sx * reach, xy[1] + sy * reach, 0.0]
+                                                    for sx in (-1, 1) for sy in (-1, 1)]))
+        if r0 < r1 and c0 < c1:
+            d2 = ((cam["table_xy"][r0:r1, c0:c1] - xy.astype(np.float32)) ** 2).sum(-1)
+            image[r0:r1, c0:c1] *= (1.0 - strength * np.exp(-d2 / np.float32(radius ** 2)))[..., None]
     for o in objects:
         draw_boxes(cam, image, depth, o["centre"], o["R"], np.zeros((1, 3)), o["half"][None], np.array([o["colour"]]))
     offsets = np.array([c for c, _, _ in EE_PARTS] + list(finger_offsets(gap)))
@@ -565,93 +590,90 @@ def wrap(angle):
     return (angle + np.pi) % (2 * np.pi) - np.pi
 
 
-
 def yaw_of(R):
     return math.atan2(R[1, 0], R[0, 0])
 
 
-def plan_task(rng, p, yaw, objects):
-    """(instruction, waypoints): each waypoint is (tool position, gripper command 0 open / 1 closed, frames to dwell, yaw)."""
-    kind = rng.choice(["pick", "pick", "push", "wander"])
-    if kind != "wander" and objects:
-        o = objects[int(rng.integers(len(objects)))]
-        ox, oy, h = o["centre"][0], o["centre"][1], o["half"][2]
-        down = max(h, WORK_LO[2])
-        if kind == "pick":
-            # turn so the fingers close on two faces of the cube
-            grip_yaw = yaw_of(o["R"]) + np.pi / 2 * np.round(wrap(yaw - yaw_of(o["R"])) / (np.pi / 2))
-            for _ in range(20):  # somewhere away from the other cubes
-                place = rng.uniform(WORK_LO[:2] + 0.02, WORK_HI[:2] - 0.02)
-                if all(np.linalg.norm(place - q["centre"][:2]) > 0.09 for q in objects):
-                    break
-            (px, py), up = place, down + 0.006
-            return f"pick up the {o['name']} cube and put it down elsewhere", [
-                ((ox, oy, 0.15), 0, 0, grip_yaw), ((ox, oy, down), 0, 0, grip_yaw), ((ox, oy, down), 1, 3, grip_yaw),
-                ((ox, oy, 0.18), 1, 0, None), ((px, py, 0.18), 1, 0, None), ((px, py, up), 1, 0, None),
-                ((px, py, up), 0, 3, None), ((px, py, 0.16), 0, 0, None)]
-        direction = rng.normal(size=2)
-        direction /= np.linalg.norm(direction)
-        (ax, ay), (bx, by) = np.array([ox, oy]) - 0.09 * direction, np.array([ox, oy]) + 0.12 * direction
-        return f"push the {o['name']} cube", [
-            (tuple(p), 1, 2, None), ((ax, ay, 0.14), 1, 0, None), ((ax, ay, 0.04), 1, 0, None),
-            ((bx, by, 0.04), 1, 0, None), ((bx, by, 0.15), 0, 0, None)]
-    return "move the gripper around", [
-        (tuple(rng.uniform([WORK_LO[0], WORK_LO[1], 0.06], WORK_HI)), int(rng.integers(2)), 2, yaw + rng.uniform(-1.5, 1.5))
-        for _ in range(int(rng.integers(2, 5)))]
+def random_direction(rng, z_weight=0.6):
+    d = rng.normal(size=3) * [1.0, 1.0, z_weight]
+    return d / max(np.linalg.norm(d), 1e-9)
 
 
 def simulate_episode(rng, frames, num_objects):
     """
-    Roll the world forward under a scripted pick / push / wander policy with smooth random 6-DoF noise.
+    Roll the world forward under a random, smooth 6-DoF motion: the end effector eases toward a new random velocity
+    goal (any direction, speed in SPEED, sometimes a pause, sometimes a dive at a cube) every 3-8 frames, turns
+    and tilts the same way, bounces off the workspace walls, and flips its gripper at random times (always closing
+    when a dive reaches its cube). Cubes it touches are shoved; a cube between closing fingers is carried until they
+    open. So where the gripper goes is NOT predictable from the first frame: only the actions tell.
     Returns state [T,7] (x, y, z, roll, pitch, yaw, 1 = gripper commanded open, as Bridge), continuous gripper [T]
-    (0 open .. 1 closed; it stops on a held cube, like Bridge's 0.3-0.95), the scene of every frame, and instructions.
+    (0 open .. 1 closed; it stops on a held cube, like Bridge's 0.3-0.95), the scene of every frame, and texts.
     """
     objects = []
     for name in rng.choice(list(OBJECT_COLOURS), size=num_objects, replace=False):
-        half = rng.uniform(0.018, 0.026)
+        half = rng.uniform(0.024, 0.034)
         for _ in range(50):
             xy = rng.uniform(WORK_LO[:2], WORK_HI[:2])
             if all(np.linalg.norm(xy - q["centre"][:2]) > 0.1 for q in objects):
                 break
         objects.append(dict(name=str(name), colour=OBJECT_COLOURS[name], half=np.full(3, half),
                             centre=np.array([xy[0], xy[1], half]), R=rot_z(rng.uniform(-np.pi, np.pi))))
-    p = rng.uniform([WORK_LO[0], WORK_LO[1], 0.12], [WORK_HI[0], WORK_HI[1], 0.22])
+    p = rng.uniform([WORK_LO[0], WORK_LO[1], 0.08], [WORK_HI[0], WORK_HI[1], WORK_HI[2] - 0.02])
     rpy = np.array([rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(-np.pi, np.pi)])
-    g, command, held, vmax = 0.0, 0, None, rng.uniform(0.025, 0.04)
-    noise_v, noise_r = np.zeros(3), np.zeros(3)
-    texts, waypoints, waited, arrived = [], [], 0, 0
-    states, grippers, scenes = [], [], []
+    v, v_goal, yaw_rate, yaw_goal, tilt_goal = np.zeros(3), np.zeros(3), 0.0, 0.0, rpy[:2].copy()
+    g, command, dwell, held, dive, segment_left = 0.0, 0, 0, None, None, 0
+    texts, states, grippers, scenes = [], [], [], []
     for t in range(frames):
         if t > 0:
-            if not waypoints:
-                text, waypoints = plan_task(rng, p, rpy[2], objects)
-                texts.append(text)
-            target, command, hold, yaw_goal = waypoints[0]
-            target = np.asarray(target)
-            # a bounded pull toward the waypoint plus Ornstein-Uhlenbeck noise: smooth, random, always 6-DoF
-            pull = target - p
-            pull *= min(1.0, vmax / max(np.linalg.norm(pull), 1e-9))
-            noise_v = 0.7 * noise_v + rng.normal(0, 0.004, 3)
-            p = np.clip(p + pull + noise_v, WORK_LO, WORK_HI)
-            noise_r = 0.7 * noise_r + rng.normal(0, 0.02, 3)
-            rpy[:2] = np.clip(0.8 * rpy[:2] + noise_r[:2], -0.35, 0.35)
-            turn = noise_r[2] if yaw_goal is None else np.clip(wrap(yaw_goal - rpy[2]), -0.2, 0.2)
-            rpy[2] = wrap(rpy[2] + turn)
+            if segment_left <= 0:  # a new random goal for the next few frames
+                segment_left, dive = int(rng.integers(SEGMENT[0], SEGMENT[1] + 1)), None
+                kind = rng.random()
+                if kind < 0.12:
+                    v_goal, yaw_goal = np.zeros(3), 0.0
+                elif kind < 0.35 and held is None and objects:
+                    dive = (int(rng.integers(len(objects))), rng.uniform(0.6, 1.0) * SPEED[1])
+                    segment_left = 12  # at most; reaching the cube ends it earlier
+                    if command == 1:
+                        command, dwell = 0, 0  # open to grasp
+                else:
+                    v_goal = random_direction(rng) * rng.uniform(*SPEED)
+                    yaw_goal = rng.uniform(-YAW_RATE, YAW_RATE) * (rng.random() < 0.7)
+                tilt_goal = np.clip(rng.normal(0, 0.15, 2), -0.3, 0.3)
+            segment_left -= 1
+            if dive is not None:  # head for the cube at grasp height and turn the fingers square to its faces
+                o, speed = objects[dive[0]], dive[1]
+                target = np.array([o["centre"][0], o["centre"][1], max(o["half"][2], WORK_LO[2])])
+                v_goal = (target - p) * min(1.0, speed / max(np.linalg.norm(target - p), 1e-9))
+                grip_yaw = yaw_of(o["R"]) + np.pi / 2 * np.round(wrap(rpy[2] - yaw_of(o["R"])) / (np.pi / 2))
+                yaw_goal = float(np.clip(wrap(grip_yaw - rpy[2]), -YAW_RATE, YAW_RATE))
+            v += EASE * (v_goal - v)
+            p = p + v
+            for a in range(3):  # bounce off the workspace walls: the goal turns around too
+                if p[a] < WORK_LO[a] or p[a] > WORK_HI[a]:
+                    inward = 1.0 if p[a] < WORK_LO[a] else -1.0
+                    p[a] = np.clip(p[a], WORK_LO[a], WORK_HI[a])
+                    v[a], v_goal[a] = inward * abs(v[a]), inward * abs(v_goal[a])
+            yaw_rate += EASE * (yaw_goal - yaw_rate)
+            rpy[2] = wrap(rpy[2] + yaw_rate)
+            rpy[:2] += 0.3 * (tilt_goal - rpy[:2])
+            dwell += 1
+            if dive is not None and np.linalg.norm(target - p) < 0.012:
+                command, dwell, segment_left, dive = 1, 0, 0, None  # there: close on it
+            elif dwell >= 4 and rng.random() < TOGGLE:
+                command, dwell = 1 - command, 0
             g += float(np.clip(command - g, -0.34, 0.34))
             R = euler_to_rotm(rpy)
             if command == 1 and held is None and g < 0.7:  # closing on a cube that sits between the fingers grasps it
                 for i, o in enumerate(objects):
                     c = R.T @ (o["centre"] - p)
-                    if abs(c[0]) < 0.02 and abs(c[1]) < 0.5 * OPEN_GAP - o["half"][1] and abs(c[2]) < 0.03:
+                    if (abs(c[0]) < FINGER_HALF[0] + 0.01 and abs(c[1]) < 0.5 * OPEN_GAP - 0.8 * o["half"][1]
+                            and abs(c[2]) < 0.035):
                         held, o["grip"] = i, (c, R.T @ o["R"])
+                        texts.append(f"pick up the {o['name']} cube")
                         break
             if command == 0 and held is not None:  # opening drops it; it lands upright
                 objects[held]["R"] = rot_z(yaw_of(objects[held]["R"]))
                 held = None
-            waited += 1
-            arrived += np.linalg.norm(target - p) < 0.015
-            if arrived > hold or waited > 25:  # give up on a waypoint the noise or the workspace keeps out of reach
-                waypoints, waited, arrived = waypoints[1:], 0, 0
         R = euler_to_rotm(rpy)
         if held is not None:  # the fingers stop on the cube
             g = min(g, (OPEN_GAP - 2 * objects[held]["half"][1]) / (OPEN_GAP - CLOSED_GAP))
@@ -669,6 +691,8 @@ def simulate_episode(rng, frames, num_objects):
                     reach = FINGER_HALF[0] + 1.2 * o["half"][0]
                     if np.linalg.norm(d) < reach:
                         o["centre"][:2] = f_xy + d / max(np.linalg.norm(d), 1e-9) * reach
+                        if not texts or texts[-1] != f"push the {o['name']} cube":
+                            texts.append(f"push the {o['name']} cube")
         for i, o in enumerate(objects):  # cubes on the table shove each other apart and stay on it
             for j in range(i + 1, len(objects)):
                 q = objects[j]
