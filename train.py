@@ -527,8 +527,10 @@ def main(argv):
     stats = torch.zeros(3 + 2 * 4, device=device)        # loss sum, grad-norm sum, non-finite flag, bucket sums/counts
     t0, last_step = time.time(), step
     last_good = resume_path
+    # a fixed shuffled order: the same val batches every time, and rolled actions come from unrelated clips
     val_loader_fn = lambda: torch.utils.data.DataLoader(  # noqa: E731
-        val_ds, batch_size=c["batch_size"], shuffle=False, num_workers=0)
+        val_ds, batch_size=c["batch_size"], shuffle=True, num_workers=0,
+        generator=torch.Generator().manual_seed(c["seed"]))
 
     while step < c["max_iters"]:
         raw.train()
