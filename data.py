@@ -760,3 +760,187 @@ def make_synthetic(out, episodes=100, cameras=4, frames=40, size=(128, 160), see
                 camera_names=[["front", "left", "right", "top"][k] if k < 4 else f"oblique{k - 4}" for k in range(cameras)])
     (Path(out) / "synth.json").write_text(json.dumps(meta, indent=1))
     return names
+
+# -----------------------------------------------------------------------------
+# the three commands: check (before a week of training), synth, bench
+
+
+def all_annotations(root):
+    """(split label, path) of every annotation under root, whatever its split; loose camera-folder files are 'all'."""
+    root, layout = Path(root), detect_layout(root)
+    folder = root / ("annotation" if layout == "irasim" else "annotations")
+    found = [(p.parent.name, p) for p in sorted(folder.glob("*/*.json"))]
+    return found + [("all", p) for p in sorted(folder.glob("*.json"))]
+
+
+def camera_folder_cameras(root):
+    return sorted(int(p.name[3:]) for p in (Path(root) / "videos").glob("cam*") if p.is_dir() and p.name[3:].isdigit())
+
+
+def check_dataset(root, cameras=None, num_frames=13, fast=False):
+    """
+    Validate every annotation and video of a dataset; print a summary table and every problem. Returns the problems.
+    cameras=None checks every camera an episode has. fast=True trusts the container's frame count instead of decoding.
+    """
+    root, layout = Path(root), detect_layout(root)
+    entries = all_annotations(root)
+    default_cams = camera_folder_cameras(root) if layout == "camera_folders" else None
+    print(f"check {root} ({layout} layout): {len(entries)} annotations, cameras "
+          f"{'all listed' if cameras is None and layout == 'irasim' else list(cameras or default_cams)}, "
+          f"{'container frame counts' if fast else 'decoding every frame'}")
+    if not entries:
+        return [f"{root}: no annotation JSON files found"]
+    problems, notes, stats = [], [], {}
+    for split, ann_path in entries:
+        s = stats.setdefault(split, dict(episodes=0, bad=0, frames=[], windows=0, sizes={}, act=[], grip_col={}))
+        s["episodes"] += 1
+        n_problems = len(problems)
+        try:
+            ann = parse_annotation(ann_path)
+            cams = cameras if cameras is not None else (default_cams if layout == "camera_folders"
+                                                        else range(len(ann["videos"] or [])))
+            videos = camera_paths(root, layout, ann_path, ann, cams)
+            if not videos:
+                raise DataError(ann_path, "has no cameras to check")
+        except DataError as e:
+            problems.append(str(e))
+            s["bad"] += 1
+            continue
+        counts = []
+        for k, v in zip(cams, videos):
+            try:
+                n, h, w = probe_video(v) if fast else count_frames(v)
+                counts.append(n)
+                s["sizes"].setdefault(k, set()).add((h, w))
+            except DataError as e:  # every video is checked: the user wants the whole list at once
+                problems.append(str(e))
+        T = len(ann["state"])
+        if len(counts) == len(videos):
+            try:
+                check_frame_counts(ann_path, T, videos, counts)
+            except DataError as e:
+                problems.append(str(e))
+        if ann["action"] is not None:
+            a = relative_actions(ann["state"], ann["gripper"])
+            err = float(np.abs(a[:, :6] - ann["action"][:, :6]).max())
+            if err > 1e-6:
+                problems.append(f"{ann_path}: stored 'action' columns 0-5 differ from the relative pose recomputed from "
+                                f"'state' by up to {err:.3g} (is the state x, y, z, roll, pitch, yaw in the Cosmos convention?)")
+            if ann["action"].shape[1] > 6:
+                col = ann["action"][:, 6]
+                source = ("state[:,6]" if ann["state"].shape[1] > 6 and np.allclose(col, ann["state"][1:, 6], atol=1e-6)
+                          else "continuous_gripper_state" if np.allclose(col, ann["gripper"][1:], atol=1e-6) else "other")
+                s["grip_col"][source] = s["grip_col"].get(source, 0) + 1
+        if len(problems) > n_problems:
+            s["bad"] += 1
+            continue
+        s["frames"].append(T)
+        s["windows"] += max(0, T - num_frames + 1)
+        s["act"].append(np.abs(compute_actions(ann["state"], ann["gripper"])).max(0))
+    print(f"{'split':<8}{'episodes':>9}{'bad':>6}{'frames min/mean/max':>22}{f'{num_frames}-frame clips':>16}  video sizes")
+    for split, s in stats.items():
+        f = s["frames"]
+        frames = f"{min(f)}/{np.mean(f):.1f}/{max(f)}" if f else "-"
+        sizes = ", ".join(f"cam{k} " + "|".join(f"{h}x{w}" for h, w in sorted(hw)) for k, hw in sorted(s["sizes"].items()))
+        print(f"{split:<8}{s['episodes']:>9}{s['bad']:>6}{frames:>22}{s['windows']:>16}  {sizes}")
+        if s["act"]:
+            m = np.max(s["act"], 0)
+            print(f"{'':<8}max |action| (x20): xyz {m[:3].max():.3f}, rpy {m[3:6].max():.3f}, gripper {m[6]:.3f}; "
+                  f"stored action column 6 = {s['grip_col'] or 'no stored action'}")
+        if f and min(f) < num_frames:
+            notes.append(f"{split}: {sum(n < num_frames for n in f)} episode(s) shorter than {num_frames} frames give no clips")
+        if any(len(hw) > 1 for hw in s["sizes"].values()):
+            notes.append(f"{split}: a camera has videos of several sizes; all are stretched to the training size")
+    for note in notes:
+        print(f"note: {note}")
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print("OK: no problems found")
+    return problems
+
+
+def bench(root, split=None, cameras=(0,), size=(256, 320), num_frames=13, workers=2, batch_size=4, batches=20):
+    """Clips per second through a DataLoader with workers, beside the raw decode speed of the same files."""
+    split = split or ("train" if "train" in available_splits(root) else available_splits(root)[0])
+    ds = RobotVideoDataset(root, split, num_frames=num_frames, cameras=cameras, size=size)
+    V, n_clips = len(ds.cameras), batches * batch_size
+    print(f"bench {ds}")
+    files = [(v, ep.num_frames) for ep in ds.episodes for v in ep.videos]
+    t0, frames, passes = time.perf_counter(), 0, 0
+    while passes == 0 or time.perf_counter() - t0 < 2.0:  # decoding alone: every frame to RGB, one process, no resize
+        for v, n in files[:max(1, n_clips * V // 2)]:
+            frames += len(read_frames(v, n))
+        passes += 1
+    raw_fps = frames / (time.perf_counter() - t0)
+    print(f"raw decode: {raw_fps:.0f} frames/s (1 process, native size, no resize) "
+          f"= {raw_fps / (num_frames * V):.1f} clips/s if each frame were decoded once")
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=n_clips,
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers)
+    t0 = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    t1 = time.perf_counter()
+    rest = sum(1 for _ in it)
+    loader_cps = rest * batch_size / max(time.perf_counter() - t1, 1e-9)
+    print(f"DataLoader: {loader_cps:.1f} clips/s = {loader_cps * num_frames * V:.0f} frames/s "
+          f"({workers} workers, batch {batch_size}, resized to {size[0]}x{size[1]}; first batch after {t1 - t0:.2f} s)")
+    print(f"the loader keeps up while a training step on B clips takes longer than B/{loader_cps:.1f} s")
+    return dict(raw_frames_per_s=raw_fps, loader_clips_per_s=loader_cps)
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _size(text):
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="data.py", description="nanocosmos robot video data tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="validate every annotation and video of a dataset; non-zero exit on problems")
+    p.add_argument("root")
+    p.add_argument("--cameras", type=_ints, default=None, help="e.g. 0,1,2,3 (default: every camera an episode has)")
+    p.add_argument("--num-frames", type=int, default=13, help="clip length for the clip count")
+    p.add_argument("--fast", action="store_true", help="trust container frame counts instead of decoding every frame")
+    p = sub.add_parser("synth", help="write the synthetic multi-camera robot world (camera-folder layout)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--episodes", type=int, default=100, help="in all, val included")
+    p.add_argument("--val-episodes", type=int, default=10, help="the last ones go to annotations/val")
+    p.add_argument("--cameras", type=int, default=4)
+    p.add_argument("--frames", type=int, default=40)
+    p.add_argument("--size", type=_size, default=(128, 160), help="HxW")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p = sub.add_parser("bench", help="DataLoader clips/s beside the raw decode speed of the same files")
+    p.add_argument("root")
+    p.add_argument("--split", default=None, help="default: train if present, else the first split")
+    p.add_argument("--cameras", type=_ints, default=(0,))
+    p.add_argument("--size", type=_size, default=(256, 320), help="HxW")
+    p.add_argument("--num-frames", type=int, default=13)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batches", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return 1 if check_dataset(args.root, args.cameras, args.num_frames, args.fast) else 0
+    if args.command == "synth":
+        t0 = time.perf_counter()
+        make_synthetic(args.out, args.episodes, args.cameras, args.frames, args.size, args.seed, args.val_episodes,
+                       fps=args.fps, workers=args.workers)
+        print(f"wrote {args.episodes} episodes x {args.cameras} cameras x {args.frames} frames at "
+              f"{args.size[0]}x{args.size[1]} to {args.out} in {time.perf_counter() - t0:.1f} s")
+        return 0
+    bench(args.root, args.split, args.cameras, args.size, args.num_frames, args.workers, args.batch_size, args.batches)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
