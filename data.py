@@ -771,104 +771,147 @@ def make_synthetic(out, episodes=100, cameras=4, frames=40, size=(128, 160), see
 # the three commands: check (before a week of training), synth, bench
 
 
-def all_annotations(root):
-    """(split label, path) of every annotation under root, whatever its split; loose camera-folder files are 'all'."""
+def all_annotations(root, splits=None):
+    """(split, path) of every annotation under root, sorted; loose camera-folder files get the split the dataset
+    gives them (train / val by a hash of the name). splits: only these."""
     root, layout = Path(root), detect_layout(root)
     folder = root / ("annotation" if layout == "irasim" else "annotations")
     found = [(p.parent.name, p) for p in sorted(folder.glob("*/*.json"))]
-    return found + [("all", p) for p in sorted(folder.glob("*.json"))]
+    if layout == "camera_folders" and not any(p.is_dir() for p in folder.iterdir()):
+        found = [(split, p) for split in ("train", "val") for p in list_annotations(root, split)]
+    return [(s, p) for s, p in found if splits is None or s in splits]
 
 
 def camera_folder_cameras(root):
     return sorted(int(p.name[3:]) for p in (Path(root) / "videos").glob("cam*") if p.is_dir() and p.name[3:].isdigit())
 
 
-def check_dataset(root, cameras=None, num_frames=13, fast=False):
+def check_episode(job):
     """
-    Validate every annotation and video of a dataset; print a summary table and every problem. Returns the problems.
-    cameras=None checks every camera an episode has. fast=True trusts the container's frame count instead of decoding.
+    Check one annotation and all its videos (a worker's unit of work). Returns (problems, notes, record): problems
+    and notes are '<file>: ...' strings; record (frames, sizes per camera, max |scaled action|, stored gripper
+    column source) is None when the episode is unusable.
     """
-    root, layout = Path(root), detect_layout(root)
-    entries = all_annotations(root)
-    default_cams = camera_folder_cameras(root) if layout == "camera_folders" else None
-    print(f"check {root} ({layout} layout): {len(entries)} annotations, cameras "
-          f"{'all listed' if cameras is None and layout == 'irasim' else list(cameras or default_cams)}, "
-          f"{'container frame counts' if fast else 'decoding every frame'}")
-    if not entries:
-        return [f"{root}: no annotation JSON files found"]
-    problems, notes, stats = [], [], {}
-    for split, ann_path in entries:
-        s = stats.setdefault(split, dict(episodes=0, bad=0, frames=[], windows=0, sizes={}, act=[], grip_col={}))
-        s["episodes"] += 1
-        n_problems = len(problems)
+    root, layout, ann_path, cameras, fast = job
+    try:
+        ann = parse_annotation(ann_path)
+        if cameras is None:  # IRASim: every camera the annotation lists (camera_paths names a missing 'videos')
+            cameras = range(len(ann["videos"])) if isinstance(ann["videos"], list) and ann["videos"] else [0]
+        videos = camera_paths(root, layout, ann_path, ann, cameras)
+    except DataError as e:
+        return [str(e)], [], None
+    problems, notes, counts, sizes = [], [], [], {}
+    for k, v in zip(cameras, videos):
         try:
-            ann = parse_annotation(ann_path)
-            cams = cameras if cameras is not None else (default_cams if layout == "camera_folders"
-                                                        else range(len(ann["videos"] or [])))
-            videos = camera_paths(root, layout, ann_path, ann, cams)
-            if not videos:
-                raise DataError(ann_path, "has no cameras to check")
+            n, h, w = probe_video(v) if fast else count_frames(v)
+            counts.append(n)
+            sizes[k] = (h, w)
+        except DataError as e:  # every video is checked: the user wants the whole list at once
+            problems.append(str(e))
+    state, gripper, action = ann["state"], ann["gripper"], ann["action"]
+    T = len(state)
+    if len(counts) == len(videos):
+        try:
+            check_frame_counts(ann_path, T, videos, counts)
+            if counts[0] > T:
+                notes.append(f"{videos[0]}: {counts[0]} frames for {T} states; the last {counts[0] - T} are never used")
         except DataError as e:
             problems.append(str(e))
+    source = None
+    if action is not None:
+        err = np.abs(relative_actions(state, gripper)[:, :6] - action[:, :6]).max(1)
+        if err.max() > 1e-5:
+            problems.append(f"{ann_path}: stored 'action' columns 0-5 differ from the relative pose recomputed from "
+                            f"'state' by up to {err.max():.3g} (first at row {int(np.argmax(err > 1e-5))}); is the state "
+                            f"x, y, z, roll, pitch, yaw in the Cosmos convention?")
+        if action.shape[1] > 6:
+            col, flag = action[:, 6], state[1:, 6] if state.shape[1] > 6 else None
+            source = ("state[1:,6]" if flag is not None and np.abs(col - flag).max() <= 1e-6 else
+                      "continuous_gripper_state[1:]" if np.abs(col - gripper[1:]).max() <= 1e-6 else None)
+            if source is None:  # Bridge stores state[1:, 6] (1 = open); P2's inference uses the continuous one
+                ref = flag if flag is not None else gripper[1:]
+                problems.append(f"{ann_path}: stored 'action' column 6 (gripper) is neither state[1:, 6] (the open "
+                                f"flag, as Bridge) nor continuous_gripper_state[1:]; first difference at row "
+                                f"{int(np.argmax(np.abs(col - ref) > 1e-6))}")
+    if gripper.min() < -1e-6 or gripper.max() > 1 + 1e-6:
+        notes.append(f"{ann_path}: continuous_gripper_state spans {gripper.min():.3g}..{gripper.max():.3g}, not 0 (open)..1")
+    if problems:
+        return problems, notes, None
+    act = np.abs(compute_actions(state, gripper)).max(0)
+    return problems, notes, dict(frames=T, sizes=sizes, act=act, source=source)
+
+
+def check_dataset(root, cameras=None, num_frames=13, fast=False, splits=None, workers=None):
+    """
+    Validate every annotation and video of a dataset (or of some splits); print a summary table, then every problem
+    with its file. Returns the list of problems (empty: the dataset loads). cameras=None checks every camera an
+    episode has; fast=True trusts the container's frame count instead of decoding every frame; workers: processes.
+    """
+    root, layout = Path(root), detect_layout(root)
+    entries = all_annotations(root, splits)
+    if cameras is None and layout == "camera_folders":
+        cameras = camera_folder_cameras(root)
+    print(f"check {root} ({layout} layout): {len(entries)} annotations"
+          f"{'' if splits is None else ' in ' + ','.join(splits)}, cameras "
+          f"{'all listed' if cameras is None else ','.join(map(str, cameras))}, "
+          f"{'container frame counts' if fast else 'decoding every frame'}")
+    if not entries:
+        print(f"FAILED: {root}: no annotation JSON files found" + (f" in split(s) {','.join(splits)}" if splits else ""))
+        return [f"{root}: no annotation JSON files found"]
+    jobs = [(root, layout, p, None if cameras is None else tuple(cameras), fast) for _, p in entries]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) // 8))  # small datasets: not worth a pool
+    from tqdm import tqdm
+    bar = dict(total=len(jobs), desc="check", disable=len(jobs) < 100, file=sys.stderr)
+    if workers > 1:
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        with ctx.Pool(workers) as pool:
+            results = list(tqdm(pool.imap(check_episode, jobs, chunksize=4), **bar))
+    else:
+        results = [check_episode(job) for job in tqdm(jobs, **bar)]
+    problems, notes, stats = [], [], {}
+    for (split, _), (p, n, record) in zip(entries, results):
+        s = stats.setdefault(split, dict(episodes=0, bad=0, frames=[], sizes={}, act=[], sources={}))
+        problems += p
+        notes += n
+        s["episodes"] += 1
+        if record is None:
             s["bad"] += 1
             continue
-        counts = []
-        for k, v in zip(cams, videos):
-            try:
-                n, h, w = probe_video(v) if fast else count_frames(v)
-                counts.append(n)
-                s["sizes"].setdefault(k, set()).add((h, w))
-            except DataError as e:  # every video is checked: the user wants the whole list at once
-                problems.append(str(e))
-        T = len(ann["state"])
-        if len(counts) == len(videos):
-            try:
-                check_frame_counts(ann_path, T, videos, counts)
-            except DataError as e:
-                problems.append(str(e))
-        if ann["action"] is not None:
-            a = relative_actions(ann["state"], ann["gripper"])
-            err = float(np.abs(a[:, :6] - ann["action"][:, :6]).max())
-            if err > 1e-6:
-                problems.append(f"{ann_path}: stored 'action' columns 0-5 differ from the relative pose recomputed from "
-                                f"'state' by up to {err:.3g} (is the state x, y, z, roll, pitch, yaw in the Cosmos convention?)")
-            if ann["action"].shape[1] > 6:
-                col = ann["action"][:, 6]
-                source = ("state[:,6]" if ann["state"].shape[1] > 6 and np.allclose(col, ann["state"][1:, 6], atol=1e-6)
-                          else "continuous_gripper_state" if np.allclose(col, ann["gripper"][1:], atol=1e-6) else "other")
-                s["grip_col"][source] = s["grip_col"].get(source, 0) + 1
-                if source == "other":  # Bridge stores state[1:, 6] (1 = open); P2's inference uses the continuous one
-                    bad = int(np.argmax(np.abs(col - (ann["state"][1:, 6] if ann["state"].shape[1] > 6 else ann["gripper"][1:]))))
-                    problems.append(f"{ann_path}: stored 'action' column 6 (gripper) is neither state[1:, 6] (the open "
-                                    f"flag, as Bridge) nor continuous_gripper_state[1:]; first difference at row {bad}")
-        if len(problems) > n_problems:
-            s["bad"] += 1
-            continue
-        s["frames"].append(T)
-        s["windows"] += max(0, T - num_frames + 1)
-        s["act"].append(np.abs(compute_actions(ann["state"], ann["gripper"])).max(0))
+        s["frames"].append(record["frames"])
+        for k, hw in record["sizes"].items():
+            s["sizes"].setdefault(k, set()).add(hw)
+        s["act"].append(record["act"])
+        key = record["source"] or "not stored"
+        s["sources"][key] = s["sources"].get(key, 0) + 1
     print(f"{'split':<8}{'episodes':>9}{'bad':>6}{'frames min/mean/max':>22}{f'{num_frames}-frame clips':>16}  video sizes")
     for split, s in stats.items():
         f = s["frames"]
         frames = f"{min(f)}/{np.mean(f):.1f}/{max(f)}" if f else "-"
+        clips = sum(max(0, n - num_frames + 1) for n in f)
         sizes = ", ".join(f"cam{k} " + "|".join(f"{h}x{w}" for h, w in sorted(hw)) for k, hw in sorted(s["sizes"].items()))
-        print(f"{split:<8}{s['episodes']:>9}{s['bad']:>6}{frames:>22}{s['windows']:>16}  {sizes}")
+        print(f"{split:<8}{s['episodes']:>9}{s['bad']:>6}{frames:>22}{clips:>16}  {sizes}")
         if s["act"]:
             m = np.max(s["act"], 0)
             print(f"{'':<8}max |action| (x20): xyz {m[:3].max():.3f}, rpy {m[3:6].max():.3f}, gripper {m[6]:.3f}; "
-                  f"stored action column 6 = {s['grip_col'] or 'no stored action'}")
+                  f"stored action column 6 = " + ", ".join(f"{k} ({v})" for k, v in s["sources"].items()))
         if f and min(f) < num_frames:
             notes.append(f"{split}: {sum(n < num_frames for n in f)} episode(s) shorter than {num_frames} frames give no clips")
         if any(len(hw) > 1 for hw in s["sizes"].values()):
             notes.append(f"{split}: a camera has videos of several sizes; all are stretched to the training size")
+    if layout == "camera_folders":
+        names = {p.stem for _, p in entries}
+        orphans = [v for k in (cameras or []) for v in sorted((root / "videos" / f"cam{k}").glob("*.mp4"))
+                   if v.stem not in names and splits is None]
+        if orphans:
+            notes.append(f"{len(orphans)} video(s) without an annotation, e.g. {orphans[0]}")
     for note in notes:
         print(f"note: {note}")
     if problems:
-        print(f"FAILED: {len(problems)} problem(s):")
+        print(f"FAILED: {len(problems)} problem(s) in {sum(s['bad'] for s in stats.values())} of {len(entries)} episodes:")
         for p in problems:
             print(f"  {p}")
     else:
-        print("OK: no problems found")
+        print(f"OK: {len(entries)} episodes, no problems found")
     return problems
 
 
@@ -918,7 +961,10 @@ def main(argv):
     p.add_argument("root")
     p.add_argument("--cameras", type=_ints, default=None, help="e.g. 0,1,2,3 (default: every camera an episode has)")
     p.add_argument("--num-frames", type=int, default=13, help="clip length for the clip count")
+    p.add_argument("--split", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
+                   help="e.g. train,val (default: every split)")
     p.add_argument("--fast", action="store_true", help="trust container frame counts instead of decoding every frame")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p = sub.add_parser("synth", help="write the synthetic multi-camera robot world (camera-folder layout)")
     p.add_argument("--out", required=True)
     p.add_argument("--episodes", type=int, default=100, help="in all, val included")
@@ -940,7 +986,7 @@ def main(argv):
     p.add_argument("--batches", type=int, default=20)
     args = parser.parse_args(argv)
     if args.command == "check":
-        return 1 if check_dataset(args.root, args.cameras, args.num_frames, args.fast) else 0
+        return 1 if check_dataset(args.root, args.cameras, args.num_frames, args.fast, args.split, args.workers) else 0
     if args.command == "synth":
         t0 = time.perf_counter()
         make_synthetic(args.out, args.episodes, args.cameras, args.frames, args.size, args.seed, args.val_episodes,

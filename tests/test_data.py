@@ -453,3 +453,18 @@ def test_synth_and_bench_commands(tmp_path, capsys):
                       "--batches", "2"]) == 0
     text = capsys.readouterr().out
     assert "wrote 3 episodes" in text and "clips/s" in text and "frames/s" in text
+
+
+def test_check_split_workers_and_notes(tmp_path, capsys):
+    """--split restricts the check; a pool of workers finds the same problems; extra frames are a note, not a problem."""
+    root = tmp_path / "many"
+    data.make_synthetic(root, episodes=18, cameras=1, frames=4, size=(16, 20), seed=1, val_episodes=2, workers=1)
+    video = root / "videos" / "cam0" / "ep00016.mp4"  # val
+    data.write_mp4(video, np.concatenate([frames_of(video)] * 2))
+    (root / "videos" / "cam0" / "ep00003.mp4").unlink()  # train
+    one = data.check_dataset(root, num_frames=4, workers=1)
+    assert one == data.check_dataset(root, num_frames=4, workers=2) and len(one) == 1 and "ep00003.mp4" in one[0]
+    assert data.check_dataset(root, num_frames=4, splits=("val",)) == []
+    out = capsys.readouterr().out
+    assert "ep00016.mp4: 8 frames for 4 states" in out and "in val" in out and "OK: 2 episodes" in out
+    assert data.main(["check", str(root), "--split", "train", "--num-frames", "4"]) == 1
