@@ -104,6 +104,22 @@ def test_compute_actions_formula():
     assert np.all(data.compute_actions(np.repeat(state[:1], 4, 0), np.zeros(4))[:, :6] == 0)
 
 
+def test_read_frames_is_pyav_rgb(synth):
+    """read_frames (one swscale context per video) gives exactly PyAV's frame.to_ndarray(format='rgb24')."""
+    import av
+    paths = [synth / "videos" / "cam1" / "ep00002.mp4"] + ([BRIDGE / "videos" / "test" / "0" / "rgb.mp4"] if BRIDGE.is_dir() else [])
+    for path in paths:
+        with av.open(str(path)) as container:
+            ref = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+        got = data.read_frames(path, [len(ref) - 1, 0, 3])
+        assert got.dtype == torch.uint8 and got.shape == (3, 3) + ref.shape[1:3]
+        np.testing.assert_array_equal(got.permute(0, 2, 3, 1).numpy(), ref[[len(ref) - 1, 0, 3]])
+    with pytest.raises(data.DataError, match="has only 16 decodable frames, frame 16 was asked for"):
+        data.read_frames(paths[0], [16])
+    with pytest.raises(ValueError, match="non-negative"):
+        data.read_frames(paths[0], [-1])
+
+
 # -----------------------------------------------------------------------------
 # the dataset: layouts, windows, shapes, determinism
 
