@@ -453,8 +453,11 @@ OBJECT_COLOURS = {"green": (0.15, 0.72, 0.22), "yellow": (0.96, 0.8, 0.1), "whit
                   "magenta": (0.82, 0.2, 0.72), "cyan": (0.1, 0.78, 0.82), "orange": (1.0, 0.52, 0.1)}
 CAMERA_FOV = 40.0                                 # horizontal field of view, degrees
 # the motion: piecewise random velocity goals (segments of SEGMENT frames), eased into so the path is smooth
-SPEED = (0.008, 0.035)                            # m per frame: 0.16 .. 0.7 after the x20 action scale
-YAW_RATE = 0.2                                    # rad per frame, at most
+SPEED = (0.01, 0.045)                             # m per frame: 0.2 .. 0.9 after the x20 action scale
+YAW_RATE = 0.12                                   # rad per frame, at most
+YAW_LIMIT = 0.6                                   # |yaw| stays below this (soft), as a real arm's wrist mostly does:
+# the actions are in the end effector's frame, so with any yaw at all a model would first have to read the yaw off
+# the image (hard at 8x8-pooled 64x80) to know which way an action moves the gripper
 SEGMENT = (3, 8)                                  # frames per velocity goal
 EASE = 0.4                                        # velocity moves this fraction of the way to its goal each frame
 TOGGLE = 0.08                                     # chance per frame of flipping the gripper command (after 4 frames)
@@ -625,7 +628,7 @@ def simulate_episode(rng, frames, num_objects):
         objects.append(dict(name=str(name), colour=OBJECT_COLOURS[name], half=np.full(3, half),
                             centre=np.array([xy[0], xy[1], half]), R=rot_z(rng.uniform(-np.pi, np.pi))))
     p = rng.uniform([WORK_LO[0], WORK_LO[1], 0.08], [WORK_HI[0], WORK_HI[1], WORK_HI[2] - 0.02])
-    rpy = np.array([rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(-np.pi, np.pi)])
+    rpy = np.array([rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(-YAW_LIMIT, YAW_LIMIT)])
     v, v_goal, yaw_rate, yaw_goal, tilt_goal = np.zeros(3), np.zeros(3), 0.0, 0.0, rpy[:2].copy()
     g, command, dwell, held, dive, segment_left = 0.0, 0, 0, None, None, 0
     texts, states, grippers, scenes = [], [], [], []
@@ -651,6 +654,7 @@ def simulate_episode(rng, frames, num_objects):
                 target = np.array([o["centre"][0], o["centre"][1], max(o["half"][2], WORK_LO[2])])
                 v_goal = (target - p) * min(1.0, speed / max(np.linalg.norm(target - p), 1e-9))
                 grip_yaw = yaw_of(o["R"]) + np.pi / 2 * np.round(wrap(rpy[2] - yaw_of(o["R"])) / (np.pi / 2))
+                grip_yaw = np.clip(grip_yaw, -YAW_LIMIT, YAW_LIMIT)
                 yaw_goal = float(np.clip(wrap(grip_yaw - rpy[2]), -YAW_RATE, YAW_RATE))
             for a in range(3):  # soft walls: a goal that would leave the workspace within 3 frames turns around
                 ahead = p[a] + 3 * v[a]
@@ -661,6 +665,8 @@ def simulate_episode(rng, frames, num_objects):
             for a in range(3):  # rarely needed: the wall stops it
                 if not WORK_LO[a] <= p[a] <= WORK_HI[a]:
                     p[a], v[a] = np.clip(p[a], WORK_LO[a], WORK_HI[a]), 0.0
+            if abs(rpy[2] + 3 * yaw_rate) > YAW_LIMIT and yaw_goal * rpy[2] > 0:  # a soft wall for the wrist too
+                yaw_goal = -yaw_goal
             yaw_rate += EASE * (yaw_goal - yaw_rate)
             rpy[2] = wrap(rpy[2] + yaw_rate)
             rpy[:2] += 0.3 * (tilt_goal - rpy[:2])

@@ -378,7 +378,7 @@ def test_synthetic_actions_are_random_and_move_the_gripper():
         directions += list(step[np.linalg.norm(step, axis=1) > 1e-3][:, :2])
         toggles += int(np.abs(np.diff(state[:, 6])).sum())
         assert np.all(state[:, :3] >= data.WORK_LO - 1e-9) and np.all(state[:, :3] <= data.WORK_HI + 1e-9)
-        assert np.abs(np.diff(step, axis=0)).max() < 0.03    # smooth: the velocity eases, it never jumps
+        assert np.abs(np.diff(step, axis=0)).max() < 0.04    # smooth: the velocity eases, it never jumps
     assert np.median(moves) > 0.08                          # metres in 12 frames (the workspace is 0.26 m wide)
     angles = np.arctan2(*np.array(directions).T[::-1])
     assert np.histogram(angles, bins=8, range=(-np.pi, np.pi))[0].min() > 0.05 * len(angles)  # every heading
