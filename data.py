@@ -9,8 +9,8 @@ An item is {"video": uint8 [V,3,T,H,W], "action": float32 [T-1,7], "key": "<epis
 Actions are recomputed from `state` and `continuous_gripper_state` exactly as Cosmos does (compute_actions).
 
     python data.py synth --out datasets/synth --episodes 100 --cameras 4   # the built-in robot world
-    python data.py check ROOT [--cameras 0,1,2,3]                          # validate a dataset, list problems
-    python data.py bench ROOT                                               # loader clips/s vs raw decode
+    python data.py check ROOT [--cameras 0,1,2,3] [--split train,val]      # validate a dataset, list problems
+    python data.py bench ROOT [--cameras 0,1] [--size 256x320]              # loader clips/s vs raw decode
 """
 
 import argparse
@@ -433,7 +433,10 @@ class RobotVideoDataset(torch.utils.data.Dataset):
 # Geometry is oriented boxes, ray cast per pixel (only inside each box group's projected rectangle),
 # Lambert shading and soft contact shadows. World frame: z up, table top at z = 0, metres.
 # Built to make actions matter to a tiny model at 64x80: the cameras frame only the workspace, the end effector
-# spans about a fifth of every view, and the commanded motion is random (not inferable from the first frame).
+# covers about a tenth of every view (a third of its width), its yaw stays within +-0.6 rad so an action in its own
+# frame moves it the same way on screen every time, and the commanded motion is random (not inferable from the
+# first frame). Measured with the default `python train.py`: validation action gain +0.044 (0.115 vs 0.159 with
+# shuffled actions) after 1200 steps; +0.001 with the same world but any yaw, ~0 with the first (planner) world.
 
 TABLE_HALF = 0.45                                 # the table top is |x|, |y| < TABLE_HALF
 WORK_LO, WORK_HI = np.array([-0.13, -0.13, 0.045]), np.array([0.13, 0.13, 0.17])  # where the tool centre may go
