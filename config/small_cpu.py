@@ -1,4 +1,4 @@
-# A mid-size model for CPU benchmarks and longer synthetic runs: D=512, 8 blocks (~27M parameters),
+# A mid-size model for CPU benchmarks and longer synthetic runs: D=512, 8 blocks (40.1M parameters),
 # 4 cameras at 128x160 with the pixel tokenizer.
 # 13 frames -> 4 latent frames; 128x160 / 8 -> 16x20 latents -> 8x10 = 80 patches per latent frame;
 # 4 views x 4 x 80 = 1,280 tokens per sample; batch 4 = 5,120 tokens per step. Memory: a few GB on CPU.
