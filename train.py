@@ -612,8 +612,9 @@ def main(argv):
                                          f"Last good checkpoint: {last_good or 'none'} (left intact).")
             last_good = save_checkpoint(c, run_cfg, raw, opt, sched, ema_params, step, G, rank, world)
             bar.write(f"saved {last_good}") if master else None
-        if c["sample_interval"] and step % c["sample_interval"] == 0 and master and len(val_ds):
-            write_sample_video(raw, tok, val_ds, c, step, device)
+        # under FSDP the rollout's forwards are collective, so every rank runs it; rank 0 writes the mp4
+        if c["sample_interval"] and step % c["sample_interval"] == 0 and len(val_ds) and (master or c["parallel"] == "fsdp" and ddp):
+            write_sample_video(raw, tok, val_ds, c, step, device, write=master)
     bar.close()
     if ddp:
         dist.destroy_process_group()
@@ -625,10 +626,11 @@ def evaluate(fwd, raw, tok, loader, c, V, cfg, device, autocast, use_bf16, rank,
     Their difference, the action gain, says whether the model uses the actions."""
     raw.eval()
     tot = torch.zeros(3, device=device)
+    fsdp = dist.is_initialized() and c["parallel"] == "fsdp"
     for i, batch in enumerate(loader):
         if i >= c["eval_batches"]:
             break
-        if i % world != rank:
+        if i % world != rank and not fsdp:   # FSDP forwards are collective: there every rank runs every batch
             continue
         x0 = encode_views(tok, batch["video"].to(device), torch.bfloat16 if use_bf16 and c["tokenizer"] != "pixel" else torch.float32)
         action = batch["action"].to(device)
@@ -638,7 +640,7 @@ def evaluate(fwd, raw, tok, loader, c, V, cfg, device, autocast, use_bf16, rank,
                 loss, _, _ = diffusion_loss(fwd, x0, a if cfg.action_mode != "none" else None, V, c, g)
             tot[j] += loss.float()
         tot[2] += 1
-    if dist.is_initialized():
+    if dist.is_initialized() and not fsdp:
         dist.all_reduce(tot)
     raw.train()
     n = max(1.0, tot[2].item())
@@ -647,7 +649,7 @@ def evaluate(fwd, raw, tok, loader, c, V, cfg, device, autocast, use_bf16, rank,
     return out
 
 
-def write_sample_video(raw, tok, val_ds, c, step, device):
+def write_sample_video(raw, tok, val_ds, c, step, device, write=True):
     import sample
     ep = 0
     frames = val_ds.episode_frames(ep)                                      # [V,3,N+1,H,W]
@@ -656,6 +658,8 @@ def write_sample_video(raw, tok, val_ds, c, step, device):
                            num_frames=c["num_frames"], num_steps=20, seed=0,
                            cond_t=None if c["cond_t"] < 0 else c["cond_t"], fps=c["fps"], progress=False)
     raw.train()
+    if not write:
+        return
     path = os.path.join(c["out_dir"], "samples", f"iter_{step:09d}.mp4")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sample.save_video(path, video[0].cpu(), gt=frames[:, :, : video.shape[3]], fps=c["fps"])

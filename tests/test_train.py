@@ -120,7 +120,9 @@ def test_exact_resume_fsdp2_and_reshard_to_one_process(dataset, tmp_path):
     """FSDP2 runs on CPU with gloo in torch 2.13: sharded model, EMA and optimizer state resume exactly, and the
     sharded checkpoint loads into a single unsharded process."""
     common = [f"--data_root={dataset}", "--save_interval=2", "--keep_last=5", "--batch_size=1", "--parallel=fsdp"]
-    run(common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=4"], nproc=2)
+    # run a also validates and writes a rollout video (collective under FSDP); neither may change the training state
+    p = run(common + [f"--out_dir={tmp_path / 'a'}", "--max_iters=4", "--eval_interval=2", "--sample_interval=4"], nproc=2)
+    assert "action gain" in p.stdout and (tmp_path / "a" / "samples" / "iter_000000004.mp4").exists()
     run(common + [f"--out_dir={tmp_path / 'b'}", "--max_iters=2"], nproc=2)
     (tmp_path / "c" / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt(tmp_path / "b", 2), ckpt(tmp_path / "c", 2))
