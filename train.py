@@ -490,6 +490,11 @@ def main(argv):
     say(f"data: {V} views x {T} frames {H}x{W} -> latent {tok.latent_channels}x{t_lat}x{h}x{w} per view "
         f"({c['tokenizer']} tokenizer) | {tokens} tokens/sample | batch {c['batch_size']} x accum {c['grad_accum']} "
         f"x world {world} = {G} samples, {G * tokens} tokens/step | {fl / 1e9:.2f} GFLOP/sample")
+    shards = world if ddp and c["parallel"] == "fsdp" else 1
+    state_gb = (n_all * 4 * (2 if c["ema"] else 1) + n_train * 12) / shards / 2 ** 30   # fp32 weights+EMA, grads+AdamW
+    say(f"memory: {state_gb:.2f} GB of model state per process (fp32 weights{' + EMA' if c['ema'] else ''}, "
+        f"grads and AdamW of trainable weights{f', sharded {shards} ways' if shards > 1 else ''}) + activations"
+        + (f" | {torch.cuda.memory_allocated(device) / 2 ** 30:.2f} GB allocated now" if device.type == "cuda" else ""))
     say(f"checkpoints -> {ckpt_dir} every {c['save_interval']} steps (keep {c['keep_last']})")
 
     if c["bench"]:
