@@ -45,7 +45,8 @@ eval_batches = 4
 sample_interval = 0            # >0: write a rollout mp4 of a val episode every N steps (sample.py)
 # data
 data_root = "datasets/synthetic"
-synth_episodes = 48            # generated into data_root when it is missing (the embedded default)
+synth_if_missing = True        # data_root missing: generate the synthetic world there (False: it is an error)
+synth_episodes = 48
 cameras = (0, 1)
 num_frames = 13                # pixel frames per clip: 1 + 4k (13 -> 4 latent frames)
 frame_size = (64, 80)          # (H, W) every camera is resized to
@@ -502,6 +503,8 @@ def main(argv):
 
     import data
     if not os.path.exists(c["data_root"]):
+        if not c["synth_if_missing"]:
+            raise FileNotFoundError(f"data_root {c['data_root']} does not exist (synth_if_missing=False)")
         if master:
             say(f"{c['data_root']} not found: generating the synthetic world ({c['synth_episodes']} episodes, "
                 f"{max(c['cameras']) + 1} cameras)")

@@ -8,6 +8,7 @@
 # Memory: 2.02B params x 20 bytes (fp32 weights, grads, AdamW, EMA) = 40 GB, /8 with FSDP2 = ~5 GB per GPU
 #   plus activations (checkpointed per block).
 out_dir = "checkpoints/posttraining/bridge_action/2b"
+synth_if_missing = False                          # a real dataset: missing is an error
 data_root = "datasets/bridge"
 train_split = "train"
 val_split = "val"

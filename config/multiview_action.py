@@ -12,6 +12,7 @@
 #   = 42.5 GB at most (frozen text weights need no grads or AdamW state), sharded by FSDP2
 #   over 8 GPUs = ~5.3 GB each, plus bf16 activations with per-block checkpointing (a few GB) and the bf16 VAE.
 out_dir = "checkpoints/posttraining/multiview_action/2b"
+synth_if_missing = False                          # a real dataset: missing is an error
 data_root = "datasets/multiview_action"          # annotations/{train,val}/<name>.json + videos/cam0..cam3/<name>.mp4
 cameras = (0, 1, 2, 3)
 num_frames = 13
