@@ -22,7 +22,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from einops import rearrange
 
 import configurator

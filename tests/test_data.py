@@ -23,14 +23,6 @@ H, W, T, V = 32, 40, 16, 3          # synthetic videos: 16 frames of 32x40, 3 ca
 EPISODES, VAL = 5, 2                # ep00000..ep00002 train, ep00003..ep00004 val
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "syn"

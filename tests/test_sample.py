@@ -25,15 +25,6 @@ BRIDGE = ROOT.parent / "shared" / "bridge_samples"
 H, W = 32, 48          # pixel tokenizer /8 -> 4x6 latents -> 2x3 patches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small are dominated by thread synchronisation: one thread is many times faster on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_net(action_mode="per_frame", seed=0, init=False):
     torch.manual_seed(seed)
     cfg = model.DiTConfig(model_channels=32, num_blocks=2, num_heads=2, adaln_lora_dim=8, crossattn_emb_channels=16,
