@@ -411,8 +411,8 @@ def main(argv):
 
     import vae
     from vae import latent_frames
-    tok = vae.load_tokenizer(c["tokenizer"], c["tokenizer_path"] or None, device=device,
-                             dtype=torch.bfloat16 if use_bf16 and c["tokenizer"] != "pixel" else torch.float32,
+    tok_dtype = torch.bfloat16 if use_bf16 and c["tokenizer"] != "pixel" else torch.float32   # the VAE runs in bf16
+    tok = vae.load_tokenizer(c["tokenizer"], c["tokenizer_path"] or None, device=device, dtype=tok_dtype,
                              **({"spatial_factor": c["pixel_factor"]} if c["tokenizer"] == "pixel" else {}))
     V, T = len(c["cameras"]), c["num_frames"]
     t_lat = latent_frames(T, tok.temporal_factor)
@@ -498,7 +498,7 @@ def main(argv):
     say(f"checkpoints -> {ckpt_dir} every {c['save_interval']} steps (keep {c['keep_last']})")
 
     if c["bench"]:
-        return run_bench(c, fwd, raw, opt, tok, device, autocast, V, T, H, W, fl, tokens, say, rank, world)
+        return run_bench(c, fwd, raw, opt, tok, tok_dtype, device, autocast, V, T, H, W, fl, tokens, say, world)
 
     import data
     if not os.path.exists(c["data_root"]):
@@ -552,7 +552,7 @@ def main(argv):
                 raw.set_requires_gradient_sync(sync)
             with ctx:
                 with torch.no_grad():
-                    x0 = encode_views(tok, video, torch.bfloat16 if use_bf16 and c["tokenizer"] != "pixel" else torch.float32)
+                    x0 = encode_views(tok, video, tok_dtype)
                 with autocast:
                     loss, per_sample, t = diffusion_loss(fwd, x0, action, V, c, g)
                 (loss / c["grad_accum"]).backward()
@@ -604,7 +604,7 @@ def main(argv):
             t0, last_step = time.time(), step
 
         if c["eval_interval"] and (step % c["eval_interval"] == 0 or step == c["max_iters"]) and len(val_ds):
-            ev = evaluate(fwd, raw, tok, val_loader_fn(), c, V, cfg, device, autocast, use_bf16, rank, world)
+            ev = evaluate(fwd, raw, tok, tok_dtype, val_loader_fn(), c, V, cfg, device, autocast, rank, world)
             if master:
                 bar.write(f"step {step}: val loss {ev['val_loss']:.4f} | shuffled actions {ev['val_loss_shuffled']:.4f} | "
                           f"action gain {ev['action_gain']:+.4f}")
@@ -628,7 +628,7 @@ def main(argv):
 
 
 @torch.no_grad()
-def evaluate(fwd, raw, tok, loader, c, V, cfg, device, autocast, use_bf16, rank, world):
+def evaluate(fwd, raw, tok, tok_dtype, loader, c, V, cfg, device, autocast, rank, world):
     """Val loss with the true actions and with actions rolled across the batch (fixed noise and t per batch).
     Their difference, the action gain, says whether the model uses the actions."""
     raw.eval()
@@ -639,7 +639,7 @@ def evaluate(fwd, raw, tok, loader, c, V, cfg, device, autocast, use_bf16, rank,
             break
         if i % world != rank and not fsdp:   # FSDP forwards are collective: there every rank runs every batch
             continue
-        x0 = encode_views(tok, batch["video"].to(device), torch.bfloat16 if use_bf16 and c["tokenizer"] != "pixel" else torch.float32)
+        x0 = encode_views(tok, batch["video"].to(device), tok_dtype)
         action = batch["action"].to(device)
         for j, a in enumerate([action, action.roll(1, dims=0)]):
             g = step_generator(device, c["seed"], 10 ** 9 + i)
@@ -672,13 +672,12 @@ def write_sample_video(raw, tok, val_ds, c, step, device, write=True):
     sample.save_video(path, video[0].cpu(), gt=frames[:, :, : video.shape[3]], fps=c["fps"])
 
 
-def run_bench(c, fwd, raw, opt, tok, device, autocast, V, T, H, W, fl, tokens, say, rank, world):
+def run_bench(c, fwd, raw, opt, tok, tok_dtype, device, autocast, V, T, H, W, fl, tokens, say, world):
     """Training steps on random inputs at the configured shapes (tokenizer encode included)."""
     g = torch.Generator(device=device).manual_seed(0)
     B = c["batch_size"]
     video = torch.randint(0, 256, (B, V, 3, T, H, W), generator=g, device=device, dtype=torch.uint8)
     action = torch.randn(B, T - 1, c["action_dim"], generator=g, device=device) if raw.cfg.action_mode != "none" else None
-    tok_dtype = torch.bfloat16 if autocast is not None and c["tokenizer"] != "pixel" and device.type == "cuda" else torch.float32
     times = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
