@@ -1,0 +1,486 @@
+"""
+LeRobot datasets read directly: a LeRobot folder (format v2.0, v2.1 or v3.0) is a nanocosmos data_root, with no
+conversion step and without the `lerobot` package. pyarrow (for the parquet files) is imported only here.
+
+What is read (the format as huggingface/lerobot writes it: src/lerobot/datasets/utils.py, dataset_metadata.py,
+io_utils.py, dataset_reader.py, video_utils.py, scripts/convert_dataset_v21_to_v30.py; v2.x as of the commit
+before "Dataset v3", f55c6e89):
+  meta/info.json         codebase_version, fps, features (every feature with dtype "video" is a camera, in file
+                         order: observation.images.*), data_path and video_path (path templates, formatted as LeRobot
+                         does), chunks_size (v2.x), splits ({"train": "0:50"}: episode index ranges)
+  v2.x meta/episodes.jsonl   one {episode_index, length} per line
+       meta/tasks.jsonl      {task_index, task}
+       meta/stats.json (v2.0) or, when absent, meta/episodes_stats.jsonl (v2.1), pooled as LeRobot's aggregate_stats
+       data_path.format(episode_chunk=episode_index // chunks_size, episode_index=...)       one parquet per episode
+       video_path.format(episode_chunk=..., video_key=<camera>, episode_index=...)           one mp4 per episode+camera
+  v3.0 meta/episodes/*/*.parquet  episode_index, length, data/chunk_index, data/file_index and per camera
+                                  videos/<camera>/{chunk_index, file_index, from_timestamp}
+       meta/tasks.parquet (task_index, task; meta/tasks.jsonl if that is what is there), meta/stats.json
+       data_path.format(chunk_index=..., file_index=...)    many episodes per parquet, told apart by episode_index
+       video_path.format(video_key=..., chunk_index=..., file_index=...)   many episodes per mp4
+  data parquet columns: timestamp, episode_index, task_index, the action column (`action_key`) and, for
+  action_mode="delta_state" (and `check`), the state column (`state_key`).
+  The frame of parquet row r of an episode is the video frame shown at from_timestamp + timestamp[r] seconds
+  (from_timestamp = 0 in v2.x), as LeRobot's dataset_reader.py queries it. An item's "task" is the task string of
+  its first frame's task_index (the episode's task; LeRobot does the same per frame).
+
+Frames by timestamp. A clip of T frames at the training rate `fps` starting at row s takes, for k < T, the row whose
+timestamp is nearest to timestamp[s] + k / fps (a tie, e.g. 30 -> 4 fps = a stride of 7.5 rows, goes to the earlier
+row: rows s, s+7, s+15, s+22, s+30, ...). Each camera seeks to the keyframe before the clip's first frame and
+decodes forward only to its last one; the video frame nearest each wanted time is taken (an error if none is within
+half a frame period). Windows start every `start_stride` rows; a clip fits when its last time is within half a
+frame period of the episode's last row.
+
+Actions between clip frames k and k+1 (rows i_k < i_{k+1}); row j of the action column is the command given at
+frame j, in force until frame j+1, as LeRobot pairs them:
+  action_mode="absolute"     action[i_{k+1} - 1]                the last command before the later frame
+  action_mode="delta"        action[i_{k+1}] - action[i_k]      the sum of the per-row changes in between
+  action_mode="delta_state"  action[i_{k+1} - 1] - state[i_k]   the last command relative to the earlier state
+Normalised with the stats of the action column (action_norm): "mean_std" (x - mean) / std, "min_max" to [-1, 1],
+"none". A delta is a difference of two values, so only the scale applies to it (a change of one std gives 1).
+A dimension whose std (or range) is zero is left unscaled.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+from av.video.reformatter import VideoReformatter
+import numpy as np
+import torch
+
+from data import DataError, MissingFileError, is_held_out, resize_frames
+
+VERSIONS = ("v2.0", "v2.1", "v3.0")
+ACTION_MODES = ("absolute", "delta", "delta_state")
+ACTION_NORMS = ("mean_std", "min_max", "none")
+
+
+def _pq():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("reading LeRobot datasets needs pyarrow (pip install pyarrow): it reads their parquet "
+                          "files, and nothing else in nanocosmos needs it") from e
+    return pq
+
+# -----------------------------------------------------------------------------
+# metadata: info.json, episodes, tasks, stats; every problem names its file
+
+
+def is_lerobot(root):
+    return (Path(root) / "meta" / "info.json").is_file()
+
+
+def _json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "not found") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(path, f"cannot read JSON ({e})") from e
+
+
+def _jsonl(path):
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "not found") from e
+    try:
+        return [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"a line is not JSON ({e.msg})") from e
+
+
+def read_parquet(path, columns):
+    """{column: numpy array} of a parquet file; list columns (vectors) become [rows, dim] arrays."""
+    pq, path = _pq(), Path(path)
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(path, f"has no column(s) {missing}; its columns: {names}")
+        table = pq.read_table(path, columns=list(columns))
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "parquet file not found") from e
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses for damaged files
+        raise DataError(path, f"cannot read parquet ({e})") from e
+    out = {}
+    for name in columns:
+        col = table.column(name).combine_chunks()
+        if col.null_count:
+            raise DataError(path, f"column {name!r} has {col.null_count} null rows")
+        if hasattr(col, "flatten"):  # list<...> or fixed_size_list<...>: one vector per row
+            lengths = np.asarray(col.value_lengths()) if hasattr(col, "value_lengths") else None
+            if lengths is not None and len(lengths) and (lengths != lengths[0]).any():
+                raise DataError(path, f"column {name!r} has rows of different lengths")
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def load_info(root):
+    path = Path(root) / "meta" / "info.json"
+    info = _json(path)
+    if info.get("codebase_version") not in VERSIONS:
+        raise DataError(path, f"codebase_version {info.get('codebase_version')!r}; nanocosmos reads {', '.join(VERSIONS)}")
+    for key in ("fps", "features", "data_path", "video_path"):
+        if not info.get(key):
+            raise DataError(path, f"missing {key!r}" + (" (a dataset without videos)" if key == "video_path" else ""))
+    return info
+
+
+def video_keys(info):
+    return [k for k, f in info["features"].items() if isinstance(f, dict) and f.get("dtype") == "video"]
+
+
+def select_cameras(root, info, cameras):
+    """Camera keys from names ("observation.images.top", or just "top") or indices into the video features."""
+    path, keys = Path(root) / "meta" / "info.json", video_keys(info)
+    listing = ", ".join(f"{i} = {k}" for i, k in enumerate(keys))
+    if not keys:
+        raise DataError(path, "has no video features (dtype 'video'); nanocosmos needs camera videos")
+    chosen = []
+    for c in keys if cameras is None else cameras:
+        if isinstance(c, (int, np.integer)) or (isinstance(c, str) and c.isdigit()):
+            if not 0 <= int(c) < len(keys):
+                raise DataError(path, f"camera index {c} out of range; the cameras are {listing}")
+            chosen.append(keys[int(c)])
+        elif c in keys or f"observation.images.{c}" in keys:
+            chosen.append(c if c in keys else f"observation.images.{c}")
+        else:
+            raise DataError(path, f"no camera {c!r}; the cameras are {listing}")
+    return chosen
+
+
+def load_episodes(root, info, cameras):
+    """Per episode: index, length, its data file, and per camera (video file, from_timestamp), sorted by index."""
+    root = Path(root)
+    if info["codebase_version"] != "v3.0":
+        path, chunk = root / "meta" / "episodes.jsonl", int(info.get("chunks_size", 1000))
+        eps = []
+        for r in _jsonl(path):
+            if not {"episode_index", "length"} <= set(r):
+                raise DataError(path, f"an entry lacks 'episode_index' or 'length': {str(r)[:120]}")
+            f = dict(episode_chunk=int(r["episode_index"]) // chunk, episode_index=int(r["episode_index"]))
+            eps.append(dict(index=f["episode_index"], length=int(r["length"]), data=root / info["data_path"].format(**f),
+                            videos=[(root / info["video_path"].format(video_key=k, **f), 0.0) for k in cameras]))
+        return sorted(eps, key=lambda e: e["index"])
+    files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
+    if not files:
+        raise MissingFileError(root / "meta" / "episodes", "no episode metadata (meta/episodes/chunk-*/file-*.parquet)")
+    per_cam = ("chunk_index", "file_index", "from_timestamp")
+    columns = ["episode_index", "length", "data/chunk_index", "data/file_index"]
+    columns += [f"videos/{k}/{c}" for k in cameras for c in per_cam]
+    eps = []
+    for path in files:
+        t = read_parquet(path, columns)
+        for i, e in enumerate(t["episode_index"]):
+            videos = [(root / info["video_path"].format(video_key=k, chunk_index=int(t[f"videos/{k}/chunk_index"][i]),
+                                                         file_index=int(t[f"videos/{k}/file_index"][i])),
+                       float(t[f"videos/{k}/from_timestamp"][i])) for k in cameras]
+            data = info["data_path"].format(chunk_index=int(t["data/chunk_index"][i]), file_index=int(t["data/file_index"][i]))
+            eps.append(dict(index=int(e), length=int(t["length"][i]), data=root / data, videos=videos))
+    return sorted(eps, key=lambda e: e["index"])
+
+
+def load_tasks(root):
+    """{task_index: task string}."""
+    meta = Path(root) / "meta"
+    if (meta / "tasks.parquet").is_file():  # written from a pandas frame indexed by the task string
+        names = _pq().read_schema(meta / "tasks.parquet").names
+        t = read_parquet(meta / "tasks.parquet", ["task_index", "task" if "task" in names else "__index_level_0__"])
+        return dict(zip((int(i) for i in t["task_index"]), (str(s) for s in t[list(t)[1]])))
+    return {int(r["task_index"]): str(r["task"]) for r in _jsonl(meta / "tasks.jsonl")}
+
+
+def load_stats(root, key):
+    """{mean, std, min, max} float64 [dim] of one feature: meta/stats.json, else (v2.1) meta/episodes_stats.jsonl
+    pooled as LeRobot's aggregate_stats does (count-weighted mean, the parallel variance formula)."""
+    meta = Path(root) / "meta"
+    path = meta / "stats.json" if (meta / "stats.json").is_file() else meta / "episodes_stats.jsonl"
+    if not path.is_file():
+        raise MissingFileError(meta / "stats.json", "not found (nor episodes_stats.jsonl): set action_norm='none'")
+    try:
+        if path.name == "stats.json":
+            s = _json(path)[key]
+            return {k: np.asarray(s[k], dtype=np.float64).reshape(-1) for k in ("mean", "std", "min", "max")}
+        per = [r["stats"][key] for r in _jsonl(path)]
+        n = np.array([np.asarray(s["count"], dtype=np.float64).reshape(-1)[0] for s in per])[:, None]
+        get = {k: np.stack([np.asarray(s[k], dtype=np.float64).reshape(-1) for s in per]) for k in ("mean", "std", "min", "max")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(path, f"no usable mean/std/min/max{'/count' if path.suffix == '.jsonl' else ''} for {key!r} ({e!r})") from e
+    mean = (n * get["mean"]).sum(0) / n.sum()
+    var = (n * (get["std"] ** 2 + (get["mean"] - mean) ** 2)).sum(0) / n.sum()
+    return dict(mean=mean, std=np.sqrt(var), min=get["min"].min(0), max=get["max"].max(0))
+
+
+def split_episodes(root, info, indices, split, val_fraction):
+    """Episode indices of a split: info.json's "splits" ranges ("0:40"); a "val" split that is not there is held out
+    of "train" by a hash of the episode name (data.is_held_out; at least the last episode when none is)."""
+    ranges = {s: range(*(int(x) for x in r.split(":"))) for s, r in (info.get("splits") or {}).items()}
+    if split in ranges and (split != "train" or "val" in ranges):
+        return [i for i in indices if i in ranges[split]]
+    if split not in ("train", "val"):
+        raise DataError(Path(root) / "meta" / "info.json", f"has no split {split!r}; splits: {sorted(ranges)}")
+    pool = [i for i in indices if "train" not in ranges or i in ranges["train"]]
+    held = [is_held_out(f"episode_{i:06d}", val_fraction) for i in pool]
+    if val_fraction > 0 and len(pool) > 1 and not any(held):
+        held[-1] = True
+    return [i for i, h in zip(pool, held) if h == (split == "val")]
+
+
+def load_rows(eps, columns, problems=None):
+    """Adds e["rows"] = {column: array} to every episode, reading each data file once (v3 files hold many episodes).
+    With a `problems` list, a bad file or episode is recorded there and gets no "rows" instead of raising."""
+    by_file = {}
+    for e in eps:
+        by_file.setdefault(e["data"], []).append(e)
+    for path, group in by_file.items():
+        try:
+            t = read_parquet(path, ["episode_index", *columns])
+            order = np.argsort(t["episode_index"], kind="stable")  # rows of an episode keep their order
+            sorted_ids = t["episode_index"][order]
+            for e in group:
+                rows = order[np.searchsorted(sorted_ids, e["index"]):np.searchsorted(sorted_ids, e["index"], "right")]
+                if len(rows) != e["length"]:
+                    raise DataError(path, f"episode {e['index']} has {len(rows)} rows, the episode metadata says "
+                                          f"length {e['length']}")
+                e["rows"] = {c: t[c][rows] for c in columns}
+        except DataError as err:
+            if problems is None:
+                raise
+            problems.append(str(err))
+
+# -----------------------------------------------------------------------------
+# time: which rows a clip uses, and decoding the frames shown at given times
+
+
+def clip_rows(ts, start, count, fps):
+    """Rows whose timestamps are nearest to ts[start] + k / fps for k < count (a tie goes to the earlier row)."""
+    target = ts[start] + np.arange(count) / fps
+    j = np.clip(np.searchsorted(ts, target), 1, max(len(ts) - 1, 1))
+    earlier = target - ts[j - 1] <= ts[np.minimum(j, len(ts) - 1)] - target + 1e-6  # 1 us: float32 timestamps
+    return np.where(earlier, j - 1, np.minimum(j, len(ts) - 1))
+
+
+def clips_that_fit(ts, starts, count, fps, source_fps):
+    """Which start rows have room for `count` frames: the last wanted time within half a frame of the last row."""
+    return ts[starts] + (count - 1) / fps <= ts[-1] + 0.5 / source_fps + 1e-6
+
+
+def _nearest(path, frames, times, tol):
+    """Streams decoded frames once, picking for each wanted time the nearer of the frames around it."""
+    picked, prev, n = [], None, 0
+    for frame in frames:
+        if frame.pts is None:
+            continue
+        n, t = n + 1, frame.time
+        if prev is None and t > times[0] + tol:
+            return None, n  # the seek landed after the first wanted time
+        while len(picked) < len(times) and t >= times[len(picked)]:
+            q = times[len(picked)]
+            picked.append(prev if prev is not None and q - prev[1] <= t - q else (frame, t))
+        if len(picked) == len(times):
+            break
+        prev = (frame, t)
+    while prev is not None and len(picked) < len(times):  # times past the last frame: the last frame, if near
+        picked.append(prev)
+    for q, (_, t) in zip(times, picked):
+        if abs(t - q) > tol:
+            raise DataError(path, f"no frame within {tol * 1e3:.1f} ms of {q:.4f} s (nearest at {t:.4f} s)")
+    return picked, n
+
+
+def decode_at(path, times, tol):
+    """
+    The frames shown at `times` (seconds, ascending) of a video as uint8 [N,3,H,W], and how many frames were decoded.
+    Seeks to the keyframe at or before the first time and decodes forward only to the last (if the container's
+    seek lands late, once more from the file's start).
+    """
+    rgb = VideoReformatter()  # one per call: frame.to_ndarray would build a swscale context per frame
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(path, "has no video stream")
+            stream = container.streams.video[0]
+            decoded = 0
+            for seek_to in (max(times[0] - tol, 0.0), 0.0):
+                container.seek(int(seek_to / stream.time_base), stream=stream, backward=True, any_frame=False)
+                picked, n = _nearest(path, container.decode(stream), times, tol)
+                decoded += n
+                if picked is not None:
+                    break
+            if not picked:
+                raise DataError(path, f"no frames near {times[0]:.4f} s (file has {stream.frames} frames)")
+            converted = {}
+            for frame, t in picked:
+                if t not in converted:
+                    converted[t] = rgb.reformat(frame, format="rgb24").to_ndarray()
+            x = np.stack([converted[t] for _, t in picked])
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "video file not found") from e
+    except av.error.FFmpegError as e:
+        raise DataError(path, f"cannot decode video ({e})") from e
+    return torch.from_numpy(x).permute(0, 3, 1, 2), decoded
+
+# -----------------------------------------------------------------------------
+# actions
+
+
+def clip_actions(action, state, rows, mode):
+    """float64 [len(rows)-1, A]: the actions between consecutive clip rows (module docstring)."""
+    last = np.maximum(rows[1:] - 1, rows[:-1])  # the last command before the later frame
+    if mode == "absolute":
+        return action[last]
+    if mode == "delta":
+        return action[rows[1:]] - action[rows[:-1]]
+    return action[last] - state[rows[:-1]]
+
+
+def normalise(x, stats, mode, norm):
+    if norm == "none":
+        return x
+    offset, scale = ((stats["mean"], stats["std"]) if norm == "mean_std" else
+                     ((stats["max"] + stats["min"]) / 2, (stats["max"] - stats["min"]) / 2))
+    scale = np.where(scale > 1e-8, scale, 1.0)  # a constant dimension: dividing by ~0 would blow up any change
+    return (x - offset) / scale if mode == "absolute" else x / scale
+
+# -----------------------------------------------------------------------------
+# the dataset
+
+
+@dataclass
+class LeRobotEpisode:
+    name: str                # "episode_000012"; item keys are "<name>/<start row>"
+    index: int               # episode_index
+    num_frames: int          # parquet rows (frames at the dataset's fps)
+    timestamps: np.ndarray   # float64 [num_frames] seconds, the parquet's `timestamp`
+    action: np.ndarray       # float64 [num_frames, A], the action column as stored
+    state: np.ndarray        # float64 [num_frames, A] (action_mode "delta_state"), else None
+    task_index: np.ndarray   # int64 [num_frames]
+    videos: list             # per camera (mp4 path, from_timestamp)
+    actions: np.ndarray = None  # float32 [clip frames - 1, A]: the whole episode at the training fps (= episode_actions)
+
+
+class LeRobotDataset(torch.utils.data.Dataset):
+    """
+    Clips of `num_frames` frames at `fps` (None: the dataset's own) from a LeRobot folder; items are
+    {"video": uint8 [V,3,T,H,W], "action": float32 [T-1,A], "task": str, "key": "<episode>/<start row>"}, the same
+    interface as data.RobotVideoDataset (episodes, episode_frames, episode_actions). No randomness.
+    """
+
+    def __init__(self, root, split="train", num_frames=13, cameras=None, size=(256, 320), fps=None, start_stride=1,
+                 action_key="action", action_mode="absolute", action_norm="mean_std", state_key="observation.state",
+                 action_dim=None, val_fraction=0.1):
+        if action_mode not in ACTION_MODES or action_norm not in ACTION_NORMS:
+            raise ValueError(f"action_mode must be one of {ACTION_MODES} and action_norm one of {ACTION_NORMS}, "
+                             f"got {action_mode!r}, {action_norm!r}")
+        assert num_frames >= 2 and start_stride >= 1, (num_frames, start_stride)
+        self.root, self.split, self.info = Path(root), split, load_info(root)
+        info_path = self.root / "meta" / "info.json"
+        self.version, self.source_fps = self.info["codebase_version"], float(self.info["fps"])
+        self.fps = float(fps or self.source_fps)
+        if self.fps > self.source_fps + 1e-9:
+            raise DataError(info_path, f"the dataset has {self.source_fps:g} fps; fps={self.fps:g} would repeat frames")
+        self.num_frames, self.size = num_frames, None if size is None else tuple(size)
+        self.action_mode, self.action_norm, self.action_key = action_mode, action_norm, action_key
+        self.cameras = select_cameras(root, self.info, cameras)
+        keys = [action_key] + ([state_key] if action_mode == "delta_state" else [])
+        for k in keys:
+            if k not in self.info["features"]:
+                raise DataError(info_path, f"has no feature {k!r}; features: {sorted(self.info['features'])}")
+        self.tasks = load_tasks(root)
+        metas = load_episodes(root, self.info, self.cameras)
+        chosen = set(split_episodes(root, self.info, [e["index"] for e in metas], split, val_fraction))
+        metas = [e for e in metas if e["index"] in chosen]
+        if not metas:
+            raise DataError(self.root, f"split {split!r} has no episodes")
+        load_rows(metas, ["timestamp", "task_index", *keys])
+        self.episodes = [self._episode(e, keys) for e in metas]
+        self.action_dim = self.episodes[0].action.shape[1]
+        if action_dim is not None and action_dim != self.action_dim:
+            raise DataError(info_path, f"{action_key!r} has {self.action_dim} dimensions but the model takes "
+                                       f"action_dim={action_dim}: set action_dim={self.action_dim}")
+        self.stats = None if action_norm == "none" else load_stats(root, action_key)
+        if self.stats is not None and any(len(v) != self.action_dim for v in self.stats.values()):
+            raise DataError(self.root / "meta", f"the stats of {action_key!r} are not {self.action_dim}-D")
+        episode_of, starts = [], []
+        for i, ep in enumerate(self.episodes):
+            ep.actions = self.episode_actions(i).numpy()
+            s = np.arange(0, ep.num_frames, start_stride)
+            s = s[clips_that_fit(ep.timestamps, s, num_frames, self.fps, self.source_fps)]
+            episode_of.append(np.full(len(s), i))
+            starts.append(s)
+        self.window_episode = np.concatenate(episode_of).astype(np.int64)
+        self.window_start = np.concatenate(starts).astype(np.int64)
+        self.decoded_frames = 0  # frames this process decoded (bench: decoded per clip vs delivered)
+
+    def _episode(self, meta, keys):
+        rows, path = meta["rows"], meta["data"]
+        ts, action = rows["timestamp"].astype(np.float64), rows[keys[0]].astype(np.float64).reshape(len(rows["timestamp"]), -1)
+        state = rows[keys[1]].astype(np.float64).reshape(len(ts), -1) if len(keys) > 1 else None
+        if state is not None and state.shape != action.shape:
+            raise DataError(path, f"delta_state needs {keys[0]!r} and {keys[1]!r} of one size: {action.shape[1]} vs {state.shape[1]}")
+        if len(ts) > 1 and not (np.diff(ts) > 0).all():
+            raise DataError(path, f"episode {meta['index']}: timestamps are not increasing")
+        unknown = set(rows["task_index"].tolist()) - set(self.tasks)
+        if unknown:
+            raise DataError(path, f"episode {meta['index']}: task_index {sorted(unknown)} not in meta/tasks")
+        return LeRobotEpisode(f"episode_{meta['index']:06d}", meta["index"], len(ts), ts, action, state,
+                              rows["task_index"].astype(np.int64), meta["videos"])
+
+    def __len__(self):
+        return len(self.window_start)
+
+    def __repr__(self):
+        return (f"LeRobotDataset({str(self.root)!r}, split={self.split!r}, {self.version}: {len(self.episodes)} episodes, "
+                f"{len(self)} clips of {self.num_frames} frames at {self.fps:g} fps (data {self.source_fps:g} fps), "
+                f"cameras {self.cameras}, size {self.size}, {self.action_key!r} {self.action_dim}-D {self.action_mode} "
+                f"norm {self.action_norm})")
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"clip {i} out of range for {len(self)} clips")
+        e, start = int(self.window_episode[i]), int(self.window_start[i])
+        ep = self.episodes[e]
+        return {"video": self.episode_frames(e, start, self.num_frames),
+                "action": self.episode_actions(e, start, self.num_frames),
+                "task": self.tasks[int(ep.task_index[start])], "key": f"{ep.name}/{start}"}
+
+    def _fits(self, e, start, count):
+        ep = self.episodes[e]
+        return 0 <= start < ep.num_frames and count >= 1 and bool(
+            clips_that_fit(ep.timestamps, np.array([start]), count, self.fps, self.source_fps)[0])
+
+    def _rows(self, e, start, count):
+        ep = self.episodes[e]
+        if count is None:  # as many frames as fit
+            count = 1 + int((ep.timestamps[-1] + 0.5 / self.source_fps + 1e-6 - ep.timestamps[start]) * self.fps)
+        if not self._fits(e, start, count):
+            raise IndexError(f"{ep.name} has {ep.num_frames} rows at {self.source_fps:g} fps: {count} frames at "
+                             f"{self.fps:g} fps from row {start} do not fit")
+        return clip_rows(ep.timestamps, start, count, self.fps)
+
+    def episode_frames(self, episode_index, start=0, count=None):
+        """uint8 [V,3,count,H,W] (count=None: as many as fit), decoded by timestamp."""
+        ep = self.episodes[episode_index]
+        rows = self._rows(episode_index, start, count)
+        views = []
+        for path, from_ts in ep.videos:
+            x, n = decode_at(path, from_ts + ep.timestamps[rows], 0.5 / self.source_fps)
+            self.decoded_frames += n
+            views.append(resize_frames(x, self.size))
+        return torch.stack(views).transpose(1, 2).contiguous()
+
+    def episode_actions(self, episode_index, start=0, count=None):
+        """float32 [count-1, A]: the normalised actions between the frames episode_frames returns."""
+        ep = self.episodes[episode_index]
+        rows = self._rows(episode_index, start, count)
+        a = normalise(clip_actions(ep.action, ep.state, rows, self.action_mode), self.stats, self.action_mode, self.action_norm)
+        return torch.from_numpy(a.astype(np.float32))
