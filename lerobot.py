@@ -310,8 +310,10 @@ def decode_at(path, times, tol):
                 raise DataError(path, "has no video stream")
             stream = container.streams.video[0]
             decoded = 0
-            for seek_to in (max(times[0] - tol, 0.0), 0.0):
-                container.seek(int(seek_to / stream.time_base), stream=stream, backward=True, any_frame=False)
+            # backward=True: the last keyframe whose pts is <= the first time (rounded to the stream's ticks, so a
+            # keyframe exactly there is used; float32 timestamps are off by far less than a tick)
+            for seek_to in (times[0], 0.0):
+                container.seek(round(seek_to / stream.time_base), stream=stream, backward=True, any_frame=False)
                 picked, n = _nearest(path, container.decode(stream), times, tol)
                 decoded += n
                 if picked is not None:

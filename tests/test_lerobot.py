@@ -1,0 +1,263 @@
+"""lerobot.py: LeRobot v2.1 and v3.0 folders written here with pyarrow and PyAV (the layout LeRobot writes), read back:
+clips, frames chosen by timestamp (each synthetic frame paints its own index), actions, stats, errors, check."""
+
+import json
+import shutil
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import data
+import lerobot
+
+FPS, H, W, A = 30, 48, 64, 10
+LENGTHS = [47, 52, 40, 61, 45]                  # frames per episode at 30 fps
+CAMERAS = {"observation.images.top": "libx264", "observation.images.wrist": "libsvtav1", "observation.images.side": "libx264"}
+TASKS = ["pick up the red cube", "open the drawer"]
+GOP = 10                                         # a keyframe every 10 frames, so clips must seek
+
+
+def paint(episode, i):
+    """A flat frame whose colour says (episode, frame index), robust to lossy codecs (levels 24 apart)."""
+    f = np.empty((H, W, 3), np.uint8)
+    f[..., 0], f[..., 1], f[..., 2] = 16 + 24 * (i % 10), 16 + 24 * (i // 10), 16 + 24 * episode
+    return f
+
+
+def identify(x_3_H_W):
+    """(episode, frame index) read back from a decoded frame."""
+    r, g, b = (int(round((float(x_3_H_W[c].float().mean()) - 16) / 24)) for c in range(3))
+    return b, 10 * g + r
+
+
+def write_video(path, frames, codec):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=Fraction(FPS))
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.options = {"g": str(GOP), "crf": "20", **({"bf": "2"} if codec == "libx264" else {"preset": "12"})}
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+
+
+def vectors(x):
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
+
+
+def episode_rows(e, n, start_index, rng):
+    action = np.cumsum(rng.normal(0, 0.1, (n, A)), 0).astype(np.float32) + np.arange(A, dtype=np.float32)
+    state = (np.roll(action, 1, 0) + rng.normal(0, 0.01, (n, A))).astype(np.float32)
+    return dict(action=action, state=state, timestamp=(np.arange(n) / FPS).astype(np.float32),
+                frame_index=np.arange(n), episode_index=np.full(n, e), index=start_index + np.arange(n),
+                task_index=np.full(n, e % 2))
+
+
+def rows_table(rows):
+    return pa.table({"action": vectors(np.concatenate([r["action"] for r in rows])),
+                     "observation.state": vectors(np.concatenate([r["state"] for r in rows])),
+                     **{k: pa.array(np.concatenate([r[k] for r in rows]).astype(np.float32 if k == "timestamp" else np.int64))
+                        for k in ("timestamp", "frame_index", "episode_index", "index", "task_index")}})
+
+
+def feature_stats(x):
+    return dict(mean=x.mean(0).tolist(), std=x.std(0).tolist(), min=x.min(0).tolist(), max=x.max(0).tolist(), count=[len(x)])
+
+
+def info_json(version, data_path, video_path):
+    feats = {k: {"dtype": "video", "shape": [H, W, 3], "names": ["height", "width", "channels"],
+                 "info": {"video.fps": FPS, "video.codec": "av1" if c == "libsvtav1" else "h264"}} for k, c in CAMERAS.items()}
+    feats.update({k: {"dtype": "float32", "shape": [A], "names": None} for k in ("action", "observation.state")})
+    feats.update({k: {"dtype": "int64" if k != "timestamp" else "float32", "shape": [1], "names": None}
+                  for k in ("timestamp", "frame_index", "episode_index", "index", "task_index")})
+    return dict(codebase_version=version, robot_type="test_arm", fps=FPS, total_episodes=len(LENGTHS),
+                total_frames=sum(LENGTHS), total_tasks=len(TASKS), chunks_size=1000, data_path=data_path,
+                video_path=video_path, features=feats, splits={"train": f"0:{len(LENGTHS)}"})
+
+
+def write_v21(root, rows):
+    """One parquet per episode and one mp4 per episode and camera; v2.1 keeps per-episode stats only."""
+    meta = root / "meta"
+    meta.mkdir(parents=True)
+    info = info_json("v2.1", "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+                     "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4")
+    (meta / "info.json").write_text(json.dumps(info))
+    (meta / "tasks.jsonl").write_text("".join(json.dumps(dict(task_index=i, task=t)) + "\n" for i, t in enumerate(TASKS)))
+    (meta / "episodes.jsonl").write_text("".join(json.dumps(dict(episode_index=e, tasks=[TASKS[e % 2]], length=n)) + "\n"
+                                                 for e, n in enumerate(LENGTHS)))
+    (meta / "episodes_stats.jsonl").write_text("".join(json.dumps(dict(episode_index=e, stats={
+        "action": feature_stats(r["action"]), "observation.state": feature_stats(r["state"])})) + "\n" for e, r in enumerate(rows)))
+    for e, (n, r) in enumerate(zip(LENGTHS, rows)):
+        f = dict(episode_chunk=0, episode_index=e)
+        path = root / info["data_path"].format(**f)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows_table([r]), path)
+        for key, codec in CAMERAS.items():
+            write_video(root / info["video_path"].format(video_key=key, **f), [paint(e, i) for i in range(n)], codec)
+
+
+def write_v30(root, rows):
+    """Episodes 0-2 in data file 0 and 3-4 in data file 1; every camera's episodes in one mp4, back to back."""
+    meta = root / "meta"
+    meta.mkdir(parents=True)
+    info = info_json("v3.0", "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                     "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
+    (meta / "info.json").write_text(json.dumps(info))
+    pq.write_table(pa.table({"task_index": pa.array(range(len(TASKS)), pa.int64()), "task": TASKS}), meta / "tasks.parquet")
+    allrows = {"action": np.concatenate([r["action"] for r in rows]), "state": np.concatenate([r["state"] for r in rows])}
+    (meta / "stats.json").write_text(json.dumps({"action": feature_stats(allrows["action"]),
+                                                 "observation.state": feature_stats(allrows["state"])}))
+    files = [0, 0, 0, 1, 1]
+    for fi in (0, 1):
+        path = root / info["data_path"].format(chunk_index=0, file_index=fi)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows_table([r for r, f in zip(rows, files) if f == fi]), path)
+    for key, codec in CAMERAS.items():
+        write_video(root / info["video_path"].format(video_key=key, chunk_index=0, file_index=0),
+                    [paint(e, i) for e, n in enumerate(LENGTHS) for i in range(n)], codec)
+    starts = np.concatenate([[0], np.cumsum(LENGTHS)])
+    cols = {"episode_index": list(range(len(LENGTHS))), "tasks": [[TASKS[e % 2]] for e in range(len(LENGTHS))],
+            "length": LENGTHS, "data/chunk_index": [0] * len(LENGTHS), "data/file_index": files,
+            "dataset_from_index": starts[:-1].tolist(), "dataset_to_index": starts[1:].tolist()}
+    for key in CAMERAS:
+        cols.update({f"videos/{key}/chunk_index": [0] * len(LENGTHS), f"videos/{key}/file_index": [0] * len(LENGTHS),
+                     f"videos/{key}/from_timestamp": (starts[:-1] / FPS).tolist(),
+                     f"videos/{key}/to_timestamp": (starts[1:] / FPS).tolist()})
+    path = meta / "episodes" / "chunk-000" / "file-000.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table(cols), path)
+
+
+@pytest.fixture(scope="session")
+def rows():
+    rng = np.random.default_rng(0)
+    starts = np.concatenate([[0], np.cumsum(LENGTHS)])
+    return [episode_rows(e, n, int(starts[e]), rng) for e, n in enumerate(LENGTHS)]
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory, rows):
+    base = tmp_path_factory.mktemp("lerobot")
+    write_v21(base / "v21", rows)
+    write_v30(base / "v30", rows)
+    return {"v2.1": base / "v21", "v3.0": base / "v30"}
+
+
+def reference_rows(n, start, count, stride):
+    """The documented rule in frame units: nearest row to start + k * stride, a tie to the earlier one."""
+    return [start + int(np.ceil(k * stride - 0.5)) for k in range(count)]
+
+
+def all_episodes(root, **kw):
+    """Train and val together: every episode, in index order."""
+    tr, va = (lerobot.LeRobotDataset(root, s, **kw) for s in ("train", "val"))
+    return sorted(tr.episodes + va.episodes, key=lambda e: e.index), tr, va
+
+
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+def test_items_clip_counts_and_splits(folders, version):
+    kw = dict(num_frames=5, fps=4, size=(32, 40), cameras=("observation.images.top", "wrist", 2))
+    eps, tr, va = all_episodes(folders[version], **kw)
+    assert [e.index for e in eps] == list(range(len(LENGTHS)))          # the splits partition the episodes
+    assert len(va.episodes) >= 1 and len(tr.episodes) >= 1
+    assert tr.cameras == list(CAMERAS) and tr.action_dim == A and tr.version == version
+    # a clip fits when its last wanted time (start + 4 x 7.5 rows) is within half a frame of the last row
+    for ds in (tr, va):
+        assert len(ds) == sum(max(0, e.num_frames - 30) for e in ds.episodes)
+    item = tr[len(tr) - 1]
+    assert item["video"].shape == (3, 3, 5, 32, 40) and item["video"].dtype == torch.uint8
+    assert item["action"].shape == (4, A) and item["action"].dtype == torch.float32
+    e = tr.episodes[-1]
+    assert item["task"] == TASKS[e.index % 2] and item["key"] == f"{e.name}/{e.num_frames - 31}"
+    batch = next(iter(torch.utils.data.DataLoader(tr, batch_size=2)))
+    assert batch["video"].shape == (2, 3, 3, 5, 32, 40) and len(batch["task"]) == 2
+
+
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+@pytest.mark.parametrize("fps", [4, 10, 30])
+def test_frames_chosen_by_timestamp(folders, version, fps):
+    """Every camera (h264 with B-frames, AV1) returns the frames the nearest-timestamp rule names, pixel-equal to a
+    full decode of the file, and a clip late in a shared v3 file decodes a few GOPs, not the file from its start."""
+    ds = lerobot.LeRobotDataset(folders[version], "train", num_frames=5, fps=fps, size=None, val_fraction=0)
+    stride = FPS / fps
+    for e, ep in enumerate(ds.episodes):
+        for start in (0, ep.num_frames - 1 - int(4 * stride + 0.5), 3):
+            before = ds.decoded_frames
+            video = ds.episode_frames(e, start, 5)
+            want = reference_rows(ep.num_frames, start, 5, stride)
+            assert [identify(video[v, :, k]) for v in range(3) for k in range(5)] == [(ep.index, r) for r in want] * 3
+            assert ds.decoded_frames - before <= 3 * (want[-1] - want[0] + GOP + 3)   # from the keyframe before
+    # against a reference decode of a whole file (the AV1 camera of the last episode)
+    path, from_ts = ds.episodes[-1].videos[1]
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].codec.canonical_name == "av1" and "libdav1d" in av.codecs_available
+        full = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    offset = int(round(from_ts * FPS))
+    rows = lerobot.clip_rows(ds.episodes[-1].timestamps, 2, 5, fps)
+    ref = np.stack([full[offset + r] for r in rows])
+    assert torch.equal(ds.episode_frames(len(ds.episodes) - 1, 2, 5)[1].permute(1, 2, 3, 0), torch.from_numpy(ref))
+
+
+@pytest.mark.parametrize("norm", ["none", "mean_std", "min_max"])
+@pytest.mark.parametrize("mode", ["absolute", "delta", "delta_state"])
+def test_action_modes_and_normalisation(folders, rows, mode, norm):
+    allact = np.concatenate([r["action"] for r in rows]).astype(np.float64)
+    mean, std, lo, hi = allact.mean(0), allact.std(0), allact.min(0), allact.max(0)
+    for version in ("v2.1", "v3.0"):   # v2.1 pools its per-episode stats, v3.0 reads stats.json
+        ds = lerobot.LeRobotDataset(folders[version], "train", num_frames=5, fps=4, size=(16, 16), action_mode=mode,
+                                    action_norm=norm, val_fraction=0)
+        if norm != "none":
+            np.testing.assert_allclose(ds.stats["mean"], mean, rtol=1e-5)
+            np.testing.assert_allclose(ds.stats["std"], std, rtol=1e-4)
+        for e, ep in enumerate(ds.episodes):
+            a, s = rows[ep.index]["action"].astype(np.float64), rows[ep.index]["state"].astype(np.float64)
+            i = np.array(reference_rows(ep.num_frames, 6, 5, 7.5))     # rows 6, 13, 21, 28, 36
+            ref = {"absolute": a[i[1:] - 1], "delta": a[i[1:]] - a[i[:-1]], "delta_state": a[i[1:] - 1] - s[i[:-1]]}[mode]
+            if norm != "none":
+                offset, scale = (mean, std) if norm == "mean_std" else ((hi + lo) / 2, (hi - lo) / 2)
+                ref = (ref - offset) / scale if mode == "absolute" else ref / scale
+            np.testing.assert_allclose(ds.episode_actions(e, 6, 5).numpy(), ref, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(ep.actions[:4], ds.episode_actions(e, 0, 5).numpy())
+        if norm == "min_max" and mode == "absolute":
+            whole = np.concatenate([ds.episode_actions(e, 0, None, ) for e in range(len(ds.episodes))])
+            assert whole.min() >= -1 - 1e-5 and whole.max() <= 1 + 1e-5
+
+
+def test_stride_one_pairs_each_frame_with_its_own_action(folders, rows):
+    ds = lerobot.LeRobotDataset(folders["v3.0"], "train", num_frames=4, size=(16, 16), action_norm="none", val_fraction=0)
+    assert ds.fps == FPS and len(ds) == sum(n - 3 for n in LENGTHS)
+    np.testing.assert_allclose(ds[0]["action"].numpy(), rows[0]["action"][:3])
+
+
+def test_errors_name_the_problem(folders, tmp_path):
+    root = folders["v3.0"]
+    with pytest.raises(data.DataError, match=r"no camera 'observation.images.front'; the cameras are 0 = "
+                                             r"observation.images.top, 1 = observation.images.wrist, 2 = "):
+        lerobot.LeRobotDataset(root, cameras=("observation.images.front",))
+    with pytest.raises(data.DataError, match="camera index 3 out of range"):
+        lerobot.LeRobotDataset(root, cameras=(0, 3))
+    with pytest.raises(data.DataError, match="has 10 dimensions but the model takes action_dim=7: set action_dim=10"):
+        lerobot.LeRobotDataset(root, action_dim=7)
+    with pytest.raises(data.DataError, match="fps=60 would repeat frames"):
+        lerobot.LeRobotDataset(root, fps=60)
+    with pytest.raises(data.DataError, match="has no feature 'observation.joints'"):
+        lerobot.LeRobotDataset(root, action_mode="delta_state", state_key="observation.joints")
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    info = json.loads((bad / "meta" / "info.json").read_text())
+    (bad / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v1.6"}))
+    with pytest.raises(data.DataError, match=r"info.json: codebase_version 'v1.6'"):
+        lerobot.LeRobotDataset(bad)
+
+
+def test_pyarrow_missing_is_one_clear_line(folders, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match=r"reading LeRobot datasets needs pyarrow \(pip install pyarrow\)"):
+        lerobot.LeRobotDataset(folders["v3.0"])
