@@ -14,7 +14,7 @@ before "Dataset v3", f55c6e89):
        data_path.format(episode_chunk=episode_index // chunks_size, episode_index=...)       one parquet per episode
        video_path.format(episode_chunk=..., video_key=<camera>, episode_index=...)           one mp4 per episode+camera
   v3.0 meta/episodes/*/*.parquet  episode_index, length, data/chunk_index, data/file_index and per camera
-                                  videos/<camera>/{chunk_index, file_index, from_timestamp}
+                                  videos/<camera>/{chunk_index, file_index, from_timestamp, to_timestamp}
        meta/tasks.parquet (task_index, task; meta/tasks.jsonl if that is what is there), meta/stats.json
        data_path.format(chunk_index=..., file_index=...)    many episodes per parquet, told apart by episode_index
        video_path.format(video_key=..., chunk_index=..., file_index=...)   many episodes per mp4
@@ -159,7 +159,8 @@ def select_cameras(root, info, cameras):
 
 
 def load_episodes(root, info, cameras):
-    """Per episode: index, length, its data file, and per camera (video file, from_timestamp), sorted by index."""
+    """Per episode: index, length, its data file, and per camera (video file, from_timestamp, to_timestamp or None
+    for the whole file), sorted by index."""
     root = Path(root)
     if info["codebase_version"] != "v3.0":
         path, chunk = root / "meta" / "episodes.jsonl", int(info.get("chunks_size", 1000))
@@ -169,12 +170,12 @@ def load_episodes(root, info, cameras):
                 raise DataError(path, f"an entry lacks 'episode_index' or 'length': {str(r)[:120]}")
             f = dict(episode_chunk=int(r["episode_index"]) // chunk, episode_index=int(r["episode_index"]))
             eps.append(dict(index=f["episode_index"], length=int(r["length"]), data=root / info["data_path"].format(**f),
-                            videos=[(root / info["video_path"].format(video_key=k, **f), 0.0) for k in cameras]))
+                            videos=[(root / info["video_path"].format(video_key=k, **f), 0.0, None) for k in cameras]))
         return sorted(eps, key=lambda e: e["index"])
     files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
     if not files:
         raise MissingFileError(root / "meta" / "episodes", "no episode metadata (meta/episodes/chunk-*/file-*.parquet)")
-    per_cam = ("chunk_index", "file_index", "from_timestamp")
+    per_cam = ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
     columns = ["episode_index", "length", "data/chunk_index", "data/file_index"]
     columns += [f"videos/{k}/{c}" for k in cameras for c in per_cam]
     eps = []
@@ -183,7 +184,7 @@ def load_episodes(root, info, cameras):
         for i, e in enumerate(t["episode_index"]):
             videos = [(root / info["video_path"].format(video_key=k, chunk_index=int(t[f"videos/{k}/chunk_index"][i]),
                                                          file_index=int(t[f"videos/{k}/file_index"][i])),
-                       float(t[f"videos/{k}/from_timestamp"][i])) for k in cameras]
+                       float(t[f"videos/{k}/from_timestamp"][i]), float(t[f"videos/{k}/to_timestamp"][i])) for k in cameras]
             data = info["data_path"].format(chunk_index=int(t["data/chunk_index"][i]), file_index=int(t["data/file_index"][i]))
             eps.append(dict(index=int(e), length=int(t["length"][i]), data=root / data, videos=videos))
     return sorted(eps, key=lambda e: e["index"])
@@ -366,7 +367,7 @@ class LeRobotEpisode:
     action: np.ndarray       # float64 [num_frames, A], the action column as stored
     state: np.ndarray        # float64 [num_frames, A] (action_mode "delta_state"), else None
     task_index: np.ndarray   # int64 [num_frames]
-    videos: list             # per camera (mp4 path, from_timestamp)
+    videos: list             # per camera (mp4 path, from_timestamp, to_timestamp or None)
     actions: np.ndarray = None  # float32 [clip frames - 1, A]: the whole episode at the training fps (= episode_actions)
 
 
@@ -474,7 +475,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         ep = self.episodes[episode_index]
         rows = self._rows(episode_index, start, count)
         views = []
-        for path, from_ts in ep.videos:
+        for path, from_ts, _ in ep.videos:
             x, n = decode_at(path, from_ts + ep.timestamps[rows], 0.5 / self.source_fps)
             self.decoded_frames += n
             views.append(resize_frames(x, self.size))
@@ -486,3 +487,130 @@ class LeRobotDataset(torch.utils.data.Dataset):
         rows = self._rows(episode_index, start, count)
         a = normalise(clip_actions(ep.action, ep.state, rows, self.action_mode), self.stats, self.action_mode, self.action_norm)
         return torch.from_numpy(a.astype(np.float32))
+
+# -----------------------------------------------------------------------------
+# check and bench (data.py's `check` and `bench` commands call these for a LeRobot folder)
+
+
+def video_timeline(path, decode=True):
+    """(sorted frame times in seconds, (codec, fps, height, width)): every frame decoded (certain) or, with
+    decode=False, the packet timestamps (no decoding)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(path, "has no video stream")
+            s = container.streams.video[0]
+            meta = (s.codec.canonical_name, float(s.average_rate or s.base_rate or 0), s.codec_context.height, s.codec_context.width)
+            times = ([f.time for f in container.decode(s) if f.pts is not None] if decode else
+                     [float(p.pts * p.time_base) for p in container.demux(s) if p.pts is not None and p.size])
+    except FileNotFoundError as e:
+        raise MissingFileError(path, "video file not found") from e
+    except av.error.FFmpegError as e:
+        raise DataError(path, f"cannot decode video ({e})") from e
+    return np.sort(np.asarray(times, dtype=np.float64)), meta
+
+
+def _check_videos(eps, keys, fps, decode, problems):
+    """Per camera: codecs, fps, sizes, frames, files; per episode: video frames vs parquet rows, rows without a frame."""
+    summary, half = [], 0.5 / fps
+    for k, key in enumerate(keys):
+        timelines, metas = {}, set()
+        for path in dict.fromkeys(e["videos"][k][0] for e in eps):
+            try:
+                timelines[path], meta = video_timeline(path, decode)
+                metas.add(meta)
+            except DataError as err:
+                problems.append(str(err))
+        for e in eps:
+            path, t0, t1 = e["videos"][k]
+            if path not in timelines:
+                continue
+            times = timelines[path]
+            mine = times[(times >= t0 - half) & (times < (times[-1] + half if t1 is None else t1 - half))]
+            if len(mine) != e["length"]:
+                problems.append(f"{path}: episode {e['index']} has {len(mine)} video frames ({len(mine) / fps:.3f} s) "
+                                f"but {e['length']} parquet rows ({e['length'] / fps:.3f} s)")
+            elif "rows" in e and len(mine):
+                want = t0 + e["rows"]["timestamp"].astype(np.float64)
+                j = np.clip(np.searchsorted(mine, want), 1, len(mine) - 1) if len(mine) > 1 else np.zeros(len(want), int)
+                gap = np.minimum(np.abs(mine[j] - want), np.abs(mine[np.maximum(j - 1, 0)] - want))
+                if (gap > half).any():
+                    problems.append(f"{path}: episode {e['index']}: no frame within half a frame of row "
+                                    f"{int(np.argmax(gap > half))}'s timestamp {want[np.argmax(gap > half)]:.4f} s")
+        summary.append((key, metas, sum(len(t) for t in timelines.values()), len(timelines)))
+    return summary
+
+
+def check_lerobot(root, cameras=None, num_frames=13, fps=None, fast=False, action_key="action",
+                  state_key="observation.state", val_fraction=0.1):
+    """
+    Validate a LeRobot folder: print per camera codec, fps, resolution, frame count; list episodes whose parquet
+    length and video disagree, rows with no frame at their timestamp, NaN/inf in the action and state columns, and
+    the clip count per split. fast=True reads packet timestamps instead of decoding every frame. Returns the problems.
+    """
+    root, info = Path(root), load_info(root)
+    keys, source_fps = select_cameras(root, info, cameras), float(info["fps"])
+    eps, problems = load_episodes(root, info, keys), []
+    print(f"check {root} (LeRobot {info['codebase_version']}, {source_fps:g} fps, robot {info.get('robot_type')}): "
+          f"{len(eps)} episodes, {sum(e['length'] for e in eps)} frames, {len(keys)} camera(s), "
+          f"{'packet timestamps' if fast else 'decoding every frame'}")
+    columns = [c for c in (action_key, state_key) if c in info["features"]]
+    load_rows(eps, ["timestamp", *columns], problems)
+    for e in eps:
+        for c in columns if "rows" in e else ():
+            bad = np.argwhere(~np.isfinite(e["rows"][c].astype(np.float64)))
+            if len(bad):
+                problems.append(f"{e['data']}: episode {e['index']}: {len(bad)} NaN/inf in {c!r}, first at row {bad[0][0]}")
+    print(f"{'camera':<34}{'codec':>8}{'fps':>6}{'size':>11}{'frames':>9}{'files':>7}")
+    for key, metas, frames, files in _check_videos(eps, keys, source_fps, not fast, problems):
+        codec, vfps, size = ("|".join(sorted({str(m[i]) if i < 2 else f"{m[2]}x{m[3]}" for m in metas})) for i in (0, 1, 2))
+        print(f"{key:<34}{codec:>8}{vfps:>6}{size:>11}{frames:>9}{files:>7}")
+    rate = float(fps or source_fps)
+    for split in ("train", "val"):
+        chosen = set(split_episodes(root, info, [e["index"] for e in eps], split, val_fraction))
+        clips = sum(int(clips_that_fit(e["rows"]["timestamp"].astype(np.float64), np.arange(e["length"]), num_frames,
+                                       rate, source_fps).sum()) for e in eps if e["index"] in chosen and "rows" in e)
+        print(f"{split:<6}{len(chosen):>6} episodes {clips:>8} clips of {num_frames} frames at {rate:g} fps")
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print(f"OK: {len(eps)} episodes, no problems found")
+    return problems
+
+
+def _one_thread(_):
+    torch.set_num_threads(1)  # a loader worker decodes whole clips: intra-op threads would oversubscribe the cores
+
+
+def bench_lerobot(root, split="train", cameras=None, size=(256, 320), num_frames=13, fps=None, workers=2,
+                  batch_size=4, batches=20, **dataset_kw):
+    """Clips/s of dataset[i] in one process (and frames decoded per clip, which shows what seeking saves) and
+    through a DataLoader with `workers` processes. Returns the figures as a dict."""
+    ds = LeRobotDataset(root, split, num_frames=num_frames, cameras=cameras, size=size, fps=fps, **dataset_kw)
+    print(f"bench {ds}")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    threads, n, decoded = torch.get_num_threads(), 0, ds.decoded_frames
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    while n == 0 or (time.perf_counter() - t0 < 2.0 and n < batches * batch_size):
+        ds[order[n % len(order)]]
+        n += 1
+    direct, per_clip = n / (time.perf_counter() - t0), (ds.decoded_frames - decoded) / n
+    torch.set_num_threads(threads)
+    V = len(ds.cameras)
+    print(f"dataset[i]  {direct:8.1f} clips/s  (1 process, 1 thread; {per_clip:.0f} frames decoded per clip for "
+          f"{V * num_frames} delivered, {V} camera(s) x {num_frames})")
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=batches * batch_size,
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                         worker_init_fn=_one_thread if workers else None,
+                                         prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    next(it)  # worker start-up is not throughput
+    t1 = time.perf_counter()
+    rest = sum(1 for _ in it)
+    loader_cps = rest * batch_size / max(time.perf_counter() - t1, 1e-9)
+    print(f"DataLoader  {loader_cps:8.1f} clips/s  ({workers} workers, batch {batch_size}, {rest} batches timed)")
+    return dict(dataset_clips_per_s=direct, decoded_frames_per_clip=per_clip, loader_clips_per_s=loader_cps)

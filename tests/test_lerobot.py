@@ -2,6 +2,7 @@
 clips, frames chosen by timestamp (each synthetic frame paints its own index), actions, stats, errors, check."""
 
 import json
+import re
 import shutil
 import sys
 from fractions import Fraction
@@ -195,7 +196,7 @@ def test_frames_chosen_by_timestamp(folders, version, fps):
             assert [identify(video[v, :, k]) for v in range(3) for k in range(5)] == [(ep.index, r) for r in want] * 3
             assert ds.decoded_frames - before <= 3 * (want[-1] - want[0] + GOP + 3)   # from the keyframe before
     # against a reference decode of a whole file (the AV1 camera of the last episode)
-    path, from_ts = ds.episodes[-1].videos[1]
+    path, from_ts, _ = ds.episodes[-1].videos[1]
     with av.open(str(path)) as c:
         assert c.streams.video[0].codec.canonical_name == "av1" and "libdav1d" in av.codecs_available
         full = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
@@ -261,3 +262,33 @@ def test_pyarrow_missing_is_one_clear_line(folders, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ImportError, match=r"reading LeRobot datasets needs pyarrow \(pip install pyarrow\)"):
         lerobot.LeRobotDataset(folders["v3.0"])
+
+
+def test_check_reports_cameras_and_problems(folders, rows, tmp_path, capsys):
+    assert lerobot.check_lerobot(folders["v3.0"], num_frames=5, fps=4) == []
+    out = capsys.readouterr().out
+    total = sum(LENGTHS)
+    assert f"observation.images.wrist{'':10}{'av1':>8}{'30.0':>6}{'48x64':>11}{total:>9}{1:>7}" in out
+    assert f"observation.images.top{'':12}{'h264':>8}" in out and "OK: 5 episodes" in out
+    clips = re.findall(r"^(train|val) +(\d+) episodes +(\d+) clips of 5 frames at 4 fps$", out, re.M)
+    assert sum(int(c) for _, _, c in clips) == sum(n - 30 for n in LENGTHS) and sum(int(e) for _, e, _ in clips) == 5
+    bad = tmp_path / "bad"
+    shutil.copytree(folders["v2.1"], bad)
+    r = dict(rows[2])
+    r["action"] = r["action"].copy()
+    r["action"][7, 3] = np.nan
+    pq.write_table(rows_table([r]), bad / "data/chunk-000/episode_000002.parquet")
+    short = bad / "videos/chunk-000/observation.images.top/episode_000001.mp4"
+    write_video(short, [paint(1, i) for i in range(LENGTHS[1] - 3)], "libx264")
+    problems = lerobot.check_lerobot(bad, fast=True)
+    assert problems == [f"{bad}/data/chunk-000/episode_000002.parquet: episode 2: 1 NaN/inf in 'action', first at row 7",
+                        f"{short}: episode 1 has {LENGTHS[1] - 3} video frames ({(LENGTHS[1] - 3) / 30:.3f} s) but "
+                        f"{LENGTHS[1]} parquet rows ({LENGTHS[1] / 30:.3f} s)"]
+    assert "FAILED: 2 problem(s)" in capsys.readouterr().out
+
+
+def test_bench_counts_decoded_frames(folders):
+    figures = lerobot.bench_lerobot(folders["v3.0"], cameras=(1,), size=(32, 32), num_frames=5, fps=4, workers=0,
+                                    batch_size=2, batches=3)
+    assert figures["dataset_clips_per_s"] > 0 and figures["loader_clips_per_s"] > 0
+    assert 5 <= figures["decoded_frames_per_clip"] <= 31 + GOP + 3   # the clip's span and at most one GOP before it
