@@ -19,7 +19,7 @@ before "Dataset v3", f55c6e89):
        data_path.format(chunk_index=..., file_index=...)    many episodes per parquet, told apart by episode_index
        video_path.format(video_key=..., chunk_index=..., file_index=...)   many episodes per mp4
   data parquet columns: timestamp, episode_index, task_index, the action column (`action_key`) and, for
-  action_mode="delta_state" (and `check`), the state column (`state_key`).
+  action_type="delta_state" (and `check`), the state column (`state_key`).
   The frame of parquet row r of an episode is the video frame shown at from_timestamp + timestamp[r] seconds
   (from_timestamp = 0 in v2.x), as LeRobot's dataset_reader.py queries it. An item's "task" is the task string of
   its first frame's task_index (the episode's task; LeRobot does the same per frame).
@@ -33,9 +33,9 @@ frame period of the episode's last row.
 
 Actions between clip frames k and k+1 (rows i_k < i_{k+1}); row j of the action column is the command given at
 frame j, in force until frame j+1, as LeRobot pairs them:
-  action_mode="absolute"     action[i_{k+1} - 1]                the last command before the later frame
-  action_mode="delta"        action[i_{k+1}] - action[i_k]      the sum of the per-row changes in between
-  action_mode="delta_state"  action[i_{k+1} - 1] - state[i_k]   the last command relative to the earlier state
+  action_type="absolute"     action[i_{k+1} - 1]                the last command before the later frame
+  action_type="delta"        action[i_{k+1}] - action[i_k]      the sum of the per-row changes in between
+  action_type="delta_state"  action[i_{k+1} - 1] - state[i_k]   the last command relative to the earlier state
 Normalised with the stats of the action column (action_norm): "mean_std" (x - mean) / std, "min_max" to [-1, 1],
 "none". A delta is a difference of two values, so only the scale applies to it (a change of one std gives 1).
 A dimension whose std (or range) is zero is left unscaled.
@@ -54,7 +54,7 @@ import torch
 from data import DataError, MissingFileError, is_held_out, resize_frames
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
-ACTION_MODES = ("absolute", "delta", "delta_state")
+ACTION_TYPES = ("absolute", "delta", "delta_state")
 ACTION_NORMS = ("mean_std", "min_max", "none")
 
 
@@ -365,7 +365,7 @@ class LeRobotEpisode:
     num_frames: int          # parquet rows (frames at the dataset's fps)
     timestamps: np.ndarray   # float64 [num_frames] seconds, the parquet's `timestamp`
     action: np.ndarray       # float64 [num_frames, A], the action column as stored
-    state: np.ndarray        # float64 [num_frames, A] (action_mode "delta_state"), else None
+    state: np.ndarray        # float64 [num_frames, A] (action_type "delta_state"), else None
     task_index: np.ndarray   # int64 [num_frames]
     videos: list             # per camera (mp4 path, from_timestamp, to_timestamp or None)
     actions: np.ndarray = None  # float32 [clip frames - 1, A]: the whole episode at the training fps (= episode_actions)
@@ -379,11 +379,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split="train", num_frames=13, cameras=None, size=(256, 320), fps=None, start_stride=1,
-                 action_key="action", action_mode="absolute", action_norm="mean_std", state_key="observation.state",
+                 action_key="action", action_type="absolute", action_norm="mean_std", state_key="observation.state",
                  action_dim=None, val_fraction=0.1):
-        if action_mode not in ACTION_MODES or action_norm not in ACTION_NORMS:
-            raise ValueError(f"action_mode must be one of {ACTION_MODES} and action_norm one of {ACTION_NORMS}, "
-                             f"got {action_mode!r}, {action_norm!r}")
+        if action_type not in ACTION_TYPES or action_norm not in ACTION_NORMS:
+            raise ValueError(f"action_type must be one of {ACTION_TYPES} and action_norm one of {ACTION_NORMS}, "
+                             f"got {action_type!r}, {action_norm!r}")
         assert num_frames >= 2 and start_stride >= 1, (num_frames, start_stride)
         self.root, self.split, self.info = Path(root), split, load_info(root)
         info_path = self.root / "meta" / "info.json"
@@ -392,9 +392,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
         if self.fps > self.source_fps + 1e-9:
             raise DataError(info_path, f"the dataset has {self.source_fps:g} fps; fps={self.fps:g} would repeat frames")
         self.num_frames, self.size = num_frames, None if size is None else tuple(size)
-        self.action_mode, self.action_norm, self.action_key = action_mode, action_norm, action_key
+        self.action_type, self.action_norm, self.action_key = action_type, action_norm, action_key
         self.cameras = select_cameras(root, self.info, cameras)
-        keys = [action_key] + ([state_key] if action_mode == "delta_state" else [])
+        keys = [action_key] + ([state_key] if action_type == "delta_state" else [])
         for k in keys:
             if k not in self.info["features"]:
                 raise DataError(info_path, f"has no feature {k!r}; features: {sorted(self.info['features'])}")
@@ -444,7 +444,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def __repr__(self):
         return (f"LeRobotDataset({str(self.root)!r}, split={self.split!r}, {self.version}: {len(self.episodes)} episodes, "
                 f"{len(self)} clips of {self.num_frames} frames at {self.fps:g} fps (data {self.source_fps:g} fps), "
-                f"cameras {self.cameras}, size {self.size}, {self.action_key!r} {self.action_dim}-D {self.action_mode} "
+                f"cameras {self.cameras}, size {self.size}, {self.action_key!r} {self.action_dim}-D {self.action_type} "
                 f"norm {self.action_norm})")
 
     def __getitem__(self, i):
@@ -485,8 +485,18 @@ class LeRobotDataset(torch.utils.data.Dataset):
         """float32 [count-1, A]: the normalised actions between the frames episode_frames returns."""
         ep = self.episodes[episode_index]
         rows = self._rows(episode_index, start, count)
-        a = normalise(clip_actions(ep.action, ep.state, rows, self.action_mode), self.stats, self.action_mode, self.action_norm)
+        a = normalise(clip_actions(ep.action, ep.state, rows, self.action_type), self.stats, self.action_type, self.action_norm)
         return torch.from_numpy(a.astype(np.float32))
+
+def config_kwargs(c):
+    """LeRobotDataset keyword arguments from a train.py / sample.py settings dict (keys of the same names)."""
+    if c.get("frame_stride", 1) != 1:
+        raise ValueError("a LeRobot dataset takes its clip rate from fps (frames are chosen by timestamp), not "
+                         f"frame_stride={c['frame_stride']}")
+    return dict(num_frames=c["num_frames"], cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]), fps=c["fps"],
+                action_key=c["action_key"], action_type=c["action_type"], action_norm=c["action_norm"],
+                state_key=c["state_key"], action_dim=c.get("action_dim"))
+
 
 # -----------------------------------------------------------------------------
 # check and bench (data.py's `check` and `bench` commands call these for a LeRobot folder)
