@@ -624,3 +624,35 @@ def bench_lerobot(root, split="train", cameras=None, size=(256, 320), num_frames
     loader_cps = rest * batch_size / max(time.perf_counter() - t1, 1e-9)
     print(f"DataLoader  {loader_cps:8.1f} clips/s  ({workers} workers, batch {batch_size}, {rest} batches timed)")
     return dict(dataset_clips_per_s=direct, decoded_frames_per_clip=per_clip, loader_clips_per_s=loader_cps)
+
+
+def main(argv):
+    """`python data.py check|bench ROOT ...` on a LeRobot folder lands here (also `python lerobot.py ...`)."""
+    import argparse
+    cams = lambda t: tuple(int(x) if x.strip().isdigit() else x.strip() for x in t.split(",") if x.strip())  # noqa: E731
+    parser = argparse.ArgumentParser(prog="data.py", description="check / bench a LeRobot dataset folder")
+    parser.add_argument("command", choices=("check", "bench"))
+    parser.add_argument("root")
+    parser.add_argument("--cameras", type=cams, default=None, help="names or indices, e.g. observation.images.top,1 "
+                        "(default: every video feature)")
+    parser.add_argument("--num-frames", type=int, default=13)
+    parser.add_argument("--fps", type=float, default=None, help="clip rate (default: the dataset's fps)")
+    parser.add_argument("--fast", action="store_true", help="check: packet timestamps instead of decoding every frame")
+    parser.add_argument("--action-key", default="action")
+    parser.add_argument("--state-key", default="observation.state")
+    parser.add_argument("--split", default="train", help="bench: the split to read")
+    parser.add_argument("--size", type=lambda t: tuple(int(x) for x in t.lower().split("x")), default=(256, 320))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=20)
+    a = parser.parse_args(argv)
+    if a.command == "check":
+        return 1 if check_lerobot(a.root, a.cameras, a.num_frames, a.fps, a.fast, a.action_key, a.state_key) else 0
+    bench_lerobot(a.root, a.split, a.cameras, a.size, a.num_frames, a.fps, a.workers, a.batch_size, a.batches,
+                  action_key=a.action_key, state_key=a.state_key)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

@@ -2,8 +2,10 @@
 clips, frames chosen by timestamp (each synthetic frame paints its own index), actions, stats, errors, check."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -313,3 +315,16 @@ def test_tiny_training_and_eval_on_a_lerobot_folder(folders, tmp_path):
     report = sample.main(["--eval", f"--dit_path={out}", "--eval_episodes=1", "--num_steps=2", "--tokenizer=pixel",
                           f"--eval_json={tmp_path / 'eval.json'}"])
     assert report["episodes"] and np.isfinite(report["psnr"])
+
+
+def test_data_py_commands_dispatch_lerobot_folders(folders):
+    """`python data.py check|bench ROOT` on a LeRobot folder runs lerobot's check and bench (camera names, --fps)."""
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *args: subprocess.run([sys.executable, "data.py", *args], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = run("check", str(folders["v2.1"]), "--cameras", "wrist,0", "--num-frames", "5", "--fps", "4", "--fast")
+    assert p.returncode == 0 and "LeRobot v2.1" in p.stdout and "OK: 5 episodes" in p.stdout, p.stdout + p.stderr
+    assert p.stdout.index("observation.images.wrist") < p.stdout.index("observation.images.top")
+    p = run("bench", str(folders["v3.0"]), "--cameras", "1", "--size", "32x32", "--num-frames", "5", "--fps", "4",
+            "--workers", "0", "--batches", "2")
+    assert p.returncode == 0 and "clips/s" in p.stdout, p.stdout + p.stderr
