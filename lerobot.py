@@ -58,13 +58,14 @@ ACTION_TYPES = ("absolute", "delta", "delta_state")
 ACTION_NORMS = ("mean_std", "min_max", "none")
 
 
-def _pq():
+def _pyarrow():
     try:
-        import pyarrow.parquet as pq
+        import pyarrow
+        import pyarrow.parquet
     except ImportError as e:
         raise ImportError("reading LeRobot datasets needs pyarrow (pip install pyarrow): it reads their parquet "
                           "files, and nothing else in nanocosmos needs it") from e
-    return pq
+    return pyarrow
 
 # -----------------------------------------------------------------------------
 # metadata: info.json, episodes, tasks, stats; every problem names its file
@@ -74,49 +75,38 @@ def is_lerobot(root):
     return (Path(root) / "meta" / "info.json").is_file()
 
 
-def _json(path):
+def read_json(path, lines=False):
+    """A JSON file, or with lines=True a JSON-lines file as a list."""
     try:
-        return json.loads(Path(path).read_text())
+        text = Path(path).read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
     except FileNotFoundError as e:
         raise MissingFileError(path, "not found") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(path, f"cannot read JSON ({e})") from e
 
 
-def _jsonl(path):
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError as e:
-        raise MissingFileError(path, "not found") from e
-    try:
-        return [json.loads(line) for line in lines if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"a line is not JSON ({e.msg})") from e
-
-
 def read_parquet(path, columns):
     """{column: numpy array} of a parquet file; list columns (vectors) become [rows, dim] arrays."""
-    pq, path = _pq(), Path(path)
+    pa, path = _pyarrow(), Path(path)
     try:
-        names = pq.read_schema(path).names
+        names = pa.parquet.read_schema(path).names
         missing = [c for c in columns if c not in names]
         if missing:
             raise DataError(path, f"has no column(s) {missing}; its columns: {names}")
-        table = pq.read_table(path, columns=list(columns))
+        table = pa.parquet.read_table(path, columns=list(columns))
     except FileNotFoundError as e:
         raise MissingFileError(path, "parquet file not found") from e
-    except DataError:
-        raise
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses for damaged files
+    except (OSError, pa.ArrowException) as e:
         raise DataError(path, f"cannot read parquet ({e})") from e
     out = {}
     for name in columns:
         col = table.column(name).combine_chunks()
         if col.null_count:
             raise DataError(path, f"column {name!r} has {col.null_count} null rows")
-        if hasattr(col, "flatten"):  # list<...> or fixed_size_list<...>: one vector per row
-            lengths = np.asarray(col.value_lengths()) if hasattr(col, "value_lengths") else None
-            if lengths is not None and len(lengths) and (lengths != lengths[0]).any():
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+            lengths = np.asarray(col.value_lengths())
+            if len(lengths) and (lengths != lengths[0]).any():
                 raise DataError(path, f"column {name!r} has rows of different lengths")
             out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
         else:
@@ -126,7 +116,7 @@ def read_parquet(path, columns):
 
 def load_info(root):
     path = Path(root) / "meta" / "info.json"
-    info = _json(path)
+    info = read_json(path)
     if info.get("codebase_version") not in VERSIONS:
         raise DataError(path, f"codebase_version {info.get('codebase_version')!r}; nanocosmos reads {', '.join(VERSIONS)}")
     for key in ("fps", "features", "data_path", "video_path"):
@@ -165,7 +155,7 @@ def load_episodes(root, info, cameras):
     if info["codebase_version"] != "v3.0":
         path, chunk = root / "meta" / "episodes.jsonl", int(info.get("chunks_size", 1000))
         eps = []
-        for r in _jsonl(path):
+        for r in read_json(path, lines=True):
             if not {"episode_index", "length"} <= set(r):
                 raise DataError(path, f"an entry lacks 'episode_index' or 'length': {str(r)[:120]}")
             f = dict(episode_chunk=int(r["episode_index"]) // chunk, episode_index=int(r["episode_index"]))
@@ -194,10 +184,10 @@ def load_tasks(root):
     """{task_index: task string}."""
     meta = Path(root) / "meta"
     if (meta / "tasks.parquet").is_file():  # written from a pandas frame indexed by the task string
-        names = _pq().read_schema(meta / "tasks.parquet").names
+        names = _pyarrow().parquet.read_schema(meta / "tasks.parquet").names
         t = read_parquet(meta / "tasks.parquet", ["task_index", "task" if "task" in names else "__index_level_0__"])
         return dict(zip((int(i) for i in t["task_index"]), (str(s) for s in t[list(t)[1]])))
-    return {int(r["task_index"]): str(r["task"]) for r in _jsonl(meta / "tasks.jsonl")}
+    return {int(r["task_index"]): str(r["task"]) for r in read_json(meta / "tasks.jsonl", lines=True)}
 
 
 def load_stats(root, key):
@@ -209,9 +199,9 @@ def load_stats(root, key):
         raise MissingFileError(meta / "stats.json", "not found (nor episodes_stats.jsonl): set action_norm='none'")
     try:
         if path.name == "stats.json":
-            s = _json(path)[key]
+            s = read_json(path)[key]
             return {k: np.asarray(s[k], dtype=np.float64).reshape(-1) for k in ("mean", "std", "min", "max")}
-        per = [r["stats"][key] for r in _jsonl(path)]
+        per = [r["stats"][key] for r in read_json(path, lines=True)]
         n = np.array([np.asarray(s["count"], dtype=np.float64).reshape(-1)[0] for s in per])[:, None]
         get = {k: np.stack([np.asarray(s[k], dtype=np.float64).reshape(-1) for s in per]) for k in ("mean", "std", "min", "max")}
     except (KeyError, TypeError, ValueError) as e:

@@ -51,8 +51,11 @@ def write_video(path, frames, codec):
         c.mux(s.encode())
 
 
-def vectors(x):
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
+def vectors(x, fixed):
+    """A vector column as HF datasets writes one: fixed_size_list (newer) or list (older)."""
+    if fixed:
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
+    return pa.ListArray.from_arrays(pa.array(np.arange(len(x) + 1) * x.shape[1], pa.int32()), pa.array(x.reshape(-1), pa.float32()))
 
 
 def episode_rows(e, n, start_index, rng):
@@ -63,9 +66,9 @@ def episode_rows(e, n, start_index, rng):
                 task_index=np.full(n, e % 2))
 
 
-def rows_table(rows):
-    return pa.table({"action": vectors(np.concatenate([r["action"] for r in rows])),
-                     "observation.state": vectors(np.concatenate([r["state"] for r in rows])),
+def rows_table(rows, fixed=True):
+    return pa.table({"action": vectors(np.concatenate([r["action"] for r in rows]), fixed),
+                     "observation.state": vectors(np.concatenate([r["state"] for r in rows]), fixed),
                      **{k: pa.array(np.concatenate([r[k] for r in rows]).astype(np.float32 if k == "timestamp" else np.int64))
                         for k in ("timestamp", "frame_index", "episode_index", "index", "task_index")}})
 
@@ -101,7 +104,7 @@ def write_v21(root, rows):
         f = dict(episode_chunk=0, episode_index=e)
         path = root / info["data_path"].format(**f)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(rows_table([r]), path)
+        pq.write_table(rows_table([r], fixed=False), path)
         for key, codec in CAMERAS.items():
             write_video(root / info["video_path"].format(video_key=key, **f), [paint(e, i) for i in range(n)], codec)
 
@@ -279,7 +282,7 @@ def test_check_reports_cameras_and_problems(folders, rows, tmp_path, capsys):
     r = dict(rows[2])
     r["action"] = r["action"].copy()
     r["action"][7, 3] = np.nan
-    pq.write_table(rows_table([r]), bad / "data/chunk-000/episode_000002.parquet")
+    pq.write_table(rows_table([r], fixed=False), bad / "data/chunk-000/episode_000002.parquet")
     short = bad / "videos/chunk-000/observation.images.top/episode_000001.mp4"
     write_video(short, [paint(1, i) for i in range(LENGTHS[1] - 3)], "libx264")
     problems = lerobot.check_lerobot(bad, fast=True)
