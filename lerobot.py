@@ -185,8 +185,9 @@ def load_tasks(root):
     meta = Path(root) / "meta"
     if (meta / "tasks.parquet").is_file():  # written from a pandas frame indexed by the task string
         names = _pyarrow().parquet.read_schema(meta / "tasks.parquet").names
-        t = read_parquet(meta / "tasks.parquet", ["task_index", "task" if "task" in names else "__index_level_0__"])
-        return dict(zip((int(i) for i in t["task_index"]), (str(s) for s in t[list(t)[1]])))
+        col = "task" if "task" in names else "__index_level_0__"  # an unnamed pandas index
+        t = read_parquet(meta / "tasks.parquet", ["task_index", col])
+        return {int(i): str(task) for i, task in zip(t["task_index"], t[col])}
     return {int(r["task_index"]): str(r["task"]) for r in read_json(meta / "tasks.jsonl", lines=True)}
 
 
@@ -229,24 +230,28 @@ def split_episodes(root, info, indices, split, val_fraction):
 def load_rows(eps, columns, problems=None):
     """Adds e["rows"] = {column: array} to every episode, reading each data file once (v3 files hold many episodes).
     With a `problems` list, a bad file or episode is recorded there and gets no "rows" instead of raising."""
+    def fail(err):
+        if problems is None:
+            raise err
+        problems.append(str(err))
     by_file = {}
     for e in eps:
         by_file.setdefault(e["data"], []).append(e)
     for path, group in by_file.items():
         try:
             t = read_parquet(path, ["episode_index", *columns])
-            order = np.argsort(t["episode_index"], kind="stable")  # rows of an episode keep their order
-            sorted_ids = t["episode_index"][order]
-            for e in group:
-                rows = order[np.searchsorted(sorted_ids, e["index"]):np.searchsorted(sorted_ids, e["index"], "right")]
-                if len(rows) != e["length"]:
-                    raise DataError(path, f"episode {e['index']} has {len(rows)} rows, the episode metadata says "
-                                          f"length {e['length']}")
-                e["rows"] = {c: t[c][rows] for c in columns}
         except DataError as err:
-            if problems is None:
-                raise
-            problems.append(str(err))
+            fail(err)
+            continue
+        order = np.argsort(t["episode_index"], kind="stable")  # rows of an episode keep their order
+        ids = t["episode_index"][order]
+        for e in group:
+            rows = order[np.searchsorted(ids, e["index"]):np.searchsorted(ids, e["index"], "right")]
+            if len(rows) != e["length"]:
+                fail(DataError(path, f"episode {e['index']} has {len(rows)} rows, the episode metadata says length "
+                                     f"{e['length']}"))
+            else:
+                e["rows"] = {c: t[c][rows] for c in columns}
 
 # -----------------------------------------------------------------------------
 # time: which rows a clip uses, and decoding the frames shown at given times
