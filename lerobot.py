@@ -270,22 +270,44 @@ def clips_that_fit(ts, starts, count, fps, source_fps):
     return ts[starts] + (count - 1) / fps <= ts[-1] + 0.5 / source_fps + 1e-6
 
 
-def _nearest(path, frames, times, tol):
-    """Streams decoded frames once, picking for each wanted time the nearer of the frames around it."""
+def keyframe_times(container, stream, t0, t1):
+    """Times (s) of the keyframes from the one at or before t0 through t1, from packet headers (no decoding)."""
+    container.seek(round(t0 / stream.time_base), stream=stream, backward=True, any_frame=False)
+    keys = []
+    for packet in container.demux(stream):
+        if packet.dts is not None and packet.dts * packet.time_base > t1:
+            break  # decode order: every later packet is shown after t1
+        if packet.is_keyframe and packet.pts is not None:
+            keys.append(float(packet.pts * packet.time_base))
+    return sorted(keys)
+
+
+def _key_before(keys, t):
+    i = np.searchsorted(keys, t + 1e-6, side="right")  # 1 us: float32 timestamps
+    return keys[i - 1] if i else 0.0
+
+
+def _decode_run(path, frames, times, keys, tol):
+    """
+    One forward run of decoded frames: for each wanted time in turn, the nearer of the frames around it. Stops early
+    when the keyframe before the next wanted time lies beyond the frames decoded so far (seeking there is cheaper
+    than decoding the gap). Returns (picked [(frame, time)], frames decoded), or (None, n) when the run started
+    after the first wanted time (a seek that landed late).
+    """
     picked, prev, n = [], None, 0
     for frame in frames:
         if frame.pts is None:
             continue
         n, t = n + 1, frame.time
         if prev is None and t > times[0] + tol:
-            return None, n  # the seek landed after the first wanted time
-        while len(picked) < len(times) and t >= times[len(picked)]:
-            q = times[len(picked)]
+            return None, n
+        while len(picked) < len(times) and t >= times[len(picked)] - 1e-6:  # a frame at the time (float32): no need
+            q = times[len(picked)]                                             # to decode the one after it
             picked.append(prev if prev is not None and q - prev[1] <= t - q else (frame, t))
-        if len(picked) == len(times):
+        if len(picked) == len(times) or _key_before(keys, times[len(picked)]) > t:
             break
         prev = (frame, t)
-    while prev is not None and len(picked) < len(times):  # times past the last frame: the last frame, if near
+    if not picked and prev is not None:  # the wanted time is past the last frame: the last frame, if near
         picked.append(prev)
     for q, (_, t) in zip(times, picked):
         if abs(t - q) > tol:
@@ -296,8 +318,9 @@ def _nearest(path, frames, times, tol):
 def decode_at(path, times, tol):
     """
     The frames shown at `times` (seconds, ascending) of a video as uint8 [N,3,H,W], and how many frames were decoded.
-    Seeks to the keyframe at or before the first time and decodes forward only to the last (if the container's
-    seek lands late, once more from the file's start).
+    Finds the keyframes in the clip's span from packet headers, seeks to the one at or before the first time and
+    decodes forward, seeking ahead again whenever the keyframe before the next wanted time is past what is decoded
+    (LeRobot encodes a keyframe every 2 frames: a 4 fps clip of 30 fps video then decodes ~1.5 frames per frame).
     """
     rgb = VideoReformatter()  # one per call: frame.to_ndarray would build a swscale context per frame
     try:
@@ -305,17 +328,18 @@ def decode_at(path, times, tol):
             if not container.streams.video:
                 raise DataError(path, "has no video stream")
             stream = container.streams.video[0]
-            decoded = 0
-            # backward=True: the last keyframe whose pts is <= the first time (rounded to the stream's ticks, so a
-            # keyframe exactly there is used; float32 timestamps are off by far less than a tick)
-            for seek_to in (times[0], 0.0):
-                container.seek(round(seek_to / stream.time_base), stream=stream, backward=True, any_frame=False)
-                picked, n = _nearest(path, container.decode(stream), times, tol)
+            keys, picked, decoded = keyframe_times(container, stream, times[0], times[-1]), [], 0
+            while len(picked) < len(times):
+                start = _key_before(keys, times[len(picked)])
+                container.seek(round(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+                got, n = _decode_run(path, container.decode(stream), times[len(picked):], keys, tol)
                 decoded += n
-                if picked is not None:
-                    break
-            if not picked:
-                raise DataError(path, f"no frames near {times[0]:.4f} s (file has {stream.frames} frames)")
+                if got is None and keys:  # the container's seek landed late: find keyframes from the file's start
+                    keys = []
+                    continue
+                if not got:
+                    raise DataError(path, f"no frame near {times[len(picked)]:.4f} s ({stream.frames} frames in the file)")
+                picked += got
             converted = {}
             for frame, t in picked:
                 if t not in converted:

@@ -331,3 +331,15 @@ def test_data_py_commands_dispatch_lerobot_folders(folders):
     p = run("bench", str(folders["v3.0"]), "--cameras", "1", "--size", "32x32", "--num-frames", "5", "--fps", "4",
             "--workers", "0", "--batches", "2")
     assert p.returncode == 0 and "clips/s" in p.stdout, p.stdout + p.stderr
+
+
+def test_sparse_clip_seeks_ahead_between_keyframes(tmp_path, monkeypatch):
+    """LeRobot encodes a keyframe every 2 frames: a 4 fps clip of a 30 fps AV1 video decodes ~2 frames per frame
+    it returns (seeking ahead) instead of the whole 91-frame span, and returns exactly the right frames."""
+    monkeypatch.setattr(sys.modules[__name__], "GOP", 2)
+    path = tmp_path / "g2.mp4"
+    write_video(path, [paint(0, i % 60) for i in range(120)], "libsvtav1")
+    rows = reference_rows(120, 3, 13, 7.5)                         # 3, 10, 18, 25, ..., 93
+    x, decoded = lerobot.decode_at(path, np.array(rows) / FPS, 0.5 / FPS)
+    assert [identify(f)[1] for f in x] == [r % 60 for r in rows]
+    assert decoded <= 2 * len(rows) + 1 < rows[-1] - rows[0]
