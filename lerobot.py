@@ -26,10 +26,12 @@ before "Dataset v3", f55c6e89):
 
 Frames by timestamp. A clip of T frames at the training rate `fps` starting at row s takes, for k < T, the row whose
 timestamp is nearest to timestamp[s] + k / fps (a tie, e.g. 30 -> 4 fps = a stride of 7.5 rows, goes to the earlier
-row: rows s, s+7, s+15, s+22, s+30, ...). Each camera seeks to the keyframe before the clip's first frame and
-decodes forward only to its last one; the video frame nearest each wanted time is taken (an error if none is within
-half a frame period). Windows start every `start_stride` rows; a clip fits when its last time is within half a
-frame period of the episode's last row.
+row: rows s, s+7, s+15, s+22, s+30, ...). Each camera reads the keyframe times of the clip's span from packet
+headers, seeks to the keyframe at or before the first wanted frame and decodes forward, seeking ahead again when the
+next wanted frame's keyframe is past what is decoded (never a whole file from its start; with LeRobot's keyframe
+every 2 frames a 13-frame 4 fps clip decodes ~19 frames, not its 91-frame span). Each wanted time gets the video
+frame nearest to it (an error if none is within half a frame period). Windows start every `start_stride` rows; a
+clip fits when its last time is within half a frame period of the episode's last row.
 
 Actions between clip frames k and k+1 (rows i_k < i_{k+1}); row j of the action column is the command given at
 frame j, in force until frame j+1, as LeRobot pairs them:
