@@ -422,12 +422,15 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.tasks = load_tasks(root)
         metas = load_episodes(root, self.info, self.cameras)
         chosen = set(split_episodes(root, self.info, [e["index"] for e in metas], split, val_fraction))
-        metas = [e for e in metas if e["index"] in chosen]
+        metas = [e for e in metas if e["index"] in chosen and e["length"] > 0]
         if not metas:
             raise DataError(self.root, f"split {split!r} has no episodes")
         load_rows(metas, ["timestamp", "task_index", *keys])
         self.episodes = [self._episode(e, keys) for e in metas]
-        self.action_dim = self.episodes[0].action.shape[1]
+        dims = sorted({ep.action.shape[1] for ep in self.episodes})
+        if len(dims) > 1:
+            raise DataError(self.root / "data", f"{action_key!r} has {dims} dimensions in different episodes")
+        self.action_dim = dims[0]
         if action_dim is not None and action_dim != self.action_dim:
             raise DataError(info_path, f"{action_key!r} has {self.action_dim} dimensions but the model takes "
                                        f"action_dim={action_dim}: set action_dim={self.action_dim}")
@@ -508,6 +511,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         rows = self._rows(episode_index, start, count)
         a = normalise(clip_actions(ep.action, ep.state, rows, self.action_type), self.stats, self.action_type, self.action_norm)
         return torch.from_numpy(a.astype(np.float32))
+
 
 def config_kwargs(c):
     """LeRobotDataset keyword arguments from a train.py / sample.py settings dict (keys of the same names)."""

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+
+pa = pytest.importorskip("pyarrow", reason="LeRobot datasets need the optional pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
 
 import data
 import lerobot
