@@ -994,6 +994,9 @@ def _size(text):
 
 
 def main(argv):
+    if argv[:1] in (["check"], ["bench"]) and any((Path(a) / "meta" / "info.json").is_file() for a in argv[1:]):
+        import lerobot  # a LeRobot folder: its own options (camera names, --fps); pyarrow is needed only there
+        return lerobot.main(argv)
     parser = argparse.ArgumentParser(prog="data.py", description="nanocosmos robot video data tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate every annotation and video of a dataset; non-zero exit on problems")
