@@ -163,16 +163,17 @@ ROPE_FIELDS = ("rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio", "rope
 
 def infer_config(sd, **overrides):
     """model.infer_config, plus the RoPE settings that no tensor holds, taken from the released models: the 14B
-    ratios for a 14B-sized net, and the official multi-view net's (t ratio 8/24, temporal positions modulated by
-    fps) when there is a view embedding; the single-view defaults otherwise. Returns (cfg, the RoPE fields that
-    were assumed rather than given in overrides)."""
+    ratios for a 14B-sized net, and the official multi-view nets' t ratio 8/24 when there is a view embedding; the
+    single-view defaults otherwise. Temporal positions modulated by fps: Predict2's multi-view net always does,
+    Predict2.5's (crossattn_proj present) honours its flag, which the release sets off (buttercup2p5_rectified_flow.py
+    :121-138). Returns (cfg, the RoPE fields that were assumed rather than given in overrides)."""
     cfg = model.infer_config(sd, **overrides)
     known = {}
     for preset in model.PRESETS.values():
         if all(getattr(cfg, k) == v for k, v in preset.items() if k in ("model_channels", "num_blocks", "num_heads")):
             known.update({k: v for k, v in preset.items() if k in ROPE_FIELDS})
     if cfg.n_views_emb:
-        known.update(rope_t_extrapolation_ratio=8 / 24, rope_enable_fps_modulation=True)
+        known.update(rope_t_extrapolation_ratio=8 / 24, rope_enable_fps_modulation=not cfg.crossattn_proj_in_channels)
     cfg = replace(cfg, **{k: v for k, v in known.items() if k not in overrides})
     return cfg, [k for k in ROPE_FIELDS if k not in overrides]
 

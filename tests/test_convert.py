@@ -222,14 +222,23 @@ def official_file(fixture, path, with_regular=False):
     return tensors
 
 
-@pytest.mark.parametrize("fixture", ["dit_action", "dit_multiview"])
+DIT_FIXTURES = sorted(p.stem for p in FIXTURES.glob("dit_*.safetensors"))
+
+
+@pytest.mark.parametrize("fixture", DIT_FIXTURES)
 def test_import_official_release_reproduces_fixture(tmp_path, fixture, capsys):
+    """Every architecture choice is read from the shapes, the family's fps modulation included (Predict2 multi-view
+    on, Predict2.5 multi-view off); only the temporal RoPE ratio (state_t / 24 for the released multi-view nets, not
+    in any tensor) is given when a tiny fixture's differs from the release's."""
     tensors = official_file(fixture, tmp_path / "release.pt")
-    convert.main(["import", str(tmp_path / "release.pt"), str(tmp_path / "imported.pt")])
+    want_cfg, num_views = config_from_sidecar(json.loads((FIXTURES / f"{fixture}.json").read_text()), tensors)
+    cfg, _ = convert.infer_config(model.clean_state_dict({k[8:]: v for k, v in tensors.items()
+                                                           if k.startswith("weights.")}))
+    t_ratio = [] if cfg.rope_t_extrapolation_ratio == want_cfg.rope_t_extrapolation_ratio else \
+        ["--rope_t_extrapolation_ratio", str(want_cfg.rope_t_extrapolation_ratio)]
+    convert.main(["import", str(tmp_path / "release.pt"), str(tmp_path / "imported.pt")] + t_ratio)
     printed = capsys.readouterr().out
     assert "inferred from shapes" in printed and "_extra_state" in printed and "accum_*" in printed
-    # every architecture choice is read from the shapes (the fixtures use official RoPE settings)
-    want_cfg, num_views = config_from_sidecar(json.loads((FIXTURES / f"{fixture}.json").read_text()), tensors)
     imported = torch.load(tmp_path / "imported.pt", weights_only=True)
     assert all(k.startswith("net.") and "_extra_state" not in k and "accum_" not in k for k in imported)
     net, rc = convert.load_dit(tmp_path / "imported.pt")
@@ -321,6 +330,9 @@ def test_info(tmp_path, nets):
     assert "flat .pt file" in text and "net.* " in text and "4 accum_*" in text and "9 _extra_state" in text
     assert "blocks.0-1" in text and "view_embeddings" in text and "7 view embeddings" in text
     assert "inferred from shapes" in text and "rope_enable_fps_modulation=True" in text
+    official_file("dit_multiview_p25", tmp_path / "release25.pt")      # Predict2.5 multi-view: no fps modulation
+    text = convert.info(tmp_path / "release25.pt")
+    assert "crossattn_proj 48->32" in text and "rope_enable_fps_modulation=False" in text
     reg, ema = nets
     write_dcp(tmp_path / "iter_000000003", reg.state_dict(), ema.state_dict(), run_config(ema))
     text = convert.info(tmp_path / "iter_000000003")
@@ -366,3 +378,16 @@ def test_round_trip_train_export_sample(tmp_path):
     diff = (frames(tmp_path / "release" / "model_ema_bf16.pt") - direct).abs()
     print(f"bf16 round trip: mean |diff| {diff.mean():.4f}, max {diff.max():.0f} (uint8 levels)")
     assert diff.mean() < 0.5 and diff.max() <= 8
+
+
+@pytest.mark.parametrize("proj, fps_modulated", [(0, True), (48, False)], ids=["predict2", "predict2.5"])
+def test_infer_config_multiview_family(proj, fps_modulated):
+    """A multi-view file with crossattn_proj is Predict2.5 (RoPE not fps-modulated, timestep scale 0.001); without,
+    Predict2 (always fps-modulated, scale 1)."""
+    with torch.device("meta"):
+        sd = model.DiT(model.DiTConfig(model_channels=64, num_blocks=2, num_heads=4, adaln_lora_dim=16,
+                                       crossattn_emb_channels=32, n_views_emb=7,
+                                       crossattn_proj_in_channels=proj)).state_dict()
+    cfg, assumed = convert.infer_config(sd)
+    assert cfg.rope_enable_fps_modulation is fps_modulated and "rope_enable_fps_modulation" in assumed
+    assert cfg.timestep_scale == (0.001 if proj else 1.0) and cfg.rope_t_extrapolation_ratio == 8 / 24

@@ -38,11 +38,17 @@ def config_from_sidecar(meta, tensors):
                  actions_per_latent=kw.get("temporal_compression_ratio", 4))
     num_views = 1
     if cls == "MultiViewDiT":
-        # the official multi-view net always modulates temporal RoPE by fps (see fixtures/README.md)
+        # Predict2's multi-view net modulates temporal RoPE by fps whatever its flag says; Predict2.5's honours the
+        # flag (released: off). fixtures/README.md "Predict2.5: what differs"
         c.update(n_views_emb=kw["n_cameras_emb"], view_condition_dim=kw["view_condition_dim"],
-                 rope_enable_fps_modulation=True)
+                 rope_enable_fps_modulation=kw["rope_enable_fps_modulation"] or family(meta) == "predict2")
         num_views = tensors["inputs.x_B_C_T_H_W"].shape[2] // kw["state_t"]
     return DiTConfig(**c), num_views
+
+
+def family(meta):
+    """"predict2.5" for fixtures made from the nvidia-cosmos/cosmos-predict2.5 code, else "predict2"."""
+    return "predict2.5" if meta["source"]["repo"].endswith("cosmos-predict2.5") else "predict2"
 
 
 def load_fixture(path):
