@@ -131,7 +131,58 @@ def sample_euler(denoise, eps, num_steps):
     return x
 
 
-SAMPLERS = {"ab2": sample_ab2, "euler": sample_euler}
+def unipc_schedule(num_steps, shift=5.0):
+    """Predict2.5's grid (fm_solvers_unipc.py:72-122, set_timesteps :150-219): N sigmas from float32(0.999) (not 1)
+    towards 0, shifted s -> shift s / (1 + (shift-1) s) in float64. Returns (int64 [N] = truncated 1000 sigma, what
+    the net sees; float32 [N+1] sigmas with a final 0, what the solver uses)."""
+    s = np.linspace(float(np.float32(0.999)), 0.0, num_steps + 1)[:-1]
+    s = shift * s / (1 + (shift - 1) * s)
+    return torch.from_numpy((s * 1000).astype(np.int64)), torch.from_numpy(np.append(s, 0.0).astype(np.float32))
+
+
+def sample_unipc(denoise, eps, num_steps, shift=5.0, record=None):
+    """The official flow UniPC (fm_solvers_unipc.py:337-713; bh2, order 2, data prediction, lower order at the
+    end): a multistep exponential integrator in lambda = log((1-s)/s) whose predictor (UniP) extrapolates from the
+    last two x0 predictions and whose corrector (UniC) re-solves the previous step with the new x0, at no extra
+    network call. denoise(x_t, t, t_net) -> x0 with the net fed t_net (the truncated 1000-scale t / 1000).
+    record: a dict that receives per step the latents, x0 predictions and corrected samples."""
+    ts, sig = unipc_schedule(num_steps, shift)
+    sig = sig.tolist()
+    lam = [math.log((1 - s) / s) if s > 0 else math.inf for s in sig]
+    x, x_prev, x0s, order = eps, None, [], 0
+    for i in range(num_steps):
+        x0 = denoise(x, sig[i], ts[i].item() / 1000)
+        if record is not None:
+            record.setdefault("latents", []).append(x)
+            record.setdefault("x0_pred", []).append(x0)
+        if i > 0:   # UniC: redo step i-1 (from x_prev, of the order it had) with x0 as the extra point
+            h = lam[i] - lam[i - 1]
+            h_phi_1 = math.expm1(-h)                                         # = B_h (bh2)
+            corr = 0.5 * (x0 - x0s[-1])
+            if order == 2:
+                rk = (lam[i - 2] - lam[i - 1]) / h
+                k1 = h_phi_1 / -h - 1
+                r0, r1 = np.linalg.solve([[1.0, 1.0], [rk, 1.0]], [k1 / h_phi_1, 2 * (k1 / -h - 0.5) / h_phi_1])
+                corr = r0 * (x0s[-2] - x0s[-1]) / rk + r1 * (x0 - x0s[-1])
+            x = sig[i] / sig[i - 1] * x_prev - (1 - sig[i]) * h_phi_1 * (x0s[-1] + corr)
+        if record is not None:
+            record.setdefault("sample_corrected", []).append(x)
+        x0s.append(x0)
+        order = min(2, num_steps - i, i + 1)
+        x_prev = x
+        if sig[i + 1] == 0:                                                  # lambda = inf: the step lands on x0
+            x = x0
+            continue
+        h = lam[i + 1] - lam[i]
+        h_phi_1 = math.expm1(-h)                                             # UniP: the order-1 step ...
+        x = sig[i + 1] / sig[i] * x - (1 - sig[i + 1]) * h_phi_1 * x0
+        if order == 2:                                                       # ... plus half the x0 difference
+            rk = (lam[i - 1] - lam[i]) / h
+            x = x - (1 - sig[i + 1]) * h_phi_1 * 0.5 * (x0s[-2] - x0) / rk
+    return x
+
+
+SAMPLERS = {"ab2": sample_ab2, "euler": sample_euler, "unipc": sample_unipc}
 
 
 # -----------------------------------------------------------------------------
@@ -190,6 +241,19 @@ def tokenizer_device(tokenizer):
 def chunk_noise(seed, shape):
     """numpy RandomState normal noise, as the official arch_invariant_rand: the same on every device."""
     return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
+
+
+def guided_velocity(net, x_t, t_B, x0_cond, mask, noise, guidance=0.0, ctx=None, neg_ctx=None,
+                    uncond_anchored=False, **kw):
+    """Predict2.5's velocity (text2world_model_rectified_flow.py denoise + the action model's velocity_fn :174-294):
+    conditioned frames fed clean at the SAME t, their velocity replaced by noise - x0_cond (noise: the chunk's
+    initial noise); CFG cond + g (cond - uncond), or uncond + g (cond - uncond) for the multi-view model
+    (multiview_vid2vid_model_rectified_flow.py:381). ctx / neg_ctx: prompt / negative-prompt text (None = zeros)."""
+    v = model.predict_velocity(net, x_t, t_B, x0_cond, mask, None, crossattn_emb=ctx, **kw)
+    if ctx is not neg_ctx and (guidance != 0 or uncond_anchored):   # same text: cond = uncond, CFG changes nothing
+        v_u = model.predict_velocity(net, x_t, t_B, x0_cond, mask, None, crossattn_emb=neg_ctx, **kw)
+        v = v_u + guidance * (v - v_u) if uncond_anchored else v + guidance * (v - v_u)
+    return mask * (noise - x0_cond) + (1 - mask) * v
 
 
 @torch.no_grad()
