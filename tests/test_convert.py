@@ -111,7 +111,7 @@ def test_dcp_training_checkpoint(tmp_path, nets):
 def test_load_errors_are_loud(tmp_path, nets):
     _, ema = nets
     sd = {"net." + k: v for k, v in ema.state_dict().items()}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(convert.CheckpointError, match="nope.pt: no such file"):
         convert.load_weights(tmp_path / "nope.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a training checkpoint"):
@@ -121,7 +121,7 @@ def test_load_errors_are_loud(tmp_path, nets):
         convert.load_weights(tmp_path / "iter_000000009.tmp")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest_checkpoint.txt").write_text("iter_000000001")
-    with pytest.raises(FileNotFoundError, match="iter_000000001"):
+    with pytest.raises(convert.CheckpointError, match="iter_000000001"):
         convert.load_weights(tmp_path)
     torch.save({"state_dict": sd}, tmp_path / "nested.pt")        # a training-framework wrapper, not a flat dict
     with pytest.raises(ValueError, match="flat dict"):
@@ -198,6 +198,40 @@ def test_export_of_a_checkpoint_written_by_two_processes(tmp_path, nets):
     convert.export(tmp_path / "iter_000000003", tmp_path / "release")
     assert torch.equal(output(convert.load_dit(tmp_path / "release" / "model_ema_fp32.pt")[0]), output(ema))
     assert torch.equal(output(convert.load_dit(tmp_path / "release" / "model.pt", ema=False)[0]), output(reg))
+
+
+class NotAllowed:
+    """A pickled object torch's safe loader refuses (what a foreign or malicious .pt holds)."""
+
+
+@pytest.mark.parametrize("kind", ["text", "pickle", "safetensors", "not_dit"])
+def test_not_a_checkpoint_is_one_clear_line(tmp_path, kind):
+    """info / import / load on a file that is not a checkpoint: 'error: <file>: not a checkpoint nanocosmos can read
+    (formats: ...)' from the command line, exit 1, no traceback, and never torch's advice to load unsafely."""
+    import pickle
+    import subprocess
+    import sys
+    f = tmp_path / ("x.safetensors" if kind == "safetensors" else "x.pt")
+    if kind == "text":
+        f.write_text("hello, not a checkpoint\n")
+    elif kind == "pickle":
+        f.write_bytes(pickle.dumps({"net.a": NotAllowed()}))
+    elif kind == "safetensors":
+        f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    else:
+        save_file({"weights.x_embedder": torch.zeros(2)}, str(f.with_suffix(".safetensors")))
+        f = f.with_suffix(".safetensors")
+    cmds = [["info", str(f)]] + ([["import", str(f), str(tmp_path / "o.pt")]] if kind == "pickle" else [])
+    for cmd in cmds:
+        p = subprocess.run([sys.executable, str(ROOT / "convert.py")] + cmd, capture_output=True, text=True,
+                           cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        err = p.stderr.strip()
+        assert p.returncode == 1 and err.startswith(f"error: {f}: ") and "\n" not in err, err
+        assert "Traceback" not in err and "weights_only" not in err
+        assert ("no DiT weights" if kind == "not_dit" else "not a checkpoint nanocosmos can read (") in err
+    if kind != "not_dit":
+        with pytest.raises(convert.CheckpointError, match="formats: a training checkpoint directory"):
+            convert.load_weights(f)
 
 
 # ---- import: files shaped like an official release -------------------------------------------

@@ -127,7 +127,7 @@ def test_cli_prediction_ignores_ground_truth_beyond_first_frame(synth, ckpt2, tm
     ann = next((synth / "annotations" / "val").glob("*.json"))
     runs = [["--dit_path", str(ckpt2), f"--data_root={synth}", "--num_steps=2"],
             ["--dit_path", str(ckpt2), "--annotation", str(ann), "--num_steps=2"]]
-    clean = [sample.main(args + ["--save_path", "a.mp4"])[0][1] for args in runs]
+    clean = [sample.main(args + ["--save_path", "a.mp4", "--overwrite"])[0][1] for args in runs]
     real = data.read_frames
 
     def noisy(path, indices, size=None):
@@ -140,7 +140,7 @@ def test_cli_prediction_ignores_ground_truth_beyond_first_frame(synth, ckpt2, tm
 
     monkeypatch.setattr(data, "read_frames", noisy)
     for args, ref in zip(runs, clean):
-        assert torch.equal(sample.main(args + ["--save_path", "b.mp4"])[0][1], ref)
+        assert torch.equal(sample.main(args + ["--save_path", "b.mp4", "--overwrite"])[0][1], ref)
 
 
 def test_determinism_and_chunk_seeds(tok):
@@ -486,7 +486,8 @@ def test_real_bridge_episode(tmp_path, monkeypatch):
 
 def test_clear_errors(synth, ckpt2, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope/ckpt"):
+    import convert
+    with pytest.raises(convert.CheckpointError, match="nope/ckpt: no such file"):
         sample.main(["--dit_path", "nope/ckpt"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"continuous_gripper_state": [0, 0]}))
