@@ -221,14 +221,16 @@ def test_not_a_checkpoint_is_one_clear_line(tmp_path, kind):
     else:
         save_file({"weights.x_embedder": torch.zeros(2)}, str(f.with_suffix(".safetensors")))
         f = f.with_suffix(".safetensors")
-    cmds = [["info", str(f)]] + ([["import", str(f), str(tmp_path / "o.pt")]] if kind == "pickle" else [])
-    for cmd in cmds:
-        p = subprocess.run([sys.executable, str(ROOT / "convert.py")] + cmd, capture_output=True, text=True,
-                           cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-        err = p.stderr.strip()
-        assert p.returncode == 1 and err.startswith(f"error: {f}: ") and "\n" not in err, err
-        assert "Traceback" not in err and "weights_only" not in err
+    for cmd in (["info", str(f)], ["import", str(f), str(tmp_path / "o.pt")]):
+        with pytest.raises(SystemExit) as e:
+            convert.exit_on_known_errors(convert.main, cmd)
+        err = str(e.value.code)
+        assert err.startswith(f"error: {f}: ") and "\n" not in err and "weights_only" not in err, err
         assert ("no DiT weights" if kind == "not_dit" else "not a checkpoint nanocosmos can read (") in err
+    if kind == "pickle":       # the script itself: one line on stderr, exit 1, no traceback
+        p = subprocess.run([sys.executable, str(ROOT / "convert.py"), "info", str(f)], capture_output=True, text=True,
+                           cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 1 and p.stderr.strip() == err and "Traceback" not in p.stderr
     if kind != "not_dit":
         with pytest.raises(convert.CheckpointError, match="formats: a training checkpoint directory"):
             convert.load_weights(f)

@@ -358,8 +358,12 @@ def test_eval_report(synth, tok):
     assert len(report["per_chunk"]["psnr"]) == math.ceil(N / 12) == len(report["per_chunk"]["frames"])
     assert sum(report["per_chunk"]["frames"]) == 2 * 2 * N               # episodes x views x predicted frames
     assert report["per_chunk"]["time_steps"] == [[1, 12], [13, N]]
-    for d in (report, report["shuffled_actions"], report["copy_first_frame"], report["tokenizer_round_trip"]):
+    for d in (report, report["shuffled_actions"], report["copy_first_frame"], report["tokenizer_round_trip"],
+              report["no_motion"]):
         assert 0 < d["psnr"] < 150 and -1 <= d["ssim"] <= 1
+    assert report["latent_l2"] > 0 and report["no_motion"]["latent_l2"] > 0
+    assert report["beats_no_motion"] == {"psnr": report["psnr"] > report["no_motion"]["psnr"],
+                                         "latent_l2": report["latent_l2"] < report["no_motion"]["latent_l2"]}
     for k in ("psnr", "ssim"):
         assert all(0 < p < 150 for p in report["per_chunk"]["psnr"] + report["per_view"]["psnr"])
         assert all(-1 <= s <= 1 for s in report["per_chunk"]["ssim"] + report["per_view"]["ssim"])
@@ -369,6 +373,42 @@ def test_eval_report(synth, tok):
     assert [e["name"] for e in report["per_episode"]] == [e.name for e in ds.episodes]
     table = sample.format_table(report, ["cam0", "cam1"])
     assert f"chunk 1 (t 13-{N})" in table and "action sensitivity" in table and "cam1" in table
+    assert "no motion, through the tokenizer (baseline)" in table and "copy first frame, sharp (no tokenizer)" in table
+    assert "beat" in table.splitlines()[-2] and "latent L2: model" in table
+
+
+def test_no_motion_baseline_and_latent_l2(tok):
+    """The no-motion model goes through the tokenizer (blocky with the pixel tokenizer, unlike the sharp copy), holds
+    still, and a perfect prediction has latent L2 0 while standing still does not."""
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (2, 3, 20, H, W), generator=g, dtype=torch.uint8)
+    still = sample.no_motion(tok, video[:, :, 0], 20)
+    assert still.shape == video.shape and torch.equal(still[:, :, 0], video[:, :, 0])
+    through = sample.decode(tok, sample.encode(tok, video[:, :, :1]))[:, :, 0]          # the first frame, tokenized
+    assert all(torch.equal(still[:, :, k], through) for k in range(1, 20))
+    assert not torch.equal(through, video[:, :, 0])                                     # not the sharp copy
+    assert sample.latent_l2(tok, video, video) == 0
+    assert sample.latent_l2(tok, still, video) > 0.1
+
+
+def test_eval_says_whether_the_model_beats_standing_still(synth, tok):
+    """An oracle that predicts the ground truth (through the tokenizer) beats standing still on both measures; the
+    no-motion model itself does not."""
+    ds = data.RobotVideoDataset(synth, "val", num_frames=13, cameras=(0, 1), size=(H, W))
+
+    class Truth(OracleNet):
+        def forward(self, x, t_B_T, **kw):
+            return (x - self.target) / t_B_T[:, None, :, None, None]
+
+    net = Truth(tok, "per_frame")
+    net.target = rearrange_views(sample.encode(tok, ds.episode_frames(0)[:, :, :13]))
+    report = sample.evaluate(net, tok, ds, episodes=1, max_actions=12, num_steps=2, progress=False)
+    assert report["beats_no_motion"] == {"psnr": True, "latent_l2": True}
+    assert "the model beats standing still" in sample.format_table(report)
+
+
+def rearrange_views(z_V_C_T_h_w):
+    return z_V_C_T_h_w.permute(1, 0, 2, 3, 4).flatten(1, 2)[None]                      # [1, C, V*T, h, w]
 
 
 def test_eval_command_line(synth, ckpt2, tmp_path, monkeypatch, capsys):
@@ -681,3 +721,35 @@ def test_bf16_rollout_close_to_fp32(tok):
     diff = (fp32.float() - bf16.float()).abs()
     print(f"bf16 vs fp32 rollout: mean |diff| {diff.mean():.3f}, max {diff.max():.0f} uint8 levels")
     assert 0 < diff.mean() < 0.3 and diff.max() <= 2
+
+
+def test_command_line_errors_are_one_line(synth, ckpt2, tmp_path, capsys):
+    """Known errors: one line 'error: <file>: <problem>', exit 1, no traceback (checked in-process through the
+    script's entry point, and once as a real subprocess); output problems are found before the checkpoint is even
+    read (nothing printed before the error)."""
+    import convert
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "exists.mp4").write_text("")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"continuous_gripper_state": [0, 0]}))
+    cases = [(["--dit_path", str(tmp_path / "nope.pt")], f"error: {tmp_path / 'nope.pt'}: no such file"),
+             (["--dit_path", str(ckpt2), "--save_path", str(tmp_path / "afile" / "x.mp4")],
+              f"error: {tmp_path / 'afile'}: cannot create the output folder"),
+             (["--dit_path", str(ckpt2), "--save_path", str(tmp_path / "exists.mp4")],
+              f"error: {tmp_path / 'exists.mp4'}: exists; pass --overwrite"),
+             (["--dit_path", str(ckpt2), "--annotation", str(bad), "--input_path",
+               str(synth / "videos/cam0/ep00002.mp4"), "--save_path", str(tmp_path / "o.mp4")],
+              f"error: {bad}: "),
+             (["--dit_path", str(ckpt2), "--sampler", "heun", "--save_path", str(tmp_path / "o.mp4")],
+              "error: --sampler must be one of")]
+    for args, want in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            convert.exit_on_known_errors(sample.main, args)
+        assert str(e.value.code).startswith(want) and "\n" not in str(e.value.code), (args, e.value.code)
+        if "output folder" in want or "overwrite" in want:
+            assert capsys.readouterr().out == ""                           # refused before any work
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py")] + cases[1][0], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.strip().startswith(cases[1][1]) and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
