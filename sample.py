@@ -207,6 +207,23 @@ def to_uint8(video):
     return ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_frames, sampler, cond_t):
+    """Every input and setting of a rollout, checked before any work."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if sampler == "unipc" and cond_t is not None:
+        raise ConfigError("the unipc sampler conditions as Predict2.5 does (clean frames at the same t): "
+                          f"cond_t must be unset or < 0, got {cond_t}")
+    B, V, C3, H, W = first_frames_B_V_3_H_W.shape
+    if C3 != 3 or first_frames_B_V_3_H_W.dtype != torch.uint8:
+        raise ValueError(f"first frames must be uint8 [B, V, 3, H, W], got {first_frames_B_V_3_H_W.dtype} "
+                         f"{list(first_frames_B_V_3_H_W.shape)}")
+    check_actions(net, num_frames, tokenizer, actions_B_N_A.shape[2])
+    s, p = tokenizer.spatial_factor, net.cfg.patch_spatial
+    if H % (s * p) or W % (s * p):
+        raise ConfigError(f"frame size {H}x{W} must be a multiple of {s * p} (tokenizer {s} x patch {p})")
+
+
 def check_actions(net, num_frames, tokenizer, A):
     cfg = net.cfg
     per_chunk = num_frames - 1
@@ -296,24 +313,12 @@ def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames
     crossattn_emb / neg_crossattn_emb: [1, N, C] text of the conditional / unconditional branch (None = zeros).
     amp: None (float32) or the autocast dtype of the DiT. timings: a list that receives one dict per chunk.
     """
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-    if sampler == "unipc" and cond_t is not None:
-        raise ConfigError("the unipc sampler conditions as Predict2.5 does (clean frames at the same t): "
-                          f"cond_t must be unset or < 0, got {cond_t}")
-    B, V, C3, H, W = first_frames_B_V_3_H_W.shape
-    if C3 != 3 or first_frames_B_V_3_H_W.dtype != torch.uint8:
-        raise ValueError(f"first frames must be uint8 [B, V, 3, H, W], got {first_frames_B_V_3_H_W.dtype} "
-                         f"{list(first_frames_B_V_3_H_W.shape)}")
-    N, A = actions_B_N_A.shape[1:]
-    check_actions(net, num_frames, tokenizer, A)
+    check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_frames, sampler, cond_t)
+    B, V, _, H, W = first_frames_B_V_3_H_W.shape
+    N = actions_B_N_A.shape[1]
     per_chunk = num_frames - 1
     T_lat = latent_frames(num_frames, tokenizer.temporal_factor)
-    s = tokenizer.spatial_factor
-    if H % (s * net.cfg.patch_spatial) or W % (s * net.cfg.patch_spatial):
-        raise ConfigError(f"frame size {H}x{W} must be a multiple of {s * net.cfg.patch_spatial} "
-                          f"(tokenizer {s} x patch {net.cfg.patch_spatial})")
-    h, w = H // s, W // s
+    h, w = H // tokenizer.spatial_factor, W // tokenizer.spatial_factor
     dev = next(net.parameters()).device
     fps_B = torch.full((B,), float(fps), device=dev)
     mask = model.condition_mask(B, V, T_lat, h, w, 1, device=dev)
