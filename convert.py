@@ -45,6 +45,10 @@ class CheckpointError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist (catchable as FileNotFoundError too)."""
+
+
 def exit_on_known_errors(main, argv=None):
     """Run main(argv) for a script: a known error (config, data, checkpoint, shape, missing file) is printed as
     one line 'error: <file>: <problem>' and exits 1; anything unexpected keeps its traceback."""
@@ -64,7 +68,7 @@ def resolve(path):
     """A path the user gave -> a DCP checkpoint dir or a weights file. Follows latest_checkpoint.txt."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(p, "no such file or directory")
+        raise MissingCheckpointError(p, "no such file or directory")
     if p.is_file():
         return p
     if p.name.endswith(".tmp"):
