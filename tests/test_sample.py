@@ -579,12 +579,12 @@ def test_default_run_then_bare_sample(tmp_path):
 # -----------------------------------------------------------------------------
 # Predict2.5: family defaults, text context, the official inference command, bf16
 
-def tiny_p25(seed=0, views=0):
+def tiny_p25(seed=0, views=0, action_mode="per_frame"):
     """A tiny Predict2.5-shaped net: per-frame actions, crossattn_proj 24 -> 16, 1000-scale timesteps."""
     torch.manual_seed(seed)
     cfg = model.DiTConfig(model_channels=32, num_blocks=2, num_heads=2, adaln_lora_dim=8, crossattn_emb_channels=16,
                           crossattn_proj_in_channels=24, timestep_scale=0.001, in_channels=12, out_channels=12,
-                          action_mode="per_frame", n_views_emb=views)
+                          action_mode=action_mode, n_views_emb=views)
     return model.DiT(cfg).eval()
 
 
@@ -753,3 +753,17 @@ def test_command_line_errors_are_one_line(synth, ckpt2, tmp_path, capsys):
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert p.returncode == 1 and p.stderr.strip().startswith(cases[1][1]) and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_guidance_formula_follows_the_family(tok):
+    """At guidance 0 the action model (cond + g (cond - uncond)) is its conditional branch; the Predict2.5 multi-view
+    video model (uncond + g (cond - uncond)) is its unconditional one."""
+    first, actions = first_and_actions(V=2, N=12)
+    text = torch.randn(1, 2 * 512, 24)
+    kw = dict(num_steps=2, sampler="unipc", progress=False)
+    for net, anchored_on_uncond in ((tiny_p25(views=7), False), (tiny_p25(views=7, action_mode="none"), True)):
+        both = sample.rollout(net, tok, first, actions, crossattn_emb=text, **kw)
+        cond_only = sample.rollout(net, tok, first, actions, crossattn_emb=text, neg_crossattn_emb=text, **kw)
+        uncond_only = sample.rollout(net, tok, first, actions, **kw)
+        assert torch.equal(both, uncond_only if anchored_on_uncond else cond_only)
+        assert not torch.equal(cond_only, uncond_only)
