@@ -34,6 +34,31 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 import model
 
 OFFICIAL_NAMES = ("model", "model_ema_fp32", "model_ema_bf16")   # + .pt or .safetensors
+FORMATS = ("a training checkpoint directory (iter_*/ with .metadata, or one holding latest_checkpoint.txt), "
+           "or a .pt / .safetensors file of {'net.<key>': tensor}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or a file given as one) that cannot be used. str(e) is '<file>: <problem>'."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist (catchable as FileNotFoundError too)."""
+
+
+def exit_on_known_errors(main, argv=None):
+    """Run main(argv) for a script: a known error (config, data, checkpoint, shape, missing file) is printed as
+    one line 'error: <file>: <problem>' and exits 1; anything unexpected keeps its traceback."""
+    import configurator
+    import data
+    try:
+        return main(argv)
+    except (CheckpointError, configurator.ConfigError, data.DataError, FileNotFoundError) as e:
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        sys.exit(f"error: {msg}")
 
 
 # -----------------------------------------------------------------------------
@@ -43,11 +68,11 @@ def resolve(path):
     """A path the user gave -> a DCP checkpoint dir or a weights file. Follows latest_checkpoint.txt."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or directory")
+        raise MissingCheckpointError(p, "no such file or directory")
     if p.is_file():
         return p
     if p.name.endswith(".tmp"):
-        raise ValueError(f"{p} is an incomplete checkpoint (saves go to .tmp and are renamed when complete)")
+        raise CheckpointError(p, "an incomplete checkpoint (saves go to .tmp and are renamed when complete)")
     if (p / ".metadata").is_file():
         return p
     for d in (p, p / "checkpoints"):
@@ -55,12 +80,12 @@ def resolve(path):
         if latest.is_file():
             target = d / latest.read_text().strip()
             if not (target / ".metadata").is_file():
-                raise FileNotFoundError(f"{latest} names {target.name}, which is not a checkpoint directory")
+                raise CheckpointError(latest, f"names {target.name}, which is not a checkpoint directory")
             return target
     files = sorted(x.name for x in p.iterdir() if x.suffix in (".pt", ".safetensors"))
     hint = f"; it holds {', '.join(files)}: pass one of those files" if files else ""
-    raise ValueError(f"{p} is neither a training checkpoint (no .metadata) nor a directory holding "
-                     f"latest_checkpoint.txt or checkpoints/latest_checkpoint.txt{hint}")
+    raise CheckpointError(p, f"neither a training checkpoint (no .metadata) nor a directory holding "
+                             f"latest_checkpoint.txt or checkpoints/latest_checkpoint.txt{hint}")
 
 
 def _dcp_metadata(ckpt_dir):
@@ -85,26 +110,31 @@ def read_dcp(ckpt_dir, group):
 def read_file(path):
     """A .pt / .safetensors file -> its flat {name: tensor} dict, memory-mapped where the format allows."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    # old TransformerEngine versions pickle _extra_state as io.BytesIO: harmless, so allow it in weights_only
-    with torch.serialization.safe_globals([io.BytesIO]):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        # old TransformerEngine versions pickle _extra_state as io.BytesIO: harmless, so allow it in weights_only
+        with torch.serialization.safe_globals([io.BytesIO]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")                         # torch's pickle-protocol notes: not for users
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
+    except Exception as e:   # torch's messages suggest weights_only=False: never offer an unsafe load
+        raise CheckpointError(path, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
+                                    f"{FORMATS})") from None
     if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{path}: expected a flat dict of tensors, got {type(obj).__name__}")
+        raise CheckpointError(path, f"expected a flat dict of tensors, got {type(obj).__name__} (formats: {FORMATS})")
     bad = {k: type(v).__name__ for k, v in obj.items()
            if not torch.is_tensor(v) and not str(k).endswith("_extra_state")}
     if bad:
         shown = ", ".join(f"{k!r}: {t}" for k, t in list(bad.items())[:5])
-        raise ValueError(f"{path}: not a flat dict of tensors ({shown}{', ...' if len(bad) > 5 else ''}); "
-                         "official and nanocosmos weight files are {'net.<key>': tensor}. A training checkpoint "
-                         "is a directory: pass that instead")
+        raise CheckpointError(path, f"not a flat dict of tensors ({shown}{', ...' if len(bad) > 5 else ''}); "
+                                    "official and nanocosmos weight files are {'net.<key>': tensor}. A training "
+                                    "checkpoint is a directory: pass that instead")
     return obj
 
 
@@ -148,8 +178,9 @@ def load_weights(path, ema=True):
         prefix = _source_prefix(raw, ema)
         sd = model.clean_state_dict(raw, ema=ema)
         source = f"{prefix}*" if prefix else "unprefixed keys"
-    if not sd:
-        raise ValueError(f"{p}: no DiT weights found")
+    if not sd or "x_embedder.proj.1.weight" not in sd:
+        raise CheckpointError(p, f"no DiT weights found ({len(sd)} tensors, none is x_embedder.proj.1.weight; "
+                                 f"first keys: {list(sd)[:3]})")
     print(f"convert: loaded {len(sd)} tensors from {p} ({source})")
     return sd, run_config_for(p)
 
@@ -163,16 +194,17 @@ ROPE_FIELDS = ("rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio", "rope
 
 def infer_config(sd, **overrides):
     """model.infer_config, plus the RoPE settings that no tensor holds, taken from the released models: the 14B
-    ratios for a 14B-sized net, and the official multi-view net's (t ratio 8/24, temporal positions modulated by
-    fps) when there is a view embedding; the single-view defaults otherwise. Returns (cfg, the RoPE fields that
-    were assumed rather than given in overrides)."""
+    ratios for a 14B-sized net, and the official multi-view nets' t ratio 8/24 when there is a view embedding; the
+    single-view defaults otherwise. Temporal positions modulated by fps: Predict2's multi-view net always does,
+    Predict2.5's (crossattn_proj present) honours its flag, which the release sets off (buttercup2p5_rectified_flow.py
+    :121-138). Returns (cfg, the RoPE fields that were assumed rather than given in overrides)."""
     cfg = model.infer_config(sd, **overrides)
     known = {}
     for preset in model.PRESETS.values():
         if all(getattr(cfg, k) == v for k, v in preset.items() if k in ("model_channels", "num_blocks", "num_heads")):
             known.update({k: v for k, v in preset.items() if k in ROPE_FIELDS})
     if cfg.n_views_emb:
-        known.update(rope_t_extrapolation_ratio=8 / 24, rope_enable_fps_modulation=True)
+        known.update(rope_t_extrapolation_ratio=8 / 24, rope_enable_fps_modulation=not cfg.crossattn_proj_in_channels)
     cfg = replace(cfg, **{k: v for k, v in known.items() if k not in overrides})
     return cfg, [k for k in ROPE_FIELDS if k not in overrides]
 
@@ -222,10 +254,59 @@ def load_dit(path, device="cpu", ema=True, dtype=torch.float32, **config_overrid
     """(DiT in eval mode with the checkpoint's weights, run config or None). Every parameter must come from the
     checkpoint and every checkpoint tensor must fit the model (model.load_into strict)."""
     sd, run_config = load_weights(path, ema=ema)
-    cfg = config_for(sd, run_config, **config_overrides)
-    net = build(cfg, device, dtype)
-    model.load_into(net, sd, strict=True)
+    try:
+        cfg = config_for(sd, run_config, **config_overrides)
+        net = build(cfg, device, dtype)
+        model.load_into(net, sd, strict=True)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(path, str(e)) from None
     return net.eval(), run_config
+
+
+def family(cfg):
+    """"predict2.5" for a Predict2.5-style net (1000-scale timesteps, crossattn_proj), else "predict2". It decides
+    the sampler, the conditioning and the guidance formula (fixtures/README.md, "Predict2.5: what differs")."""
+    return "predict2.5" if cfg.timestep_scale != 1.0 or cfg.crossattn_proj_in_channels else "predict2"
+
+
+def load_text_embedding(path, cfg, device="cpu"):
+    """
+    A precomputed text context for every sample, float32 [1, N, C], from a safetensors file holding one tensor
+    [N, C] or [1, N, C] (any name; or several, one of them named "text_embedding"). C is either the net's
+    crossattn_proj input width (Predict2.5: 100352 = 28 Reason1 layers x 3584; Predict2: the T5 width 1024) or,
+    for a net with crossattn_proj, its output width (already projected: only valid with the checkpoint whose
+    crossattn_proj made it). Multi-view nets take 512 tokens per view (N = 512 V).
+
+    What the release saw: the Predict2.5 robot model was trained on Reason1 embeddings of the empty caption (zeros
+    only under its 20% text dropout), and official inference embeds `prompt or ""` for the conditional branch and
+    the negative prompt for the unconditional one. Recipe with the official code (nvidia-cosmos/cosmos-predict2.5
+    installed, a GPU; text_encoder.py get_reason1_embeddings uses the full_concat strategy of the release):
+
+        from safetensors.torch import save_file
+        from cosmos_predict2._src.predict2.text_encoders.text_encoder import get_reason1_embeddings
+        emb = get_reason1_embeddings("")                 # the prompt, or "" as in training: [1, 512, 100352]
+        save_file({"text_embedding": emb.float().cpu().contiguous()}, "empty_caption_reason1.safetensors")
+
+    (the same with the negative prompt of inference_params.json gives the negative_text_embedding file; official
+    inference casts both to bf16 before the net.) Errors name the file: one line, before any sampling.
+    """
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "text embedding not found")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(path, f"not a safetensors file ({type(e).__name__})") from None
+    if len(tensors) != 1 and "text_embedding" not in tensors:
+        raise CheckpointError(path, f"expected one tensor or one named 'text_embedding', got {sorted(tensors)}")
+    emb = tensors.get("text_embedding", next(iter(tensors.values())))
+    emb = emb[None] if emb.ndim == 2 else emb
+    widths = {cfg.crossattn_proj_in_channels or cfg.crossattn_emb_channels, cfg.crossattn_emb_channels}
+    if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[-1] not in widths:
+        raise CheckpointError(path, f"text embedding of shape {list(emb.shape)}; this net takes [1, N, C] with C in "
+                                    f"{sorted(widths)} (crossattn_proj input / projected width)")
+    return emb.float().to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -385,9 +466,13 @@ def peek(path):
         return f"training checkpoint (torch.distributed.checkpoint, {shards} shard file{'s' * (shards != 1)}) {p}", tensors
     if p.suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(p), framework="pt") as f:
-            tensors = {k: torch.empty(f.get_slice(k).get_shape(), dtype=_ST_DTYPES[f.get_slice(k).get_dtype()],
-                                      device="meta") for k in f.keys()}
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                tensors = {k: torch.empty(f.get_slice(k).get_shape(), dtype=_ST_DTYPES[f.get_slice(k).get_dtype()],
+                                          device="meta") for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(p, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
+                                     f"{FORMATS})") from None
         return f"safetensors file {p}", tensors
     return f"flat .pt file {p}", read_file(p)
 
@@ -443,13 +528,13 @@ def info(path, ema=True):
         cfg = model.config_from_dict(rc["model"])
         extra = f", step {rc['step']}" if "step" in rc else ""
         lines.append(f"config (run config{extra}): {describe(cfg)}")
+    elif "x_embedder.proj.1.weight" not in sd:
+        raise CheckpointError(p, f"no DiT weights found ({len(sd)} tensors, none is x_embedder.proj.1.weight; "
+                                 f"first keys: {list(sd)[:3]})")
     else:
-        try:
-            cfg, assumed = infer_config(sd)
-            lines.append(f"config (inferred from shapes): {describe(cfg)}")
-            lines.append(f"  not in the weights, assumed: {', '.join(f'{k}={_fmt(getattr(cfg, k))}' for k in assumed)}")
-        except KeyError as e:
-            lines.append(f"config: cannot be inferred (no {e} tensor): not a DiT checkpoint?")
+        cfg, assumed = infer_config(sd)
+        lines.append(f"config (inferred from shapes): {describe(cfg)}")
+        lines.append(f"  not in the weights, assumed: {', '.join(f'{k}={_fmt(getattr(cfg, k))}' for k in assumed)}")
     text = "\n".join(lines)
     print(text)
     return text
@@ -530,4 +615,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_known_errors(main)

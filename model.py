@@ -193,7 +193,7 @@ class Block(nn.Module):
                     raise ValueError(f"multi-view context must have {num_views} x {self.tokens_per_view} tokens, "
                                      f"got {ctx.shape[1]}")
                 y = rearrange(y, "b (v t) h w d -> (v b) (t h w) d", v=num_views)
-                c = rearrange(ctx, "b (v n) c -> (v b) n c", v=num_views)
+                c = rearrange(ctx.expand(B, -1, -1), "b (v n) c -> (v b) n c", v=num_views)   # [1,N,C] broadcasts
                 y = rearrange(self.cross_attn(y, c), "(v b) (t h w) d -> b (v t) h w d", v=num_views, h=H, w=W)
             else:
                 y = rearrange(self.cross_attn(rearrange(y, "b t h w d -> b (t h w) d"), ctx),
@@ -352,8 +352,8 @@ class DiT(nn.Module):
         without crossattn_proj the sublayer adds exactly zero and is skipped; with it, every token equals
         GELU(bias), so each block's output is one constant vector, computed once per forward."""
         if crossattn_emb is not None:
-            if self.cfg.crossattn_proj_in_channels:
-                crossattn_emb = self.crossattn_proj(crossattn_emb)
+            if self.cfg.crossattn_proj_in_channels and crossattn_emb.shape[-1] == self.cfg.crossattn_proj_in_channels:
+                crossattn_emb = self.crossattn_proj(crossattn_emb)   # else already projected (text_embedding file)
             return ("tokens", crossattn_emb)
         if self.cfg.crossattn_proj_in_channels:
             w = self.crossattn_proj[0].weight

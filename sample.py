@@ -1,20 +1,27 @@
 """
-Roll a trained nanocosmos world model out over a whole robot trajectory, write the video, or evaluate it.
+Roll a trained nanocosmos world model (or a released Cosmos one) out over a whole robot trajectory, write the
+video, or evaluate it.
 
     python sample.py                                   # latest checkpoint of `python train.py`, first val episode
     python sample.py --compare=True --num_steps 20     # ground truth beside the prediction
-    python sample.py --eval                            # PSNR / SSIM over the val split, per view and per chunk
+    python sample.py --eval                            # PSNR / SSIM / latent L2 over the val split, vs standing still
     python sample.py --model_size 2B --dit_path checkpoints/.../model/iter_000001000.pt \\
         --input_path datasets/multiview_action/videos/cam0/example.mp4 \\
         --annotation datasets/multiview_action/annotations/example.json \\
         --num_conditional_frames 1 --save_path output/multiview_action_result.mp4
+    python sample.py -i inference_params.json -o OUT --checkpoint-path model_ema_bf16.pt [--experiment NAME]
+                                                       # the Cosmos-Predict2.5 action guide's command (official_run)
 
 Given the first frame of every camera and the episode's actions, the model predicts 12 frames at a time
 (13-frame models: 1 conditioning frame + 12 new ones); each chunk starts from the last frame it generated.
-Samplers (shared/spec/dit.md 7.1): the official second-order AB2 multistep on the Karras sigma grid, and Euler;
-both step with model.predict_x0, so the rectified-flow maths live in model.py only.
-Options are --key=value or --key value (configurator.py); a bare --eval / --compare / --disable_guardrail
-means True.
+Samplers: Predict2's second-order AB2 multistep on the Karras sigma grid (and Euler), conditioned frames at
+sigma 1e-4 (shared/spec/dit.md 7.1); Predict2.5's flow UniPC with shift 5, conditioned frames at the same t
+(fixtures/README.md). The family of the net (convert.family) picks the default; tests/test_sample.py holds the
+UniPC loop to the official one (tests/fixtures/sampler_*). The rectified-flow maths live in model.py only.
+Precision: on CUDA the DiT runs under bf16 autocast and the tokenizer in bf16, TF32 on (--dtype float32 for full
+precision); on CPU float32. Known errors print one line `error: <file>: <problem>` and exit 1.
+Options are --key=value or --key value (configurator.py); a bare --eval / --compare / --disable_guardrail /
+--overwrite / --compile means True.
 """
 
 import json
@@ -35,6 +42,7 @@ from tqdm import tqdm
 
 import configurator
 import model
+from configurator import ConfigError
 from vae import latent_frames
 
 # -----------------------------------------------------------------------------
@@ -54,10 +62,15 @@ num_conditional_frames = 1     # pixel frames; the action models condition on ex
 max_actions = 0                # 0: the whole trajectory; n: only the first n actions (n+1 frames)
 # sampling
 num_steps = 35
-sampler = "ab2"                # "ab2" (official) | "euler"
+sampler = ""                   # "" -> the family's: "unipc" (Predict2.5 nets) or "ab2" (Predict2); or "euler"
+shift = 5.0                    # unipc: shift of the sigma grid (Predict2.5: 5)
 seed = 0                       # chunk starting at time step i uses seed + i (Cosmos: seed = i)
-guidance = 0.0                 # CFG; no effect for action models (their text context is all zeros)
-cond_t = None                  # t of the conditioning latent; None -> run config (<0 = same t as the rest)
+guidance = 0.0                 # CFG scale; changes nothing while both branches see the same text (zeros by default)
+cond_t = None                  # t of the conditioning latent; None -> run config / family (<0 = same t as the rest)
+text_embedding = ""            # safetensors text context for every sample (convert.load_text_embedding); "" = zeros
+negative_text_embedding = ""   # the unconditional branch's text (official: the negative prompt); "" = zeros
+dtype = ""                     # "" -> "bfloat16" on CUDA (DiT autocast, tokenizer bf16, TF32), "float32" on CPU
+compile = False                # torch.compile the DiT
 # data settings (None / 0 -> run config)
 num_frames = 0
 frame_size = None
@@ -70,6 +83,7 @@ tokenizer_path = ""
 pixel_factor = 0
 # output
 save_path = "output/sample.mp4"
+overwrite = False              # replace existing output videos (else an existing one is an error, before sampling)
 strip_path = ""                # PNG frame strip; "" -> save_path with .png
 save_fps = 0
 compare = False                # ground truth beside the prediction
@@ -131,7 +145,58 @@ def sample_euler(denoise, eps, num_steps):
     return x
 
 
-SAMPLERS = {"ab2": sample_ab2, "euler": sample_euler}
+def unipc_schedule(num_steps, shift=5.0):
+    """Predict2.5's grid (fm_solvers_unipc.py:72-122, set_timesteps :150-219): N sigmas from float32(0.999) (not 1)
+    towards 0, shifted s -> shift s / (1 + (shift-1) s) in float64. Returns (int64 [N] = truncated 1000 sigma, what
+    the net sees; float32 [N+1] sigmas with a final 0, what the solver uses)."""
+    s = np.linspace(float(np.float32(0.999)), 0.0, num_steps + 1)[:-1]
+    s = shift * s / (1 + (shift - 1) * s)
+    return torch.from_numpy((s * 1000).astype(np.int64)), torch.from_numpy(np.append(s, 0.0).astype(np.float32))
+
+
+def sample_unipc(denoise, eps, num_steps, shift=5.0, record=None):
+    """The official flow UniPC (fm_solvers_unipc.py:337-713; bh2, order 2, data prediction, lower order at the
+    end): a multistep exponential integrator in lambda = log((1-s)/s) whose predictor (UniP) extrapolates from the
+    last two x0 predictions and whose corrector (UniC) re-solves the previous step with the new x0, at no extra
+    network call. denoise(x_t, t, t_net) -> x0 with the net fed t_net (the truncated 1000-scale t / 1000).
+    record: a dict that receives per step the latents, x0 predictions and corrected samples."""
+    ts, sig = unipc_schedule(num_steps, shift)
+    sig = sig.tolist()
+    lam = [math.log((1 - s) / s) if s > 0 else math.inf for s in sig]
+    x, x_prev, x0s, order = eps, None, [], 0
+    for i in range(num_steps):
+        x0 = denoise(x, sig[i], ts[i].item() / 1000)
+        if record is not None:
+            record.setdefault("latents", []).append(x)
+            record.setdefault("x0_pred", []).append(x0)
+        if i > 0:   # UniC: redo step i-1 (from x_prev, of the order it had) with x0 as the extra point
+            h = lam[i] - lam[i - 1]
+            h_phi_1 = math.expm1(-h)                                         # = B_h (bh2)
+            corr = 0.5 * (x0 - x0s[-1])
+            if order == 2:
+                rk = (lam[i - 2] - lam[i - 1]) / h
+                k1 = h_phi_1 / -h - 1
+                r0, r1 = np.linalg.solve([[1.0, 1.0], [rk, 1.0]], [k1 / h_phi_1, 2 * (k1 / -h - 0.5) / h_phi_1])
+                corr = r0 * (x0s[-2] - x0s[-1]) / rk + r1 * (x0 - x0s[-1])
+            x = sig[i] / sig[i - 1] * x_prev - (1 - sig[i]) * h_phi_1 * (x0s[-1] + corr)
+        if record is not None:
+            record.setdefault("sample_corrected", []).append(x)
+        x0s.append(x0)
+        order = min(2, num_steps - i, i + 1)
+        x_prev = x
+        if sig[i + 1] == 0:                                                  # lambda = inf: the step lands on x0
+            x = x0
+            continue
+        h = lam[i + 1] - lam[i]
+        h_phi_1 = math.expm1(-h)                                             # UniP: the order-1 step ...
+        x = sig[i + 1] / sig[i] * x - (1 - sig[i + 1]) * h_phi_1 * x0
+        if order == 2:                                                       # ... plus half the x0 difference
+            rk = (lam[i - 1] - lam[i]) / h
+            x = x - (1 - sig[i + 1]) * h_phi_1 * 0.5 * (x0s[-2] - x0) / rk
+    return x
+
+
+SAMPLERS = {"ab2": sample_ab2, "euler": sample_euler, "unipc": sample_unipc}
 
 
 # -----------------------------------------------------------------------------
@@ -142,19 +207,36 @@ def to_uint8(video):
     return ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_frames, sampler, cond_t):
+    """Every input and setting of a rollout, checked before any work."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if sampler == "unipc" and cond_t is not None:
+        raise ConfigError("the unipc sampler conditions as Predict2.5 does (clean frames at the same t): "
+                          f"cond_t must be unset or < 0, got {cond_t}")
+    B, V, C3, H, W = first_frames_B_V_3_H_W.shape
+    if C3 != 3 or first_frames_B_V_3_H_W.dtype != torch.uint8:
+        raise ValueError(f"first frames must be uint8 [B, V, 3, H, W], got {first_frames_B_V_3_H_W.dtype} "
+                         f"{list(first_frames_B_V_3_H_W.shape)}")
+    check_actions(net, num_frames, tokenizer, actions_B_N_A.shape[2])
+    s, p = tokenizer.spatial_factor, net.cfg.patch_spatial
+    if H % (s * p) or W % (s * p):
+        raise ConfigError(f"frame size {H}x{W} must be a multiple of {s * p} (tokenizer {s} x patch {p})")
+
+
 def check_actions(net, num_frames, tokenizer, A):
     cfg = net.cfg
     per_chunk = num_frames - 1
     if cfg.action_mode == "global" and cfg.num_actions != per_chunk:
-        raise ValueError(f"the model takes {cfg.num_actions} actions per chunk but num_frames={num_frames} "
-                         f"needs {per_chunk}")
+        raise ConfigError(f"the model takes {cfg.num_actions} actions per chunk but num_frames={num_frames} "
+                          f"needs {per_chunk}")
     if cfg.action_mode == "per_frame":
         need = (latent_frames(num_frames, tokenizer.temporal_factor) - 1) * cfg.actions_per_latent
         if need != per_chunk:
-            raise ValueError(f"num_frames={num_frames} gives {need} actions per chunk at {cfg.actions_per_latent} per "
-                             f"latent frame, but a chunk spans {per_chunk} steps")
+            raise ConfigError(f"num_frames={num_frames} gives {need} actions per chunk at {cfg.actions_per_latent} "
+                              f"per latent frame, but a chunk spans {per_chunk} steps")
     if cfg.action_mode != "none" and A != cfg.action_dim:
-        raise ValueError(f"the model takes {cfg.action_dim}-D actions, got {A}-D")
+        raise ConfigError(f"the model takes {cfg.action_dim}-D actions, got {A}-D")
 
 
 def pad_actions(a_B_n_A, n):
@@ -169,22 +251,31 @@ def pad_actions(a_B_n_A, n):
     return torch.cat([a_B_n_A, pad], dim=1)
 
 
+def tokenizer_param(tokenizer):
+    """A tensor of the tokenizer: its device and dtype are what encode/decode take."""
+    p = next(iter(tokenizer.parameters()), None)
+    return p if p is not None else next(iter(tokenizer.buffers()))
+
+
+def encode(tokenizer, video_N_3_T_H_W):
+    """uint8 video -> float32 latents, in the tokenizer's device and dtype."""
+    p = tokenizer_param(tokenizer)
+    return tokenizer.encode((video_N_3_T_H_W.float() / 127.5 - 1).to(p.device, p.dtype)).float()
+
+
+def decode(tokenizer, z):
+    p = tokenizer_param(tokenizer)
+    return to_uint8(tokenizer.decode(z.to(p.device, p.dtype))).cpu()
+
+
 def encode_frames(tokenizer, frames_B_V_3_H_W, latent_T):
     """The conditioning latents [B, C, V*latent_T, h, w]: latent 0 of every view from its frame, the rest zeros
     (masked). Encoding the frame alone gives exactly latent 0 of the 13-frame clip Cosmos encodes (frame 0 followed by
     zeros): both tokenizers are causal, latent 0 sees frame 0 only."""
     B, V = frames_B_V_3_H_W.shape[:2]
-    x = rearrange(frames_B_V_3_H_W, "b v c h w -> (b v) c 1 h w").float() / 127.5 - 1
-    z = tokenizer.encode(x.to(tokenizer_device(tokenizer))).float()
+    z = encode(tokenizer, rearrange(frames_B_V_3_H_W, "b v c h w -> (b v) c 1 h w"))
     z = F.pad(z, (0, 0, 0, 0, 0, latent_T - 1))
     return rearrange(z, "(b v) c t h w -> b c (v t) h w", b=B, v=V)
-
-
-def tokenizer_device(tokenizer):
-    t = next(iter(tokenizer.parameters()), None)
-    if t is None:
-        t = next(iter(tokenizer.buffers()))
-    return t.device
 
 
 def chunk_noise(seed, shape):
@@ -192,9 +283,23 @@ def chunk_noise(seed, shape):
     return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
 
 
+def guided_velocity(net, x_t, t_B, x0_cond, mask, noise, guidance=0.0, ctx=None, neg_ctx=None,
+                    uncond_anchored=False, **kw):
+    """Predict2.5's velocity (text2world_model_rectified_flow.py denoise + the action model's velocity_fn :174-294):
+    conditioned frames fed clean at the SAME t, their velocity replaced by noise - x0_cond (noise: the chunk's
+    initial noise); CFG cond + g (cond - uncond), or uncond + g (cond - uncond) for the multi-view model
+    (multiview_vid2vid_model_rectified_flow.py:381). ctx / neg_ctx: prompt / negative-prompt text (None = zeros)."""
+    v = model.predict_velocity(net, x_t, t_B, x0_cond, mask, None, crossattn_emb=ctx, **kw).float()
+    if ctx is not neg_ctx and (guidance != 0 or uncond_anchored):   # same text: cond = uncond, CFG changes nothing
+        v_u = model.predict_velocity(net, x_t, t_B, x0_cond, mask, None, crossattn_emb=neg_ctx, **kw).float()
+        v = v_u + guidance * (v - v_u) if uncond_anchored else v + guidance * (v - v_u)
+    return mask * (noise - x0_cond) + (1 - mask) * v
+
+
 @torch.no_grad()
 def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames=13, num_steps=35, sampler="ab2",
-            seed=0, cond_t=None, fps=4, guidance=0.0, crossattn_emb=None, progress=True, timings=None):
+            shift=5.0, seed=0, cond_t=None, fps=4, guidance=0.0, crossattn_emb=None, neg_crossattn_emb=None,
+            amp=None, progress=True, timings=None):
     """
     Predict every camera over the whole action sequence. Returns uint8 [B, V, 3, N+1, H, W]: frame k is time step k
     (frame 0 is the given frame; frame k >= 1 follows actions 0..k-1). Chunk c covers time steps 12c..12c+12 (for
@@ -203,31 +308,26 @@ def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames
     the last chunk is padded (pad_actions) and only its real frames kept. Chunk c draws its noise with
     seed + 12c. Nothing but the first frames and the actions is read: no ground truth beyond the conditioning frame.
     The official tools instead repeat time step 12 and drop the last one (data_and_pipeline.md 6.2).
-    timings: a list that receives one dict per chunk (seconds, network calls).
+    Conditioning: "unipc" (Predict2.5) feeds the conditioned frames clean at the same t and replaces their velocity
+    (guided_velocity); "ab2" / "euler" (Predict2) feed them at cond_t (None: the same t) and replace their x0.
+    crossattn_emb / neg_crossattn_emb: [1, N, C] text of the conditional / unconditional branch (None = zeros).
+    amp: None (float32) or the autocast dtype of the DiT. timings: a list that receives one dict per chunk.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-    B, V, C3, H, W = first_frames_B_V_3_H_W.shape
-    if C3 != 3 or first_frames_B_V_3_H_W.dtype != torch.uint8:
-        raise ValueError(f"first frames must be uint8 [B, V, 3, H, W], got {first_frames_B_V_3_H_W.dtype} "
-                         f"{list(first_frames_B_V_3_H_W.shape)}")
-    N, A = actions_B_N_A.shape[1:]
-    check_actions(net, num_frames, tokenizer, A)
+    check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_frames, sampler, cond_t)
+    B, V, _, H, W = first_frames_B_V_3_H_W.shape
+    N = actions_B_N_A.shape[1]
     per_chunk = num_frames - 1
     T_lat = latent_frames(num_frames, tokenizer.temporal_factor)
-    s = tokenizer.spatial_factor
-    if H % (s * net.cfg.patch_spatial) or W % (s * net.cfg.patch_spatial):
-        raise ValueError(f"frame size {H}x{W} must be a multiple of {s * net.cfg.patch_spatial} "
-                         f"(tokenizer {s} x patch {net.cfg.patch_spatial})")
-    h, w = H // s, W // s
+    h, w = H // tokenizer.spatial_factor, W // tokenizer.spatial_factor
     dev = next(net.parameters()).device
     fps_B = torch.full((B,), float(fps), device=dev)
     mask = model.condition_mask(B, V, T_lat, h, w, 1, device=dev)
-    use_cfg = guidance != 0 and crossattn_emb is not None
-    if guidance != 0 and crossattn_emb is None and progress:
-        print("guidance: no effect (no text context: the conditional and unconditional predictions are identical)")
-    if crossattn_emb is not None:
-        crossattn_emb = crossattn_emb.to(dev)
+    ctx, neg = (None if e is None else e.to(dev) for e in (crossattn_emb, neg_crossattn_emb))
+    # the Predict2.5 multi-view (video) model anchors CFG on uncond; action models, Predict2.5 or not, on cond
+    uncond_anchored = sampler == "unipc" and net.cfg.n_views_emb > 0 and net.cfg.action_mode == "none"
+    two_branches = ctx is not neg and (guidance != 0 or uncond_anchored)
+    if guidance != 0 and ctx is neg and progress:
+        print("guidance: no effect (the conditional and unconditional text are the same, so are the predictions)")
 
     out = torch.empty(B, V, 3, N + 1, H, W, dtype=torch.uint8)
     out[:, :, :, 0] = first_frames_B_V_3_H_W.cpu()
@@ -242,28 +342,33 @@ def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames
             a = pad_actions(a, per_chunk)
         net_kw = dict(action=a.to(dev) if net.cfg.action_mode != "none" else None, num_views=V, fps=fps_B)
         x0_cond = encode_frames(tokenizer, frame, T_lat).to(dev)
+        eps = chunk_noise(seed + start, (B, x0_cond.shape[1], V * T_lat, h, w)).to(dev)
         calls = 0
 
-        def denoise(x_t, t):
+        def denoise(x_t, t, t_net=None):
+            """x0 at solver time t; the net is told t_net (Predict2.5: the truncated 1000-scale t) or t."""
             nonlocal calls
-            t_B = torch.full((B,), t, device=dev, dtype=x_t.dtype)
-            x0 = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=crossattn_emb, **net_kw)
-            calls += 1
-            if use_cfg:   # cond-anchored CFG (Predict2 / action / multi-view); the unconditional text is all zeros
-                x0_u = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=None, **net_kw)
-                calls += 1
-                x0 = x0 + guidance * (x0 - x0_u)
-            return x0
+            calls += 1 + two_branches
+            t_B = torch.full((B,), t if t_net is None else t_net, device=dev, dtype=x_t.dtype)
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                if sampler == "unipc":
+                    v = guided_velocity(net, x_t, t_B, x0_cond, mask, eps, guidance, ctx, neg, uncond_anchored,
+                                        **net_kw)
+                    return x_t - t * v.float()
+                x0 = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=ctx, **net_kw).float()
+                if two_branches:   # Predict2: cond-anchored CFG (dit.md 7.1)
+                    x0_u = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=neg, **net_kw)
+                    x0 = x0 + guidance * (x0 - x0_u.float())
+                return x0
 
-        eps = chunk_noise(seed + start, (B, x0_cond.shape[1], V * T_lat, h, w)).to(dev)
         t1 = time.perf_counter()
-        latents = SAMPLERS[sampler](denoise, eps, num_steps)
+        steps = SAMPLERS[sampler]
+        latents = steps(denoise, eps, num_steps, shift) if sampler == "unipc" else steps(denoise, eps, num_steps)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)   # else the timing measures kernel launches, not the work
         t2 = time.perf_counter()
         # decode one chunk at a time (and the tokenizer streams its frames): memory stays one chunk
-        z = rearrange(latents, "b c (v t) h w -> (b v) c t h w", v=V)
-        video = to_uint8(tokenizer.decode(z.to(tokenizer_device(tokenizer)))).cpu()
+        video = decode(tokenizer, rearrange(latents, "b c (v t) h w -> (b v) c t h w", v=V))
         video = rearrange(video, "(b v) c t h w -> b v c t h w", b=B, v=V)
         out[:, :, :, start + 1:start + 1 + n_real] = video[:, :, :, 1:1 + n_real]
         frame = video[:, :, :, per_chunk]   # the next chunk's conditioning frame (uint8, as Cosmos)
@@ -385,19 +490,41 @@ def frame_metrics(pred_V_3_T_H_W, gt_V_3_T_H_W):
     return psnr(p, g).view(V, -1), ssim(p, g).view(V, -1)
 
 
-def reconstruct(tokenizer, video_V_3_T_H_W, num_frames=13):
-    """The ground truth through the tokenizer alone, window by window as a rollout sees it (time steps 12c..12c+12,
-    a short last window padded with its last frame): the best any model can score with this tokenizer."""
-    V, _, T = video_V_3_T_H_W.shape[:3]
-    per_chunk, dev = num_frames - 1, tokenizer_device(tokenizer)
-    out = video_V_3_T_H_W.clone()
-    for start in range(0, T - 1, per_chunk):
+def windows(video_V_3_T_H_W, num_frames=13):
+    """The rollout's windows of a video: (start, real frames k, clip [V,3,num_frames,H,W]) for time steps
+    12c..12c+12, a short last window padded with its last frame."""
+    T = video_V_3_T_H_W.shape[2]
+    for start in range(0, T - 1, num_frames - 1):
         clip = video_V_3_T_H_W[:, :, start:start + num_frames]
         k = clip.shape[2]
-        clip = torch.cat([clip, clip[:, :, -1:].expand(-1, -1, num_frames - k, -1, -1)], dim=2)
-        rec = to_uint8(tokenizer.decode(tokenizer.encode(clip.to(dev).float() / 127.5 - 1))).cpu()
-        out[:, :, start + 1:start + k] = rec[:, :, 1:k]
+        yield start, k, torch.cat([clip, clip[:, :, -1:].expand(-1, -1, num_frames - k, -1, -1)], dim=2)
+
+
+def reconstruct(tokenizer, video_V_3_T_H_W, num_frames=13):
+    """The ground truth through the tokenizer alone, window by window as a rollout sees it: the best any model can
+    score with this tokenizer."""
+    out = video_V_3_T_H_W.clone()
+    for start, k, clip in windows(video_V_3_T_H_W, num_frames):
+        out[:, :, start + 1:start + k] = decode(tokenizer, encode(tokenizer, clip))[:, :, 1:k]
     return out
+
+
+def no_motion(tokenizer, first_V_3_H_W, T, num_frames=13):
+    """A model that predicts a still robot, through the tokenizer like every model's output: latent 0 of the first
+    frame held for every latent frame of a chunk, decoded; every chunk decodes that same clip. [V,3,T,H,W]."""
+    z = encode(tokenizer, first_V_3_H_W[:, :, None])
+    clip = decode(tokenizer, z.repeat(1, 1, latent_frames(num_frames, tokenizer.temporal_factor), 1, 1))
+    idx = [0] + [1 + (k - 1) % (num_frames - 1) for k in range(1, T)]
+    return torch.cat([first_V_3_H_W[:, :, None], clip[:, :, idx[1:]]], dim=2)
+
+
+def latent_l2(tokenizer, pred_V_3_T_H_W, gt_V_3_T_H_W, num_frames=13):
+    """Latent-space L2 as in the Cosmos Bridge evaluation (prediction vs ground-truth latents): each rollout window
+    of both videos encoded, then the root-mean-square latent difference over the predicted latent frames (1..),
+    averaged over windows. Lower is better; unlike PSNR it does not reward blur."""
+    errs = [(encode(tokenizer, p)[:, :, 1:] - encode(tokenizer, g)[:, :, 1:]).pow(2).mean().sqrt().item()
+            for (_, _, p), (_, _, g) in zip(windows(pred_V_3_T_H_W, num_frames), windows(gt_V_3_T_H_W, num_frames))]
+    return sum(errs) / len(errs)
 
 
 def shuffled_actions(dataset, i):
@@ -410,90 +537,98 @@ def shuffled_actions(dataset, i):
 
 
 @torch.no_grad()
-def evaluate(net, tokenizer, dataset, *, episodes=0, num_frames=13, num_steps=35, sampler="ab2", seed=0, cond_t=None,
-             fps=4, guidance=0.0, max_actions=0, progress=True):
-    """Roll out every episode of a data.RobotVideoDataset from its first frame and compare to the ground truth
-    (time steps 1..N; step 0 is given). Reports PSNR / SSIM overall, per view, per chunk (the drift over the
-    rollout), the same with shuffled actions (action sensitivity = true minus shuffled: > 0 means the model follows
-    the actions), and two references: copying the first frame (a model that predicts no motion) and the ground
-    truth through the tokenizer alone (the ceiling). Returns a JSON-able dict."""
+def evaluate(net, tokenizer, dataset, *, episodes=0, max_actions=0, progress=True, **kw):
+    """Roll out every episode of a data.RobotVideoDataset from its first frame (rollout settings in kw) and compare
+    to the ground truth (time steps 1..N; step 0 is given). Reports PSNR / SSIM overall, per view, per chunk (the
+    drift over the rollout), the same with shuffled actions (action sensitivity = true minus shuffled: > 0 means
+    the model follows the actions), the latent L2, and references: the no-motion model through the tokenizer (the
+    baseline a world model must beat), the sharp first frame copied (no tokenizer: not reachable by any model) and
+    the ground truth through the tokenizer alone (the ceiling). Returns a JSON-able dict."""
+    num_frames = kw.get("num_frames", 13)
     per_chunk = num_frames - 1
     n_eps = len(dataset.episodes) if not episodes else min(episodes, len(dataset.episodes))
-    true_p, true_s, shuf_p, shuf_s, copy_p, copy_s, rec_p, rec_s = ([] for _ in range(8))
+    m = {k: [] for k in ("true", "shuf", "copy", "still", "rec", "lat", "lat_still")}
     chunk_p, chunk_s = {}, {}
     per_episode, timings, how = [], [], ""
     for i in tqdm(range(n_eps), desc="episodes", disable=not progress):
         gt = dataset.episode_frames(i)                      # [V,3,T,H,W]
-        act = dataset.episode_actions(i)
-        if max_actions:
-            act = act[:max_actions]
+        act = dataset.episode_actions(i)[:max_actions or None]
         N = act.shape[0]
         gt = gt[:, :, :N + 1]
-        kw = dict(num_frames=num_frames, num_steps=num_steps, sampler=sampler, seed=seed, cond_t=cond_t, fps=fps,
-                  guidance=guidance, progress=False)
         first = gt[None, :, :, 0]
-        pred = rollout(net, tokenizer, first, act[None], timings=timings, **kw)[0]
+        pred = rollout(net, tokenizer, first, act[None], timings=timings, progress=False, **kw)[0]
         p, s = frame_metrics(pred[:, :, 1:], gt[:, :, 1:])       # [V, N]
         wrong, how = shuffled_actions(dataset, i)
         L = min(N, wrong.shape[0])
-        pred_w = rollout(net, tokenizer, first, wrong[None, :L], **kw)[0]
-        pw, sw = frame_metrics(pred_w[:, :, 1:], gt[:, :, 1:L + 1])
-        pc, sc = frame_metrics(gt[:, :, :1].expand(-1, -1, N, -1, -1), gt[:, :, 1:])
-        pr, sr = frame_metrics(reconstruct(tokenizer, gt, num_frames)[:, :, 1:], gt[:, :, 1:])
-        true_p.append(p), true_s.append(s), copy_p.append(pc), copy_s.append(sc), rec_p.append(pr), rec_s.append(sr)
-        shuf_p.append((p[:, :L], pw)), shuf_s.append((s[:, :L], sw))
+        pw, sw = frame_metrics(rollout(net, tokenizer, first, wrong[None, :L], progress=False, **kw)[0][:, :, 1:],
+                               gt[:, :, 1:L + 1])
+        still = no_motion(tokenizer, gt[:, :, 0], N + 1, num_frames)
+        m["true"].append((p, s)), m["shuf"].append((p[:, :L], s[:, :L], pw, sw))
+        m["copy"].append(frame_metrics(gt[:, :, :1].expand(-1, -1, N, -1, -1), gt[:, :, 1:]))
+        m["still"].append(frame_metrics(still[:, :, 1:], gt[:, :, 1:]))
+        m["rec"].append(frame_metrics(reconstruct(tokenizer, gt, num_frames)[:, :, 1:], gt[:, :, 1:]))
+        m["lat"].append(latent_l2(tokenizer, pred, gt, num_frames))
+        m["lat_still"].append(latent_l2(tokenizer, still, gt, num_frames))
         for k in range(math.ceil(N / per_chunk)):
             sl = slice(k * per_chunk, (k + 1) * per_chunk)
             chunk_p.setdefault(k, []).append(p[:, sl].flatten())
             chunk_s.setdefault(k, []).append(s[:, sl].flatten())
         per_episode.append(dict(name=dataset.episodes[i].name, frames=N + 1, psnr=p.mean().item(),
-                                ssim=s.mean().item(), psnr_shuffled=pw.mean().item(), ssim_shuffled=sw.mean().item()))
+                                ssim=s.mean().item(), psnr_shuffled=pw.mean().item(), ssim_shuffled=sw.mean().item(),
+                                latent_l2=m["lat"][-1], latent_l2_no_motion=m["lat_still"][-1]))
 
     def mean(xs):
         return torch.cat([x.flatten() for x in xs]).mean().item()
 
-    V = true_p[0].shape[0]
-    longest = max(p.shape[1] for p in true_p)
+    def ps(key, a=0, b=1):
+        return {"psnr": mean([x[a] for x in m[key]]), "ssim": mean([x[b] for x in m[key]])}
+
+    V = m["true"][0][0].shape[0]
+    longest = max(p.shape[1] for p, _ in m["true"])
+    lat, lat_still = sum(m["lat"]) / n_eps, sum(m["lat_still"]) / n_eps
     report = {
-        "episodes": n_eps, "views": V, "chunk_size": per_chunk, "num_steps": num_steps, "sampler": sampler,
-        "seed": seed,
-        "psnr": mean(true_p), "ssim": mean(true_s),
-        "per_view": {"psnr": [mean([p[v] for p in true_p]) for v in range(V)],
-                     "ssim": [mean([s[v] for s in true_s]) for v in range(V)]},
+        "episodes": n_eps, "views": V, "chunk_size": per_chunk, "num_steps": kw.get("num_steps", 35),
+        "sampler": kw.get("sampler", "ab2"), "seed": kw.get("seed", 0), **ps("true"), "latent_l2": lat,
+        "per_view": {"psnr": [mean([p[v] for p, _ in m["true"]]) for v in range(V)],
+                     "ssim": [mean([s[v] for _, s in m["true"]]) for v in range(V)]},
         "per_chunk": {"psnr": [mean(chunk_p[k]) for k in sorted(chunk_p)],
                       "ssim": [mean(chunk_s[k]) for k in sorted(chunk_s)],
                       "frames": [sum(x.numel() for x in chunk_p[k]) for k in sorted(chunk_p)],
                       "time_steps": [[k * per_chunk + 1, min((k + 1) * per_chunk, longest)] for k in sorted(chunk_p)]},
-        "shuffled_actions": {"how": how, "psnr": mean([w for _, w in shuf_p]), "ssim": mean([w for _, w in shuf_s])},
-        "action_sensitivity": {"psnr": mean([t for t, _ in shuf_p]) - mean([w for _, w in shuf_p]),
-                               "ssim": mean([t for t, _ in shuf_s]) - mean([w for _, w in shuf_s])},
-        "copy_first_frame": {"psnr": mean(copy_p), "ssim": mean(copy_s)},
-        "tokenizer_round_trip": {"psnr": mean(rec_p), "ssim": mean(rec_s)},
+        "shuffled_actions": {"how": how, **ps("shuf", 2, 3)},
+        "action_sensitivity": {k: ps("shuf")[k] - ps("shuf", 2, 3)[k] for k in ("psnr", "ssim")},
+        "no_motion": {**ps("still"), "latent_l2": lat_still},
+        "copy_first_frame": ps("copy"),
+        "tokenizer_round_trip": ps("rec"),
         "seconds_per_chunk": sum(r["seconds"] for r in timings) / len(timings),
         "seconds_per_step": sum(r["sample_seconds"] for r in timings) / sum(r["net_calls"] for r in timings),
         "per_episode": per_episode,
     }
+    report["beats_no_motion"] = {"psnr": report["psnr"] > report["no_motion"]["psnr"], "latent_l2": lat < lat_still}
     return report
 
 
 def format_table(report, camera_names=None):
-    """The eval report as a plain-text table."""
+    """The eval report as a plain-text table, ending with whether the model beats standing still."""
     names = camera_names or [f"view {v}" for v in range(report["views"])]
     rows = [("all frames", report["psnr"], report["ssim"])]
     rows += [(f"  {name}", p, s) for name, p, s in zip(names, report["per_view"]["psnr"], report["per_view"]["ssim"])]
     chunks = report["per_chunk"]
     rows += [(f"  chunk {k} (t {a}-{b})", p, s)
              for k, (p, s, (a, b)) in enumerate(zip(chunks["psnr"], chunks["ssim"], chunks["time_steps"]))]
-    rows += [("shuffled actions", report["shuffled_actions"]["psnr"], report["shuffled_actions"]["ssim"]),
-             ("action sensitivity (true - shuffled)", report["action_sensitivity"]["psnr"],
-              report["action_sensitivity"]["ssim"]),
-             ("copy first frame (no-motion baseline)", report["copy_first_frame"]["psnr"],
-              report["copy_first_frame"]["ssim"]),
-             ("tokenizer round trip (ceiling)", report["tokenizer_round_trip"]["psnr"],
-              report["tokenizer_round_trip"]["ssim"])]
+    rows += [(label, report[key]["psnr"], report[key]["ssim"]) for label, key in [
+        ("shuffled actions", "shuffled_actions"), ("action sensitivity (true - shuffled)", "action_sensitivity"),
+        ("no motion, through the tokenizer (baseline)", "no_motion"),
+        ("copy first frame, sharp (no tokenizer)", "copy_first_frame"),
+        ("tokenizer round trip (ceiling)", "tokenizer_round_trip")]]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}   PSNR dB    SSIM", "-" * (width + 18)]
     lines += [f"{name:{width}}  {p:8.2f}  {s:6.3f}" for name, p, s in rows]
+    beats = report["beats_no_motion"]
+    verdict = {2: "beats standing still", 1: "beats standing still on one measure only",
+               0: "does NOT beat standing still"}[beats["psnr"] + beats["latent_l2"]]
+    lines.append(f"latent L2: model {report['latent_l2']:.4f}, no motion {report['no_motion']['latent_l2']:.4f}; "
+                 f"PSNR {report['psnr'] - report['no_motion']['psnr']:+.2f} dB vs no motion: the model {verdict}")
     lines.append(f"{report['episodes']} episodes, {report['sampler']} {report['num_steps']} steps, "
                  f"{report['seconds_per_chunk']:.2f} s/chunk, {report['seconds_per_step'] * 1000:.1f} ms/step; "
                  f"shuffled = {report['shuffled_actions']['how']}")
@@ -516,12 +651,23 @@ def parse_args(argv):
     return configurator.configure(g, _KEYS, args)
 
 
-def settings(c, run):
-    """CLI value, else the run config's (train.py), else the defaults of the released Predict2 action model."""
+# What a released checkpoint was trained and run with, for files without a run config (official releases).
+FAMILY = {
+    # Cosmos-Predict2-2B-Sample-Action-Conditioned: 480p, conditioned frames at sigma 1e-4, AB2 35 steps (dit.md 7.1)
+    "predict2": dict(frame_size=(480, 640), cond_t=model.sigma_to_t(1e-4), sampler="ab2",
+                     says="480x640, conditioned frames at sigma 1e-4, ab2 35 steps"),
+    # Cosmos-Predict2.5-2B robot/action-cond: Bridge 256x320, same-t conditioning on the 1000 scale, UniPC shift 5
+    "predict2.5": dict(frame_size=(256, 320), cond_t=-1.0, sampler="unipc",
+                       says="256x320, conditioned frames clean at the same t (1000-scale timesteps), unipc shift 5"),
+}
+
+
+def settings(c, run, fam):
+    """CLI value, else the run config's (train.py), else the defaults of the net's family (FAMILY)."""
     t = (run or {}).get("train", {})
     fallback = dict(data_root="datasets/synthetic", split=t.get("val_split", "val"), cameras=(0,), num_frames=13,
-                    frame_size=(256, 320), frame_stride=1, action_scale=20.0, gripper_scale=1.0, fps=4,
-                    tokenizer="wan2.1", tokenizer_path="", pixel_factor=8, cond_t=-1.0)
+                    frame_size=FAMILY[fam]["frame_size"], frame_stride=1, action_scale=20.0, gripper_scale=1.0,
+                    fps=4, tokenizer="wan2.1", tokenizer_path="", pixel_factor=8, cond_t=FAMILY[fam]["cond_t"])
     s = {}
     for k, default in fallback.items():
         v = c[k]
@@ -530,6 +676,7 @@ def settings(c, run):
     s["cameras"] = tuple(int(x) for x in (s["cameras"] if isinstance(s["cameras"], (list, tuple)) else [s["cameras"]]))
     s["frame_size"] = tuple(s["frame_size"])
     s["cond_t"] = None if s["cond_t"] is None or s["cond_t"] < 0 else float(s["cond_t"])
+    s["sampler"] = c["sampler"] or ("unipc" if fam == "predict2.5" and s["cond_t"] is None else "ab2")
     return s
 
 
@@ -538,10 +685,10 @@ def load_tokenizer(s, dev):
     if s["tokenizer"] == "pixel":
         return vae.load_tokenizer("pixel", None, device=dev, spatial_factor=s["pixel_factor"])
     path = s["tokenizer_path"] or None
-    if path is not None and not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: tokenizer weights not found (--tokenizer_path)")
     if path is None:
-        raise FileNotFoundError("the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
+        raise ConfigError("the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "tokenizer weights not found (--tokenizer_path)", path)
     return vae.load_tokenizer(s["tokenizer"], path, device=dev)
 
 
@@ -568,7 +715,7 @@ def camera_files(ann_path, ann, video_path, cameras, data_root):
         elif len(cameras) == 1:
             paths = [p]
         else:
-            raise ValueError(f"{p}: the model needs cameras {list(cameras)}; put each camera's video in sibling "
+            raise ConfigError(f"{p}: the model needs cameras {list(cameras)}; put each camera's video in sibling "
                              f"folders cam<k>/ under the same file name")
     elif ann.get("videos"):
         paths = data.camera_paths(dataset_root(ann_path, "annotation", data_root), "irasim", ann_path, ann, cameras)
@@ -603,7 +750,7 @@ def file_jobs(c, save_path):
     """[(name, annotation, video or "", save path)] from --annotation (a JSON episode, a JSON list of episodes, or a
     folder of episodes) and --input_path."""
     if not c["annotation"]:
-        raise ValueError("--input_path needs --annotation (the episode's state and gripper, for the actions)")
+        raise ConfigError("--input_path needs --annotation (the episode's state and gripper, for the actions)")
     a = Path(c["annotation"])
     if a.is_dir():
         entries = [str(p) for p in sorted(a.glob("*.json"))]
@@ -616,7 +763,7 @@ def file_jobs(c, save_path):
         try:
             d = json.loads(a.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{a}: not valid JSON ({e.msg} at line {e.lineno})") from e
+            raise ConfigError(f"{a}: not valid JSON ({e.msg} at line {e.lineno})") from e
         if not isinstance(d, list):
             return [(a.stem, a, c["input_path"], save_path)]
         entries, base = d, a.parent
@@ -624,7 +771,7 @@ def file_jobs(c, save_path):
     for e in entries:   # batch: each entry is an annotation path or {"annotation", "input_path", "save_path"}
         e = {"annotation": e} if isinstance(e, str) else e
         if not isinstance(e, dict) or "annotation" not in e:
-            raise ValueError(f"{a}: each entry must be an annotation path or a dict with 'annotation', got {e!r}")
+            raise ConfigError(f"{a}: each entry must be an annotation path or a dict with 'annotation', got {e!r}")
         ann = resolve(e["annotation"], base)
         out = e.get("save_path") or save_path.with_name(f"{save_path.stem}_{ann.stem}{save_path.suffix}")
         jobs.append((ann.stem, ann, str(resolve(e["input_path"], base)) if e.get("input_path") else "", Path(out)))
@@ -643,45 +790,218 @@ def episode_index(ds, ep):
         return 0
     if isinstance(ep, int):
         if not -len(ds.episodes) <= ep < len(ds.episodes):
-            raise IndexError(f"episode {ep} out of range: {ds.root} split {ds.split!r} has {len(ds.episodes)}")
+            raise ConfigError(f"episode {ep} out of range: {ds.root} split {ds.split!r} has {len(ds.episodes)}")
         return ep
     names = [e.name for e in ds.episodes]
     if str(ep) not in names:
-        raise KeyError(f"no episode {ep!r} in {ds.root} split {ds.split!r}; first ones: {names[:5]}")
+        raise ConfigError(f"no episode {ep!r} in {ds.root} split {ds.split!r}; first ones: {names[:5]}")
     return names.index(str(ep))
 
 
-def main(argv=None):
-    c = parse_args(sys.argv[1:] if argv is None else argv)
-    torch.set_grad_enabled(False)
+def check_outputs(paths, overwrite):
+    """Before any work: every output folder can be created and written, and no existing video is replaced unless
+    overwrite."""
+    for p in map(Path, paths):
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{p.parent}: cannot create the output folder ({e.strerror})") from None
+        if not os.access(p.parent, os.W_OK):
+            raise ConfigError(f"{p.parent}: output folder is not writable")
+        if p.exists() and not overwrite:
+            raise ConfigError(f"{p}: exists; pass --overwrite to replace it, or another --save_path")
+
+
+def setup(c):
+    """Device, net, settings (printed), tokenizer and the rollout arguments; text contexts are loaded once."""
+    import convert
     dev = torch.device("cuda" if c["device"] == "cuda" or (c["device"] == "auto" and torch.cuda.is_available())
                        else "cpu")
+    dtype = c["dtype"] or ("bfloat16" if dev.type == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if c["sampler"] and c["sampler"] not in SAMPLERS:
+        raise ConfigError(f"--sampler must be one of {sorted(SAMPLERS)}, got {c['sampler']!r}")
+    if c["num_conditional_frames"] != 1:
+        raise ConfigError("--num_conditional_frames: the action models condition on exactly 1 frame per camera")
     if c["disable_guardrail"]:
         print("--disable_guardrail: nanocosmos has no guardrail models, so there is nothing to disable")
-    if c["num_conditional_frames"] != 1:
-        raise ValueError("--num_conditional_frames: the action models condition on exactly 1 frame per camera")
-    if c["sampler"] not in SAMPLERS:
-        raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {c['sampler']!r}")
-    if not os.path.exists(c["dit_path"]):
-        raise FileNotFoundError(f"{c['dit_path']}: checkpoint not found (--dit_path: a training checkpoint directory, "
-                                f"or a consolidated .pt / .safetensors; `python train.py` writes out/synthetic)")
-
-    import convert
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     net, run = convert.load_dit(c["dit_path"], device=dev, ema=c["ema"])
+    fam = convert.family(net.cfg)
+    s = settings(c, run, fam)
     if run is None:
-        print("no run config beside the checkpoint: Predict2 action-model defaults (256x320, 13 frames, 4 fps, "
-              "Wan2.1 tokenizer) unless given on the command line")
-    s = settings(c, run)
+        print(f"no run config beside the checkpoint: {fam} defaults assumed ({FAMILY[fam]['says']}; 13 frames, "
+              f"4 fps, Wan2.1 tokenizer); command-line values win")
     if c["model_size"] in model.PRESETS and net.cfg.model_channels != model.PRESETS[c["model_size"]]["model_channels"]:
         print(f"--model_size {c['model_size']}: the checkpoint is a {net.cfg.model_channels}-channel, "
               f"{net.cfg.num_blocks}-block model; using it as it is")
+    ctx, neg = (convert.load_text_embedding(c[k], net.cfg, dev) if c[k] else None
+                for k in ("text_embedding", "negative_text_embedding"))
+    if fam == "predict2.5" and ctx is None:
+        print("warning: no --text_embedding: this Predict2.5 net gets an all-zero text input (GELU(bias) tokens after "
+              "crossattn_proj), while the release was trained on Reason1 embeddings of the empty caption and official "
+              "inference embeds the prompt (or \"\") and the negative prompt (recipe: convert.load_text_embedding)")
     tok = load_tokenizer(s, dev)
-    print(f"model: {net.num_params() / 1e6:.2f}M params, action {net.cfg.action_mode}, {s['tokenizer']} tokenizer | "
-          f"cameras {list(s['cameras'])} at {s['frame_size'][0]}x{s['frame_size'][1]}, {s['num_frames']}-frame chunks, "
-          f"fps {s['fps']}, cond_t {s['cond_t']} | {c['sampler']} {c['num_steps']} steps, seed {c['seed']}, {dev}")
-    common = dict(num_frames=s["num_frames"], num_steps=c["num_steps"], sampler=c["sampler"], seed=c["seed"],
-                  cond_t=s["cond_t"], fps=s["fps"], guidance=c["guidance"])
+    shift = f" shift {c['shift']:g}" if s["sampler"] == "unipc" else ""
+    if dtype == "bfloat16" and dev.type == "cuda":
+        tok = tok.to(torch.bfloat16)
+    print(f"model: {net.num_params() / 1e6:.2f}M params, {fam}, action {net.cfg.action_mode}, {s['tokenizer']} "
+          f"tokenizer | cameras {list(s['cameras'])} at {s['frame_size'][0]}x{s['frame_size'][1]}, "
+          f"{s['num_frames']}-frame chunks, fps {s['fps']}, cond_t {s['cond_t']} | {s['sampler']} {c['num_steps']} "
+          f"steps{shift}, seed {c['seed']}, guidance {c['guidance']:g}, {dtype}, {dev}")
+    if c["compile"]:
+        net = torch.compile(net)
+    common = dict(num_frames=s["num_frames"], num_steps=c["num_steps"], sampler=s["sampler"], shift=c["shift"],
+                  seed=c["seed"], cond_t=s["cond_t"], fps=s["fps"], guidance=c["guidance"], crossattn_emb=ctx,
+                  neg_crossattn_emb=neg, amp=torch.bfloat16 if dtype == "bfloat16" else None)
+    return net, s, tok, common
 
+
+def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
+    """Roll out and write each (name, load() -> (frames [V,3,T,H,W], actions [T-1,A]), output path)."""
+    outputs = []
+    for name, load, out in jobs:
+        frames, actions = load()
+        frames, actions = frames[:, :, start_frame:], actions[start_frame:][:c["max_actions"] or None]
+        timings = []
+        t0 = time.perf_counter()
+        video = rollout(net, tok, frames[None, :, :, 0], actions[None], timings=timings, **common)[0]
+        dt = time.perf_counter() - t0
+        gt = frames[:, :, :video.shape[2]] if c["compare"] else None
+        save_video(out, video, gt, fps=c["save_fps"] or s["fps"])
+        strip = Path(c["strip_path"]) if c["strip_path"] and len(jobs) == 1 else out.with_suffix(".png")
+        times = save_strip(strip, video, gt)
+        calls = sum(r["net_calls"] for r in timings)
+        print(f"{name}: {actions.shape[0]} actions -> {video.shape[2]} frames x {video.shape[0]} views in "
+              f"{len(timings)} chunks, {dt:.1f} s ({dt / max(len(timings), 1):.2f} s/chunk, "
+              f"{sum(r['sample_seconds'] for r in timings) / max(calls, 1) * 1000:.1f} ms/denoising step, "
+              f"{sum(r['decode_seconds'] for r in timings):.2f} s decoding)")
+        print(f"wrote {out} ({c['save_fps'] or s['fps']} fps) and {strip} (time steps {times})")
+        outputs.append((out, video))
+    return outputs
+
+
+# -----------------------------------------------------------------------------
+# the Cosmos-Predict2.5 action guide's command: -i inference_params.json -o OUT --checkpoint-path CKPT
+
+# ActionConditionedInferenceArguments (cosmos_predict2/action_conditioned_config.py) and its defaults
+OFFICIAL_FIELDS = dict(name="", input_root=None, input_json_sub_folder=None, save_root="", chunk_size=12, guidance=7,
+                       resolution="none", camera_id=0, start=0, end=100, fps_downsample_ratio=1, gripper_scale=1.0,
+                       gripper_key="continuous_gripper_state", state_key="state", reverse=False, single_chunk=False,
+                       start_frame_idx=0, save_fps=20, num_latent_conditional_frames=1, action_scaler=20.0,
+                       use_quat=False, action_load_fn="cosmos_predict2.action_conditioned.load_default_action_fn",
+                       seed=0, prompt=None, prompt_path=None, negative_prompt=None)
+KNOWN_EXPERIMENTS = ("ac_reason_embeddings_rectified_flow_2b_256_320",   # the guide's post-training experiment
+                     "cosmos_predict2p5_2B_reason_embeddings_action_conditioned_rectified_flow_bridge_13frame_256x320")
+_OFFICIAL_FLAGS = {"-i": "input", "--input-file": "input", "-o": "output", "--output-dir": "output",
+                   "--checkpoint-path": "checkpoint", "--experiment": "experiment"}
+
+
+def official_params(argv):
+    """(the official flags, inference_params.json with its defaults, the nanocosmos --key=value options left)."""
+    flags, rest, k = {}, [], 0
+    while k < len(argv):
+        key, eq, val = argv[k].partition("=")
+        if key in _OFFICIAL_FLAGS:
+            if not eq:
+                k += 1
+                if k == len(argv):
+                    raise ConfigError(f"{key} needs a value")
+                val = argv[k]
+            flags[_OFFICIAL_FLAGS[key]] = val
+        else:
+            rest.append(argv[k])
+        k += 1
+    for need, flag in (("input", "-i"), ("output", "-o"), ("checkpoint", "--checkpoint-path")):
+        if need not in flags:
+            raise ConfigError(f"the official command needs {flag} (nanocosmos downloads no released checkpoint)")
+    path = Path(flags["input"])
+    try:
+        p = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    unknown = sorted(set(p) - set(OFFICIAL_FIELDS)) if isinstance(p, dict) else None
+    if unknown is None or unknown or p.get("input_root") is None or p.get("input_json_sub_folder") is None:
+        raise ConfigError(f"{path}: an inference_params.json object needs input_root and input_json_sub_folder"
+                          + (f"; unknown fields {unknown}" if unknown else ""))
+    return flags, {**OFFICIAL_FIELDS, **p}, rest
+
+
+def official_run(argv):
+    """
+    `python sample.py -i inference_params.json -o OUT --checkpoint-path model_ema_bf16.pt [--experiment NAME]
+    [--key=value ...]`: the official action inference (examples/action_conditioned.py ->
+    cosmos_predict2/action_conditioned.py) on nanocosmos. Annotations: input_root/input_json_sub_folder/*.json,
+    sorted, [start:end]; camera_id picks json["videos"][camera_id] under input_root; actions from state_key /
+    gripper_key every fps_downsample_ratio-th row, scaled by action_scaler (xyz, rpy) and gripper_scale; resolution
+    "H,W" (or "none": the model's); the rollout starts at (downsampled) frame start_frame_idx, chunk i seeded with
+    its first action index as official (which ignores `seed`); single_chunk stops after one chunk; videos go to
+    save_root (or OUT) as <name>_chunk.mp4 (<name>_single_chunk.mp4), at save_fps, and an existing one is skipped
+    unless --overwrite, as official. Unlike official, the video is time-aligned (frame k = time step k; official
+    repeats each chunk's conditioning frame and drops its last). OUT receives nanocosmos_settings.json. Fields that
+    cannot be honoured (a custom action_load_fn, quaternion actions, other JSON keys, a prompt without
+    --text_embedding, ...) are named in one warning. --experiment is not needed: the configuration comes from the
+    checkpoint (run config, else its shapes and family).
+    """
+    flags, p, rest = official_params(argv)
+    c = parse_args(rest)
+    single, sfi, cam = bool(p["single_chunk"]), int(p["start_frame_idx"]), p["camera_id"]
+    if not str(cam).isdigit():
+        raise ConfigError(f"{flags['input']}: camera_id must be an index into json['videos'], got {cam!r}")
+    c.update(dit_path=flags["checkpoint"], data_root=str(p["input_root"]), cameras=(int(cam),),
+             frame_stride=int(p["fps_downsample_ratio"]), action_scale=float(p["action_scaler"]),
+             gripper_scale=float(p["gripper_scale"]), guidance=float(p["guidance"]), save_fps=int(p["save_fps"]),
+             seed=sfi, num_frames=int(p["chunk_size"]) + 1, max_actions=int(p["chunk_size"]) if single else 0)
+    if str(p["resolution"]).lower() != "none":
+        c["frame_size"] = tuple(int(x) for x in str(p["resolution"]).split(","))
+    defaults = OFFICIAL_FIELDS
+    unhonoured = [f"{k}={p[k]!r}" for k in ("action_load_fn", "use_quat", "state_key", "gripper_key",
+                                            "num_latent_conditional_frames") if p[k] != defaults[k]]
+    if p["reverse"]:
+        unhonoured.append("reverse=true (unused by the official loader too)")
+    if p["seed"]:
+        unhonoured.append(f"seed={p['seed']} (the official action loop seeds chunk i with i and ignores it; so do we)")
+    if (p["prompt"] or p["prompt_path"]) and not c["text_embedding"]:
+        unhonoured.append("prompt (no --text_embedding: the text input is zeros)")
+    if p["guidance"] and p["negative_prompt"] and not c["negative_text_embedding"]:
+        unhonoured.append("negative_prompt (no --negative_text_embedding: zeros, the same as the prompt's text)")
+    if flags.get("experiment") and flags["experiment"] not in KNOWN_EXPERIMENTS:
+        unhonoured.append(f"--experiment {flags['experiment']} (the configuration comes from the checkpoint)")
+    if unhonoured:
+        print(f"warning: {flags['input']}: not honoured by nanocosmos: " + "; ".join(unhonoured))
+    anns = sorted(Path(p["input_root"], p["input_json_sub_folder"]).glob("*.json"))[int(p["start"]):int(p["end"])]
+    if not anns:
+        raise ConfigError(f"{Path(p['input_root'], p['input_json_sub_folder'])}: no *.json annotations "
+                          f"(start {p['start']}, end {p['end']})")
+    save_root = Path(p["save_root"] or flags["output"])
+    outs = [save_root / f"{a.stem}_{'single_' if single else ''}chunk.mp4" for a in anns]
+    check_outputs([Path(flags["output"], "nanocosmos_settings.json")] + outs, overwrite=True)
+    net, s, tok, common = setup(c)
+    jobs = []
+    for a, o in zip(anns, outs):
+        if o.exists() and not c["overwrite"]:
+            print(f"{o}: exists, skipped (as official; --overwrite replaces it)")
+        else:
+            jobs.append((a.stem, lambda a=a: load_files_episode(a, "", s, c["data_root"]), o))
+    Path(flags["output"], "nanocosmos_settings.json").write_text(json.dumps(
+        dict(params=str(flags["input"]), checkpoint=flags["checkpoint"], not_honoured=unhonoured,
+             settings={**s, "num_steps": c["num_steps"], "shift": c["shift"], "guidance": c["guidance"]}), indent=1))
+    return run_jobs(jobs, net, tok, common, c, s, start_frame=sfi)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    torch.set_grad_enabled(False)
+    if "-i" in argv or any(a.split("=")[0] == "--input-file" for a in argv):
+        return official_run(argv)
+    c = parse_args(argv)
+    save_path = Path(c["save_path"])
+    files = file_jobs(c, save_path) if c["input_path"] or c["annotation"] else None
+    if not c["eval"]:
+        check_outputs([out for *_, out in files] if files else [save_path], c["overwrite"])
+    net, s, tok, common = setup(c)
     if c["eval"]:
         ds = dataset(s, c["split"] or s["split"])
         print(f"eval: {ds}")
@@ -694,38 +1014,16 @@ def main(argv=None):
         path.write_text(json.dumps(report, indent=1))
         print(f"wrote {path}")
         return report
-
-    save_path = Path(c["save_path"])
-    if c["input_path"] or c["annotation"]:
+    if files:
         jobs = [(name, lambda a=ann, v=vid: load_files_episode(a, v, s, c["data_root"]), out)
-                for name, ann, vid, out in file_jobs(c, save_path)]
+                for name, ann, vid, out in files]
     else:
         ds = dataset(s, c["split"] or s["split"])
         i = episode_index(ds, c["episode"])
         jobs = [(ds.episodes[i].name, lambda: (ds.episode_frames(i), ds.episode_actions(i)), save_path)]
-
-    outputs = []
-    for name, load, out in jobs:
-        frames, actions = load()
-        if c["max_actions"]:
-            actions = actions[:c["max_actions"]]
-        timings = []
-        t0 = time.perf_counter()
-        video = rollout(net, tok, frames[None, :, :, 0].to(dev), actions[None], timings=timings, **common)[0]
-        dt = time.perf_counter() - t0
-        gt = frames[:, :, :video.shape[2]]
-        save_video(out, video, gt if c["compare"] else None, fps=c["save_fps"] or s["fps"])
-        strip = Path(c["strip_path"]) if c["strip_path"] and len(jobs) == 1 else out.with_suffix(".png")
-        times = save_strip(strip, video, gt if c["compare"] else None)
-        calls = sum(r["net_calls"] for r in timings)
-        print(f"{name}: {actions.shape[0]} actions -> {video.shape[2]} frames x {video.shape[0]} views in "
-              f"{len(timings)} chunks, {dt:.1f} s ({dt / max(len(timings), 1):.2f} s/chunk, "
-              f"{sum(r['sample_seconds'] for r in timings) / max(calls, 1) * 1000:.1f} ms/denoising step, "
-              f"{sum(r['decode_seconds'] for r in timings):.2f} s decoding)")
-        print(f"wrote {out} ({c['save_fps'] or s['fps']} fps) and {strip} (time steps {times})")
-        outputs.append((out, video))
-    return outputs
+    return run_jobs(jobs, net, tok, common, c, s)
 
 
 if __name__ == "__main__":
-    main()
+    import convert
+    convert.exit_on_known_errors(main)

@@ -111,7 +111,7 @@ def test_dcp_training_checkpoint(tmp_path, nets):
 def test_load_errors_are_loud(tmp_path, nets):
     _, ema = nets
     sd = {"net." + k: v for k, v in ema.state_dict().items()}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(convert.CheckpointError, match="nope.pt: no such file"):
         convert.load_weights(tmp_path / "nope.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a training checkpoint"):
@@ -121,7 +121,7 @@ def test_load_errors_are_loud(tmp_path, nets):
         convert.load_weights(tmp_path / "iter_000000009.tmp")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest_checkpoint.txt").write_text("iter_000000001")
-    with pytest.raises(FileNotFoundError, match="iter_000000001"):
+    with pytest.raises(convert.CheckpointError, match="iter_000000001"):
         convert.load_weights(tmp_path)
     torch.save({"state_dict": sd}, tmp_path / "nested.pt")        # a training-framework wrapper, not a flat dict
     with pytest.raises(ValueError, match="flat dict"):
@@ -200,6 +200,42 @@ def test_export_of_a_checkpoint_written_by_two_processes(tmp_path, nets):
     assert torch.equal(output(convert.load_dit(tmp_path / "release" / "model.pt", ema=False)[0]), output(reg))
 
 
+class NotAllowed:
+    """A pickled object torch's safe loader refuses (what a foreign or malicious .pt holds)."""
+
+
+@pytest.mark.parametrize("kind", ["text", "pickle", "safetensors", "not_dit"])
+def test_not_a_checkpoint_is_one_clear_line(tmp_path, kind):
+    """info / import / load on a file that is not a checkpoint: 'error: <file>: not a checkpoint nanocosmos can read
+    (formats: ...)' from the command line, exit 1, no traceback, and never torch's advice to load unsafely."""
+    import pickle
+    import subprocess
+    import sys
+    f = tmp_path / ("x.safetensors" if kind == "safetensors" else "x.pt")
+    if kind == "text":
+        f.write_text("hello, not a checkpoint\n")
+    elif kind == "pickle":
+        f.write_bytes(pickle.dumps({"net.a": NotAllowed()}))
+    elif kind == "safetensors":
+        f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    else:
+        save_file({"weights.x_embedder": torch.zeros(2)}, str(f.with_suffix(".safetensors")))
+        f = f.with_suffix(".safetensors")
+    for cmd in (["info", str(f)], ["import", str(f), str(tmp_path / "o.pt")]):
+        with pytest.raises(SystemExit) as e:
+            convert.exit_on_known_errors(convert.main, cmd)
+        err = str(e.value.code)
+        assert err.startswith(f"error: {f}: ") and "\n" not in err and "weights_only" not in err, err
+        assert ("no DiT weights" if kind == "not_dit" else "not a checkpoint nanocosmos can read (") in err
+    if kind == "pickle":       # the script itself: one line on stderr, exit 1, no traceback
+        p = subprocess.run([sys.executable, str(ROOT / "convert.py"), "info", str(f)], capture_output=True, text=True,
+                           cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 1 and p.stderr.strip() == err and "Traceback" not in p.stderr
+    if kind != "not_dit":
+        with pytest.raises(convert.CheckpointError, match="formats: a training checkpoint directory"):
+            convert.load_weights(f)
+
+
 # ---- import: files shaped like an official release -------------------------------------------
 
 def official_file(fixture, path, with_regular=False):
@@ -222,14 +258,23 @@ def official_file(fixture, path, with_regular=False):
     return tensors
 
 
-@pytest.mark.parametrize("fixture", ["dit_action", "dit_multiview"])
+DIT_FIXTURES = sorted(p.stem for p in FIXTURES.glob("dit_*.safetensors"))
+
+
+@pytest.mark.parametrize("fixture", DIT_FIXTURES)
 def test_import_official_release_reproduces_fixture(tmp_path, fixture, capsys):
+    """Every architecture choice is read from the shapes, the family's fps modulation included (Predict2 multi-view
+    on, Predict2.5 multi-view off); only the temporal RoPE ratio (state_t / 24 for the released multi-view nets, not
+    in any tensor) is given when a tiny fixture's differs from the release's."""
     tensors = official_file(fixture, tmp_path / "release.pt")
-    convert.main(["import", str(tmp_path / "release.pt"), str(tmp_path / "imported.pt")])
+    want_cfg, num_views = config_from_sidecar(json.loads((FIXTURES / f"{fixture}.json").read_text()), tensors)
+    cfg, _ = convert.infer_config(model.clean_state_dict({k[8:]: v for k, v in tensors.items()
+                                                           if k.startswith("weights.")}))
+    t_ratio = [] if cfg.rope_t_extrapolation_ratio == want_cfg.rope_t_extrapolation_ratio else \
+        ["--rope_t_extrapolation_ratio", str(want_cfg.rope_t_extrapolation_ratio)]
+    convert.main(["import", str(tmp_path / "release.pt"), str(tmp_path / "imported.pt")] + t_ratio)
     printed = capsys.readouterr().out
     assert "inferred from shapes" in printed and "_extra_state" in printed and "accum_*" in printed
-    # every architecture choice is read from the shapes (the fixtures use official RoPE settings)
-    want_cfg, num_views = config_from_sidecar(json.loads((FIXTURES / f"{fixture}.json").read_text()), tensors)
     imported = torch.load(tmp_path / "imported.pt", weights_only=True)
     assert all(k.startswith("net.") and "_extra_state" not in k and "accum_" not in k for k in imported)
     net, rc = convert.load_dit(tmp_path / "imported.pt")
@@ -321,6 +366,9 @@ def test_info(tmp_path, nets):
     assert "flat .pt file" in text and "net.* " in text and "4 accum_*" in text and "9 _extra_state" in text
     assert "blocks.0-1" in text and "view_embeddings" in text and "7 view embeddings" in text
     assert "inferred from shapes" in text and "rope_enable_fps_modulation=True" in text
+    official_file("dit_multiview_p25", tmp_path / "release25.pt")      # Predict2.5 multi-view: no fps modulation
+    text = convert.info(tmp_path / "release25.pt")
+    assert "crossattn_proj 48->32" in text and "rope_enable_fps_modulation=False" in text
     reg, ema = nets
     write_dcp(tmp_path / "iter_000000003", reg.state_dict(), ema.state_dict(), run_config(ema))
     text = convert.info(tmp_path / "iter_000000003")
@@ -366,3 +414,16 @@ def test_round_trip_train_export_sample(tmp_path):
     diff = (frames(tmp_path / "release" / "model_ema_bf16.pt") - direct).abs()
     print(f"bf16 round trip: mean |diff| {diff.mean():.4f}, max {diff.max():.0f} (uint8 levels)")
     assert diff.mean() < 0.5 and diff.max() <= 8
+
+
+@pytest.mark.parametrize("proj, fps_modulated", [(0, True), (48, False)], ids=["predict2", "predict2.5"])
+def test_infer_config_multiview_family(proj, fps_modulated):
+    """A multi-view file with crossattn_proj is Predict2.5 (RoPE not fps-modulated, timestep scale 0.001); without,
+    Predict2 (always fps-modulated, scale 1)."""
+    with torch.device("meta"):
+        sd = model.DiT(model.DiTConfig(model_channels=64, num_blocks=2, num_heads=4, adaln_lora_dim=16,
+                                       crossattn_emb_channels=32, n_views_emb=7,
+                                       crossattn_proj_in_channels=proj)).state_dict()
+    cfg, assumed = convert.infer_config(sd)
+    assert cfg.rope_enable_fps_modulation is fps_modulated and "rope_enable_fps_modulation" in assumed
+    assert cfg.timestep_scale == (0.001 if proj else 1.0) and cfg.rope_t_extrapolation_ratio == 8 / 24

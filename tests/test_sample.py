@@ -19,6 +19,7 @@ import data
 import model
 import sample
 import vae
+from test_model import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 BRIDGE = ROOT.parent / "shared" / "bridge_samples"
@@ -126,7 +127,7 @@ def test_cli_prediction_ignores_ground_truth_beyond_first_frame(synth, ckpt2, tm
     ann = next((synth / "annotations" / "val").glob("*.json"))
     runs = [["--dit_path", str(ckpt2), f"--data_root={synth}", "--num_steps=2"],
             ["--dit_path", str(ckpt2), "--annotation", str(ann), "--num_steps=2"]]
-    clean = [sample.main(args + ["--save_path", "a.mp4"])[0][1] for args in runs]
+    clean = [sample.main(args + ["--save_path", "a.mp4", "--overwrite"])[0][1] for args in runs]
     real = data.read_frames
 
     def noisy(path, indices, size=None):
@@ -139,7 +140,7 @@ def test_cli_prediction_ignores_ground_truth_beyond_first_frame(synth, ckpt2, tm
 
     monkeypatch.setattr(data, "read_frames", noisy)
     for args, ref in zip(runs, clean):
-        assert torch.equal(sample.main(args + ["--save_path", "b.mp4"])[0][1], ref)
+        assert torch.equal(sample.main(args + ["--save_path", "b.mp4", "--overwrite"])[0][1], ref)
 
 
 def test_determinism_and_chunk_seeds(tok):
@@ -175,6 +176,52 @@ def test_action_model_checks(tok):
 
 # -----------------------------------------------------------------------------
 # samplers
+
+SAMPLER_FIXTURES = sorted((ROOT / "tests" / "fixtures").glob("sampler_*.safetensors"))
+
+
+class FieldNet(torch.nn.Module):
+    """The sampler fixtures' stand-in network (sidecar `network_replacement`): v = 0.9 x - 0.5 tau tanh(x + s D) + C
+    with tau = 0.001 timesteps and s the mean of the text embedding, per sample."""
+
+    def __init__(self, C, D):
+        super().__init__()
+        self.cfg = model.DiTConfig(timestep_scale=0.001)
+        self.C, self.D = C, D
+
+    def forward(self, x, timesteps_B_T, crossattn_emb=None, **kw):
+        tau = 0.001 * timesteps_B_T[:, None, :, None, None]
+        s = crossattn_emb.mean(dim=(1, 2))[:, None, None, None, None]
+        return 0.9 * x - 0.5 * tau * torch.tanh(x + s * self.D) + self.C
+
+
+@pytest.mark.parametrize("path", SAMPLER_FIXTURES, ids=[p.stem for p in SAMPLER_FIXTURES])
+def test_unipc_sampler_parity(path):
+    """The official Predict2.5 inference loop (flow UniPC, shift, truncated int timesteps, conditioned frames and
+    CFG) against every case of every tests/fixtures/sampler_* file: schedules exact, every step's tensors close."""
+    from safetensors.torch import load_file
+    meta, f = json.loads(path.with_suffix(".json").read_text()), load_file(str(path))
+    net = FieldNet(f["inputs.field_C"], f["inputs.field_D"])
+    noise, gt = f["inputs.noise"], f["inputs.gt_latent"]
+    uncond_anchored = "multiview" in meta["source"]["class"].lower()
+    for case, c in meta["cases"].items():
+        ts, sig = sample.unipc_schedule(c["num_steps"], c["shift"])
+        assert torch.equal(ts, f[f"schedule.{case}.timesteps"]) and torch.equal(sig, f[f"schedule.{case}.sigmas"])
+        assert torch.equal(noise, sample.chunk_noise(c["noise_seed"], tuple(noise.shape)))
+        mask = model.condition_mask(1, 1, noise.shape[2], *noise.shape[3:], c["num_conditional_frames"])
+        rec = {}
+
+        def denoise(x, t, t_net):
+            v = sample.guided_velocity(net, x, torch.tensor([t_net]), gt, mask, noise, c["guidance"],
+                                       f["inputs.text_emb"], f["inputs.neg_text_emb"], uncond_anchored)
+            rec.setdefault("velocity", []).append(v)
+            return x - t * v
+
+        out = sample.sample_unipc(denoise, noise, c["num_steps"], c["shift"], record=rec)
+        for name, xs in rec.items():
+            assert_close(torch.cat(xs), f[f"intermediates.{case}.{name}"], f"{case} {name}", 1e-5, 1e-6)
+        assert_close(out, f["output" if case == "main" else f"extra_outputs.{case}"], f"{case} final", 1e-5, 1e-6)
+
 
 def test_karras_grid():
     s = sample.karras_sigmas(35)
@@ -311,8 +358,12 @@ def test_eval_report(synth, tok):
     assert len(report["per_chunk"]["psnr"]) == math.ceil(N / 12) == len(report["per_chunk"]["frames"])
     assert sum(report["per_chunk"]["frames"]) == 2 * 2 * N               # episodes x views x predicted frames
     assert report["per_chunk"]["time_steps"] == [[1, 12], [13, N]]
-    for d in (report, report["shuffled_actions"], report["copy_first_frame"], report["tokenizer_round_trip"]):
+    for d in (report, report["shuffled_actions"], report["copy_first_frame"], report["tokenizer_round_trip"],
+              report["no_motion"]):
         assert 0 < d["psnr"] < 150 and -1 <= d["ssim"] <= 1
+    assert report["latent_l2"] > 0 and report["no_motion"]["latent_l2"] > 0
+    assert report["beats_no_motion"] == {"psnr": report["psnr"] > report["no_motion"]["psnr"],
+                                         "latent_l2": report["latent_l2"] < report["no_motion"]["latent_l2"]}
     for k in ("psnr", "ssim"):
         assert all(0 < p < 150 for p in report["per_chunk"]["psnr"] + report["per_view"]["psnr"])
         assert all(-1 <= s <= 1 for s in report["per_chunk"]["ssim"] + report["per_view"]["ssim"])
@@ -322,6 +373,42 @@ def test_eval_report(synth, tok):
     assert [e["name"] for e in report["per_episode"]] == [e.name for e in ds.episodes]
     table = sample.format_table(report, ["cam0", "cam1"])
     assert f"chunk 1 (t 13-{N})" in table and "action sensitivity" in table and "cam1" in table
+    assert "no motion, through the tokenizer (baseline)" in table and "copy first frame, sharp (no tokenizer)" in table
+    assert "beat" in table.splitlines()[-2] and "latent L2: model" in table
+
+
+def test_no_motion_baseline_and_latent_l2(tok):
+    """The no-motion model goes through the tokenizer (blocky with the pixel tokenizer, unlike the sharp copy), holds
+    still, and a perfect prediction has latent L2 0 while standing still does not."""
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (2, 3, 20, H, W), generator=g, dtype=torch.uint8)
+    still = sample.no_motion(tok, video[:, :, 0], 20)
+    assert still.shape == video.shape and torch.equal(still[:, :, 0], video[:, :, 0])
+    through = sample.decode(tok, sample.encode(tok, video[:, :, :1]))[:, :, 0]          # the first frame, tokenized
+    assert all(torch.equal(still[:, :, k], through) for k in range(1, 20))
+    assert not torch.equal(through, video[:, :, 0])                                     # not the sharp copy
+    assert sample.latent_l2(tok, video, video) == 0
+    assert sample.latent_l2(tok, still, video) > 0.1
+
+
+def test_eval_says_whether_the_model_beats_standing_still(synth, tok):
+    """An oracle that predicts the ground truth (through the tokenizer) beats standing still on both measures; the
+    no-motion model itself does not."""
+    ds = data.RobotVideoDataset(synth, "val", num_frames=13, cameras=(0, 1), size=(H, W))
+
+    class Truth(OracleNet):
+        def forward(self, x, t_B_T, **kw):
+            return (x - self.target) / t_B_T[:, None, :, None, None]
+
+    net = Truth(tok, "per_frame")
+    net.target = rearrange_views(sample.encode(tok, ds.episode_frames(0)[:, :, :13]))
+    report = sample.evaluate(net, tok, ds, episodes=1, max_actions=12, num_steps=2, progress=False)
+    assert report["beats_no_motion"] == {"psnr": True, "latent_l2": True}
+    assert "the model beats standing still" in sample.format_table(report)
+
+
+def rearrange_views(z_V_C_T_h_w):
+    return z_V_C_T_h_w.permute(1, 0, 2, 3, 4).flatten(1, 2)[None]                      # [1, C, V*T, h, w]
 
 
 def test_eval_command_line(synth, ckpt2, tmp_path, monkeypatch, capsys):
@@ -439,7 +526,8 @@ def test_real_bridge_episode(tmp_path, monkeypatch):
 
 def test_clear_errors(synth, ckpt2, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope/ckpt"):
+    import convert
+    with pytest.raises(convert.CheckpointError, match="nope/ckpt: no such file"):
         sample.main(["--dit_path", "nope/ckpt"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"continuous_gripper_state": [0, 0]}))
@@ -486,3 +574,196 @@ def test_default_run_then_bare_sample(tmp_path):
     assert err(left, gt[1]) > err(left, gt[0])
     strip = read_png(tmp_path / "output" / "sample.png")
     assert strip.shape == (H, 8 * 2 * W + 7 * sample.SEPARATOR, 3)
+
+
+# -----------------------------------------------------------------------------
+# Predict2.5: family defaults, text context, the official inference command, bf16
+
+def tiny_p25(seed=0, views=0, action_mode="per_frame"):
+    """A tiny Predict2.5-shaped net: per-frame actions, crossattn_proj 24 -> 16, 1000-scale timesteps."""
+    torch.manual_seed(seed)
+    cfg = model.DiTConfig(model_channels=32, num_blocks=2, num_heads=2, adaln_lora_dim=8, crossattn_emb_channels=16,
+                          crossattn_proj_in_channels=24, timestep_scale=0.001, in_channels=12, out_channels=12,
+                          action_mode=action_mode, n_views_emb=views)
+    return model.DiT(cfg).eval()
+
+
+@pytest.mark.parametrize("fixture", sorted(p.stem for p in (ROOT / "tests" / "fixtures").glob("dit_*.safetensors")))
+def test_family_defaults_for_official_files(fixture, tmp_path, capsys):
+    """`--dit_path <official file>` without a run config: the family (from the file) picks resolution, conditioning
+    and sampler, and one line says what was assumed. Files laid out like releases, from the fixtures' weights."""
+    from test_convert import official_file
+    official_file(fixture, tmp_path / "model.pt")
+    family = json.loads((ROOT / "tests" / "fixtures" / f"{fixture}.json").read_text())["source"]["repo"]
+    net, s, _, common = sample.setup(sample.parse_args(["--dit_path", str(tmp_path / "model.pt"), "--tokenizer=pixel"]))
+    out = capsys.readouterr().out
+    if family.endswith("cosmos-predict2.5"):
+        assert s["frame_size"] == (256, 320) and s["cond_t"] is None and s["sampler"] == "unipc"
+        assert "predict2.5 defaults assumed (256x320, conditioned frames clean at the same t" in out
+        assert "unipc 35 steps shift 5" in out and out.count("warning: no --text_embedding") == 1
+    else:
+        assert s["frame_size"] == (480, 640) and s["cond_t"] == pytest.approx(1e-4 / (1 + 1e-4))
+        assert s["sampler"] == "ab2" and "predict2 defaults assumed (480x640, conditioned frames at sigma 1e-4" in out
+        assert "warning" not in out
+    assert common["amp"] is None                                           # CPU: float32
+
+
+def test_p25_net_samples_with_unipc_by_default(tok, tmp_path, capsys):
+    net = tiny_p25()
+    torch.save({"net." + k: v for k, v in net.state_dict().items()}, tmp_path / "p25.pt")
+    (video_path, video), = sample.main(["--dit_path", str(tmp_path / "p25.pt"), "--tokenizer=pixel",
+                                        f"--frame_size=({H}, {W})", "--cameras=(0,)", "--num_steps=3",
+                                        "--annotation", str(BRIDGE / "annotation/test/0.json"), "--max_actions=12",
+                                        "--save_path", str(tmp_path / "p25.mp4")])
+    assert "unipc 3 steps shift 5" in capsys.readouterr().out
+    first = data.read_frames(BRIDGE / "videos/test/0/rgb.mp4", [0], (H, W))[None, None, 0]
+    actions = torch.from_numpy(data.compute_actions(*[np.asarray(json.loads(
+        (BRIDGE / "annotation/test/0.json").read_text())[k]) for k in ("state", "continuous_gripper_state")]))
+    want = sample.rollout(net, tok, first, actions[None, :12], num_steps=3, sampler="unipc", progress=False)[0]
+    assert torch.equal(video, want)
+
+
+def test_text_embedding(tok, tmp_path):
+    """A text context file: either width, loaded once, broadcast over the batch; a wrong width is one line naming
+    the file. Guidance has an effect for a Predict2.5 net once the two branches see different text."""
+    import convert
+    from safetensors.torch import save_file
+    net = tiny_p25()
+    raw = torch.randn(1, 8, 24)
+    save_file({"text_embedding": raw}, str(tmp_path / "raw.safetensors"))
+    with torch.no_grad():
+        save_file({"x": net.crossattn_proj(raw)[0].contiguous()}, str(tmp_path / "proj.safetensors"))
+    save_file({"x": torch.randn(8, 20)}, str(tmp_path / "bad.safetensors"))
+    a = convert.load_text_embedding(tmp_path / "raw.safetensors", net.cfg)
+    b = convert.load_text_embedding(tmp_path / "proj.safetensors", net.cfg)
+    assert a.shape == (1, 8, 24) and b.shape == (1, 8, 16)
+    with pytest.raises(convert.CheckpointError, match=r"bad\.safetensors: text embedding of shape \[1, 8, 20\]"):
+        convert.load_text_embedding(tmp_path / "bad.safetensors", net.cfg)
+    first, actions = first_and_actions(B=2, V=1, N=12)
+    kw = dict(num_steps=3, sampler="unipc", progress=False)
+    va = sample.rollout(net, tok, first, actions, crossattn_emb=a, **kw)
+    vb = sample.rollout(net, tok, first, actions, crossattn_emb=b, **kw)
+    assert (va.int() - vb.int()).abs().max() <= 1                           # same context, either width
+    assert torch.equal(sample.rollout(net, tok, first[:1], actions[:1], crossattn_emb=a, **kw), va[:1])  # broadcast
+    zero = sample.rollout(net, tok, first, actions, **kw)
+    assert (zero.int() - va.int()).abs().float().mean() > 1                 # the text matters
+    guided = sample.rollout(net, tok, first, actions, crossattn_emb=a, guidance=3.0, **kw)
+    assert (guided.int() - va.int()).abs().float().mean() > 1               # cond + 3 (cond - uncond(zeros))
+
+
+def official_checkpoint(folder):
+    """A post-trained Predict2.5-shaped checkpoint as `convert.py export` writes it: model_ema_bf16.pt + config.json."""
+    net = tiny_p25()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"net." + k: v.bfloat16() for k, v in net.state_dict().items()}, folder / "model_ema_bf16.pt")
+    train_cfg = dict(tokenizer="pixel", pixel_factor=8, fps=4, num_frames=13, cameras=[0])
+    (folder / "config.json").write_text(json.dumps({"model": model.config_dict(net.cfg), "train": train_cfg}))
+    return folder / "model_ema_bf16.pt"
+
+
+@pytest.mark.skipif(not BRIDGE.is_dir(), reason="shared/bridge_samples not available")
+def test_official_inference_command(tmp_path, monkeypatch, capsys):
+    """The Predict2.5 guide's command as written, on the Bridge samples, with a params file shaped like the official
+    assets/action_conditioned/basic/inference_params.json (input_root and resolution changed: tiny net, fast)."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = official_checkpoint(tmp_path / "ck")
+    params = dict(name="basic", input_root=str(BRIDGE), input_json_sub_folder="annotation/test",
+                  save_root="outputs/action_conditioned/basic", guidance=0, resolution=f"{H},{W}", camera_id=0,
+                  start=0, end=2, fps_downsample_ratio=1, gripper_scale=1.0, gripper_key="continuous_gripper_state",
+                  state_key="state", reverse=False, single_chunk=False, start_frame_idx=0, save_fps=20,
+                  num_latent_conditional_frames=1, action_scaler=20.0, use_quat=False,
+                  action_load_fn="cosmos_predict2.action_conditioned.load_default_action_fn",
+                  negative_prompt="The video captures a series of frames showing ugly scenes", seed=0, prompt=None)
+    Path("inference_params.json").write_text(json.dumps(params))
+    cmd = ["-i", "inference_params.json", "-o", "outputs/action_conditioned/basic", "--checkpoint-path", str(ckpt),
+           "--experiment", "ac_reason_embeddings_rectified_flow_2b_256_320"]
+    outs = sample.main(cmd + ["--num_steps=2"])
+    printed = capsys.readouterr().out
+    assert "not honoured" not in printed                                  # every field of the example is honoured
+    names = sorted(p.stem for p in (BRIDGE / "annotation/test").glob("*.json"))[:2]
+    assert [p for p, _ in outs] == [Path(f"outputs/action_conditioned/basic/{n}_chunk.mp4") for n in names]
+    for (path, video), n in zip(outs, names):
+        T = len(json.loads((BRIDGE / f"annotation/test/{n}.json").read_text())["state"])
+        assert video.shape == (1, 3, T, H, W) and read_mp4(path).shape == (T, H, W, 3)
+        with av.open(str(path)) as c:
+            assert c.streams.video[0].average_rate == 20                   # save_fps
+    assert json.loads(Path("outputs/action_conditioned/basic/nanocosmos_settings.json").read_text())["not_honoured"] == []
+    # run again: existing videos are skipped, as official; single_chunk from frame 3, and unhonoured fields named once
+    params.update(single_chunk=True, start_frame_idx=3, action_load_fn="my.loader", use_quat=True, prompt="a robot",
+                  guidance=3, end=1)
+    Path("inference_params.json").write_text(json.dumps(params))
+    (path, video), = sample.main(cmd + ["--num_steps=2"])
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if "not honoured" in line]
+    assert len(warnings) == 1 and all(k in warnings[0] for k in ("action_load_fn='my.loader'", "use_quat=True",
+                                                                 "prompt", "negative_prompt"))
+    assert path.name == f"{names[0]}_single_chunk.mp4" and video.shape == (1, 3, 13, H, W)
+    # chunk i is seeded with its first action index, as official: the rollout from frame 3 uses seed 3
+    import convert
+    ann = json.loads((BRIDGE / f"annotation/test/{names[0]}.json").read_text())
+    actions = torch.from_numpy(data.compute_actions(np.asarray(ann["state"]), np.asarray(ann["continuous_gripper_state"])))
+    first = data.read_frames(BRIDGE / ann["videos"][0]["video_path"], [3], (H, W))[None, None, 0]
+    want = sample.rollout(convert.load_dit(ckpt)[0], vae.load_tokenizer("pixel", None, spatial_factor=8), first,
+                          actions[None, 3:15], num_steps=2, sampler="unipc", seed=3, progress=False)[0]
+    assert torch.equal(video, want)
+    sample.main(cmd + ["--num_steps=2"])
+    assert "exists, skipped" in capsys.readouterr().out
+
+
+def test_bf16_rollout_close_to_fp32(tok):
+    """bf16 autocast (here on CPU; CUDA uses the same autocast) against float32, 2 chunks of a tiny Predict2.5 net
+    with the UniPC sampler. Measured (torch 2.13, 2-core CPU): mean |diff| 0.14 uint8 levels, max 1; bound 2x."""
+    net = tiny_p25()
+    first, actions = first_and_actions(B=1, V=2, N=24)
+    kw = dict(num_steps=8, sampler="unipc", progress=False)
+    fp32 = sample.rollout(net, tok, first, actions, **kw)
+    bf16 = sample.rollout(net, tok, first, actions, amp=torch.bfloat16, **kw)
+    diff = (fp32.float() - bf16.float()).abs()
+    print(f"bf16 vs fp32 rollout: mean |diff| {diff.mean():.3f}, max {diff.max():.0f} uint8 levels")
+    assert 0 < diff.mean() < 0.3 and diff.max() <= 2
+
+
+def test_command_line_errors_are_one_line(synth, ckpt2, tmp_path, capsys):
+    """Known errors: one line 'error: <file>: <problem>', exit 1, no traceback (checked in-process through the
+    script's entry point, and once as a real subprocess); output problems are found before the checkpoint is even
+    read (nothing printed before the error)."""
+    import convert
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "exists.mp4").write_text("")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"continuous_gripper_state": [0, 0]}))
+    cases = [(["--dit_path", str(tmp_path / "nope.pt")], f"error: {tmp_path / 'nope.pt'}: no such file"),
+             (["--dit_path", str(ckpt2), "--save_path", str(tmp_path / "afile" / "x.mp4")],
+              f"error: {tmp_path / 'afile'}: cannot create the output folder"),
+             (["--dit_path", str(ckpt2), "--save_path", str(tmp_path / "exists.mp4")],
+              f"error: {tmp_path / 'exists.mp4'}: exists; pass --overwrite"),
+             (["--dit_path", str(ckpt2), "--annotation", str(bad), "--input_path",
+               str(synth / "videos/cam0/ep00002.mp4"), "--save_path", str(tmp_path / "o.mp4")],
+              f"error: {bad}: "),
+             (["--dit_path", str(ckpt2), "--sampler", "heun", "--save_path", str(tmp_path / "o.mp4")],
+              "error: --sampler must be one of")]
+    for args, want in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            convert.exit_on_known_errors(sample.main, args)
+        assert str(e.value.code).startswith(want) and "\n" not in str(e.value.code), (args, e.value.code)
+        if "output folder" in want or "overwrite" in want:
+            assert capsys.readouterr().out == ""                           # refused before any work
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py")] + cases[1][0], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.strip().startswith(cases[1][1]) and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_guidance_formula_follows_the_family(tok):
+    """At guidance 0 the action model (cond + g (cond - uncond)) is its conditional branch; the Predict2.5 multi-view
+    video model (uncond + g (cond - uncond)) is its unconditional one."""
+    first, actions = first_and_actions(V=2, N=12)
+    text = torch.randn(1, 2 * 512, 24)
+    kw = dict(num_steps=2, sampler="unipc", progress=False)
+    for net, anchored_on_uncond in ((tiny_p25(views=7), False), (tiny_p25(views=7, action_mode="none"), True)):
+        both = sample.rollout(net, tok, first, actions, crossattn_emb=text, **kw)
+        cond_only = sample.rollout(net, tok, first, actions, crossattn_emb=text, neg_crossattn_emb=text, **kw)
+        uncond_only = sample.rollout(net, tok, first, actions, **kw)
+        assert torch.equal(both, uncond_only if anchored_on_uncond else cond_only)
+        assert not torch.equal(cond_only, uncond_only)
