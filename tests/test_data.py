@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import data
+from synth import WORK_HI, WORK_LO, make_synthetic, simulate_episode
 
 ROOT = Path(__file__).resolve().parents[1]
 BRIDGE = Path(__file__).resolve().parents[2] / "shared" / "bridge_samples"
@@ -26,8 +27,8 @@ EPISODES, VAL = 5, 2                # ep00000..ep00002 train, ep00003..ep00004 v
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "syn"
-    data.make_synthetic(str(root), episodes=EPISODES, cameras=V, frames=T, size=(H, W), seed=0, val_episodes=VAL,
-                        workers=1)
+    make_synthetic(str(root), episodes=EPISODES, cameras=V, frames=T, size=(H, W), seed=0, val_episodes=VAL,
+                       workers=1)
     return root
 
 
@@ -269,7 +270,6 @@ def test_corrupt_frames_inside_a_video(copy):
     (lambda d: d.update(state=d["state"][0]), r"'state' must be T x >=6.*\[7\]"),
     (lambda d: d.update(continuous_gripper_state=d["continuous_gripper_state"][:-1]),
      r"'continuous_gripper_state' must have shape \[16\].*\[15\]"),
-    (lambda d: d.update(action=d["action"][:-2]), r"'action' must be \[15, 7\].*\[13, 7\]"),
     (lambda d: d.update(state=d["state"][:3] + [[1.0, 2.0]] + d["state"][4:]), "not a rectangular array"),
     (lambda d: d["state"][4].__setitem__(2, float("nan")), r"'state' has 1 NaN/inf values, first at index \[4, 2\]"),
     (lambda d: d["continuous_gripper_state"].__setitem__(7, None), r"'continuous_gripper_state' has 1 NaN"),
@@ -339,8 +339,9 @@ def test_synthetic_world_is_consistent(synth):
     for ann_path in sorted((synth / "annotations").glob("*/*.json")):
         ann = data.parse_annotation(ann_path)
         a = data.relative_actions(ann["state"], ann["gripper"])
-        np.testing.assert_allclose(ann["action"][:, :6], a[:, :6], atol=1e-9)    # stored like Bridge: unscaled,
-        np.testing.assert_array_equal(ann["action"][:, 6], ann["state"][1:, 6])  # column 6 = the open flag
+        stored = data.stored_action(ann_path, ann)
+        np.testing.assert_allclose(stored[:, :6], a[:, :6], atol=1e-9)    # stored like Bridge: unscaled,
+        np.testing.assert_array_equal(stored[:, 6], ann["state"][1:, 6])  # column 6 = the open flag
         assert set(np.unique(ann["state"][:, 6])) <= {0.0, 1.0}
         assert np.all((ann["gripper"] >= 0) & (ann["gripper"] <= 1))
         for k in range(V):
@@ -350,9 +351,9 @@ def test_synthetic_world_is_consistent(synth):
 
 def test_synthetic_is_deterministic_per_seed(tmp_path):
     kw = dict(episodes=2, cameras=1, frames=6, size=(16, 20), val_episodes=1)
-    data.make_synthetic(tmp_path / "a", seed=3, workers=1, **kw)
-    data.make_synthetic(tmp_path / "b", seed=3, workers=2, **kw)
-    data.make_synthetic(tmp_path / "c", seed=4, workers=1, **kw)
+    make_synthetic(tmp_path / "a", seed=3, workers=1, **kw)
+    make_synthetic(tmp_path / "b", seed=3, workers=2, **kw)
+    make_synthetic(tmp_path / "c", seed=4, workers=1, **kw)
     for split, name in (("train", "ep00000"), ("val", "ep00001")):
         a, b, c = [(tmp_path / r / "annotations" / split / f"{name}.json").read_text() for r in "abc"]
         assert a == b and a != c
@@ -365,12 +366,12 @@ def test_synthetic_actions_are_random_and_move_the_gripper():
     and over a 12-step window the tool centre travels far (the default run's 8x8-pixel blocks must change)."""
     moves, directions, toggles = [], [], 0
     for i in range(30):
-        state, gripper, _, _ = data.simulate_episode(np.random.default_rng([0, i]), 40, 2)
+        state, gripper, _, _ = simulate_episode(np.random.default_rng([0, i]), 40, 2)
         step = np.diff(state[:, :3], axis=0)
         moves += [np.linalg.norm(state[s + 12, :3] - state[s, :3]) for s in range(0, 27, 4)]
         directions += list(step[np.linalg.norm(step, axis=1) > 1e-3][:, :2])
         toggles += int(np.abs(np.diff(state[:, 6])).sum())
-        assert np.all(state[:, :3] >= data.WORK_LO - 1e-9) and np.all(state[:, :3] <= data.WORK_HI + 1e-9)
+        assert np.all(state[:, :3] >= WORK_LO - 1e-9) and np.all(state[:, :3] <= WORK_HI + 1e-9)
         assert np.abs(np.diff(step, axis=0)).max() < 0.04    # smooth: the velocity eases, it never jumps
     assert np.median(moves) > 0.08                          # metres in 12 frames (the workspace is 0.26 m wide)
     angles = np.arctan2(*np.array(directions).T[::-1])
@@ -402,7 +403,7 @@ def test_bridge_recomputed_actions_equal_the_stored_ones():
     ds = data.RobotVideoDataset(BRIDGE, "test", num_frames=13, cameras=(0,), size=(64, 80))
     for e, ep in enumerate(ds.episodes):
         ann = data.parse_annotation(ep.annotation)
-        stored = ann["action"]
+        stored = data.stored_action(ep.annotation, ann)
         np.testing.assert_allclose(ep.actions[:, :6], 20 * stored[:, :6], atol=1e-6, rtol=0)
         np.testing.assert_allclose(ep.actions[:, 6], ann["gripper"][1:], atol=1e-6, rtol=0)
         np.testing.assert_array_equal(stored[:, 6], ann["state"][1:, 6])
@@ -451,9 +452,10 @@ def test_check_lists_every_problem(copy):
 
 
 def test_synth_and_bench_commands(tmp_path, capsys):
+    import synth
     out = tmp_path / "s"
-    assert data.main(["synth", "--out", str(out), "--episodes", "3", "--val-episodes", "1", "--cameras", "2",
-                      "--frames", "14", "--size", "32x40", "--workers", "1"]) == 0
+    assert synth.main(["--out", str(out), "--episodes", "3", "--val-episodes", "1", "--cameras", "2",
+                       "--frames", "14", "--size", "32x40", "--workers", "1"]) == 0
     assert sorted(p.name for p in (out / "videos" / "cam1").iterdir()) == ["ep00000.mp4", "ep00001.mp4", "ep00002.mp4"]
     assert data.main(["check", str(out)]) == 0
     assert data.main(["bench", str(out), "--cameras", "0,1", "--size", "32x40", "--workers", "1", "--batch-size", "2",
@@ -465,7 +467,7 @@ def test_synth_and_bench_commands(tmp_path, capsys):
 def test_check_split_workers_and_notes(tmp_path, capsys):
     """--split restricts the check; a pool of workers finds the same problems; extra frames are a note, not a problem."""
     root = tmp_path / "many"
-    data.make_synthetic(root, episodes=18, cameras=1, frames=4, size=(16, 20), seed=1, val_episodes=2, workers=1)
+    make_synthetic(root, episodes=18, cameras=1, frames=4, size=(16, 20), seed=1, val_episodes=2, workers=1)
     video = root / "videos" / "cam0" / "ep00016.mp4"  # val
     data.write_mp4(video, np.concatenate([frames_of(video)] * 2))
     (root / "videos" / "cam0" / "ep00003.mp4").unlink()  # train
