@@ -22,6 +22,7 @@ The synthetic world is synth.py: `python synth.py --out datasets/synth`.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -38,6 +39,10 @@ from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import vae
 
 # -----------------------------------------------------------------------------
 # errors: every message starts with the offending file, so a user can go and look at it
@@ -436,8 +441,11 @@ class RobotVideoDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split="train", num_frames=13, cameras=(0,), size=(256, 320), frame_stride=1, start_stride=1,
                  action_scale=20.0, gripper_scale=1.0, val_fraction=0.1, skip_bad=False):
-        assert num_frames >= 2 and frame_stride >= 1 and start_stride >= 1, (num_frames, frame_stride, start_stride)
+        if num_frames < 2 or frame_stride < 1 or start_stride < 1:
+            raise ValueError(f"num_frames must be >= 2 and frame_stride, start_stride >= 1, got {num_frames}, "
+                             f"{frame_stride}, {start_stride}")
         self.root, self.split, self.layout = Path(root), split, detect_layout(root)
+        self.action_scale, self.gripper_scale, self.val_fraction = action_scale, gripper_scale, val_fraction
         self.num_frames, self.frame_stride, self.start_stride = num_frames, frame_stride, start_stride
         self.cameras = tuple(int(k) for k in cameras)
         self.size = None if size is None else tuple(size)
@@ -501,6 +509,180 @@ class RobotVideoDataset(torch.utils.data.Dataset):
         count = self._count(episode_index, start, count)
         s = self.frame_stride
         return torch.from_numpy(self.episodes[episode_index].actions[start:start + (count - 1) * s:s].copy())
+
+# -----------------------------------------------------------------------------
+# the latent cache: the tokenizer's latents of every training window, encoded once. The encoder mean is deterministic
+# and the pipeline has no augmentation, so reading a window's latent is exactly encoding it again.
+# Layout: CACHE/shard_NNNNN.safetensors ("latent" [n,V,C,t,h,w] in the tokenizer's dtype, "action" [n,T-1,7] float32,
+# "window" int64 [n]; the keys and the settings hash in the header), then CACHE/metadata.json, written last.
+
+
+def tokenizer_fingerprint(tok):
+    """sha256 of every weight and buffer (name, dtype, shape, bytes): what the latents depend on, however stored."""
+    h = hashlib.sha256()
+    for name, t in sorted({**dict(tok.named_parameters()), **dict(tok.named_buffers())}.items()):
+        t = t.detach().cpu().contiguous()  # (bytes, so bf16 hashes too)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_settings(ds, tok, tokenizer_name):
+    """Everything a cached latent depends on, as a JSON-able dict: what encode writes and what a run expects."""
+    files = sorted({p for ep in ds.episodes for p in [ep.annotation, *ep.videos]})
+    return dict(tokenizer=tokenizer_name, tokenizer_sha256=tokenizer_fingerprint(tok),
+                tokenizer_dtype=str(vae.tokenizer_dtype(tok)).replace("torch.", ""),
+                pixel_factor=tok.spatial_factor if isinstance(tok, vae.PixelTokenizer) else None,
+                pixel_scale=float(tok.scale) if isinstance(tok, vae.PixelTokenizer) else None,
+                cameras=list(ds.cameras), size=list(ds.size), num_frames=ds.num_frames, frame_stride=ds.frame_stride,
+                start_stride=ds.start_stride, split=ds.split, action_scale=ds.action_scale,
+                gripper_scale=ds.gripper_scale, val_fraction=ds.val_fraction, windows=len(ds),
+                files=[[str(p.relative_to(ds.root)), p.stat().st_size] for p in files])
+
+
+def settings_hash(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_path(out, j):
+    return Path(out) / f"shard_{j:05d}.safetensors"
+
+
+def shard_is_done(path, digest, n):
+    """A renamed shard of the same settings and length is complete (shards are written to .tmp, then renamed)."""
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            return meta.get("settings") == digest and f.get_slice("window").get_shape()[0] == n
+    except Exception:  # an unreadable file from some other program: encode it again
+        return False
+
+
+def encode_dataset(ds, tok, out, settings, rank=0, world=1, batch_windows=8, max_batch=None, workers=0,
+                   shard_bytes=256 << 20, log=print):
+    """
+    Write the latents of every window of `ds` to the cache folder `out` (see the layout above); settings is
+    cache_settings(ds, tok, name). Under torchrun each rank encodes shards j with j % world == rank and the same
+    call on every rank is all it takes; whichever rank finishes the last shard writes metadata.json (identical on
+    every rank), so call a barrier before reading. Resumes: a finished shard of the same settings is kept, a
+    half-written one (.tmp) is redone. A folder holding a finished cache of other settings is an error.
+    Returns the metadata dict once the cache is complete, else None.
+    """
+    out, digest = Path(out), settings_hash(settings)
+    if (out / "metadata.json").exists():
+        return LatentCacheDataset(out, expect=settings).meta  # raises, naming the field, if it is another cache
+    V, C, t = len(ds.cameras), tok.latent_channels, vae.latent_frames(ds.num_frames, tok.temporal_factor)
+    h, w = ds.size[0] // tok.spatial_factor, ds.size[1] // tok.spatial_factor
+    latent_shape, dtype = [V, C, t, h, w], vae.tokenizer_dtype(tok)
+    per_window = V * C * t * h * w * dtype.itemsize + (ds.num_frames - 1) * 7 * 4 + 8
+    n_windows = len(ds)
+    per_shard = max(1, min(n_windows, shard_bytes // per_window))
+    shards = [(j, range(a, min(a + per_shard, n_windows))) for j, a in enumerate(range(0, n_windows, per_shard))]
+    if rank == 0:
+        log(f"latent cache {out}: {n_windows} windows x {per_window / 2**20:.3f} MiB = {n_windows * per_window / 2**30:.2f}"
+            f" GiB in {len(shards)} shard(s) (latent {latent_shape} {dtype}, start_stride {ds.start_stride})")
+    out.mkdir(parents=True, exist_ok=True)
+    mine = [(j, r) for j, r in shards if j % world == rank and not shard_is_done(shard_path(out, j), digest, len(r))]
+    for j, windows in progress(mine, len(mine), f"encode rank {rank}" if world > 1 else "encode"):
+        encode_shard(ds, tok, shard_path(out, j), windows, digest, batch_windows, max_batch, workers)
+    if not all(shard_is_done(shard_path(out, j), digest, len(r)) for j, r in shards):
+        return None  # another rank's shards are still being written; it writes the metadata
+    meta = dict(format="nanocosmos latent cache 1", settings=settings, settings_sha=digest, latent_shape=latent_shape,
+                latent_dtype=str(dtype).replace("torch.", ""), action_shape=[ds.num_frames - 1, 7],
+                shards=[[shard_path(out, j).name, len(r)] for j, r in shards], bytes=n_windows * per_window)
+    tmp = out / f"metadata.json.tmp{rank}"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "metadata.json")  # last: a cache without it is never read
+    return meta
+
+
+def encode_shard(ds, tok, path, windows, digest, batch_windows, max_batch, workers):
+    """Encode some windows into one shard file, through a temporary name (never read half-written)."""
+    device = next(iter([*tok.parameters(), *tok.buffers()])).device
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(windows)), batch_size=batch_windows,
+                                         num_workers=workers, worker_init_fn=_single_threaded if workers else None)
+    latents, actions, keys = [], [], []
+    for batch in loader:
+        video_B_V_3_T_H_W = batch["video"].to(device)
+        B, V = video_B_V_3_T_H_W.shape[:2]
+        lat = vae.encode_batched(tok, video_B_V_3_T_H_W.flatten(0, 1), max_batch)
+        latents.append(lat.unflatten(0, (B, V)).cpu())
+        actions.append(batch["action"])
+        keys += batch["key"]
+    tensors = dict(latent=torch.cat(latents).contiguous(), action=torch.cat(actions).contiguous(),
+                   window=torch.tensor(list(windows), dtype=torch.int64))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=dict(settings=digest, keys=json.dumps(keys)))
+    os.replace(tmp, path)
+
+
+class LatentCacheDataset(torch.utils.data.Dataset):
+    """
+    The windows of a finished latent cache, in the order of the RobotVideoDataset they were encoded from: items
+    {"latent": [V,C,t,h,w] in the tokenizer's dtype, "action": float32 [T-1,7], "key": "<episode>/<start>"}.
+    expect (cache_settings of the run): every field must match, else one DataError naming the first that differs.
+    Shards are opened lazily in each worker (memory-mapped by safetensors), so the dataset pickles cheaply.
+    """
+
+    def __init__(self, cache_dir, expect=None):
+        self.dir, path = Path(cache_dir), Path(cache_dir) / "metadata.json"
+        if not path.exists():
+            raise MissingFileError(path, "not found: not a finished latent cache (an interrupted encode? run it "
+                                         "again to resume)" if self.dir.is_dir() else "latent cache folder not found")
+        try:
+            self.meta = json.loads(path.read_text())
+            settings = self.meta["settings"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(path, f"not a latent cache metadata file ({e})") from e
+        for key, want in (expect or {}).items():
+            have = settings.get(key, "(absent)")
+            if have != want:
+                raise DataError(path, f"cache {describe_difference(key, have, want)}; encode another cache "
+                                      f"(a new --out) or delete {self.dir}")
+        counts = [n for _, n in self.meta["shards"]]
+        self.offsets = np.cumsum([0] + counts)
+        self.num_frames, self.cameras = settings["num_frames"], tuple(settings["cameras"])
+        self._open = {}
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getstate__(self):  # open shard handles stay in their process
+        return {**self.__dict__, "_open": {}}
+
+    def __repr__(self):
+        s = self.meta["settings"]
+        return (f"LatentCacheDataset({str(self.dir)!r}: {len(self)} windows, latent {self.meta['latent_shape']} "
+                f"{self.meta['latent_dtype']}, tokenizer {s['tokenizer']}, cameras {s['cameras']}, size {s['size']})")
+
+    def shard(self, j):
+        if j not in self._open:
+            name = self.meta["shards"][j][0]
+            f = safe_open(str(self.dir / name), "pt")
+            self._open[j] = (f, json.loads(f.metadata()["keys"]))
+        return self._open[j]
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        i = i % len(self)
+        j = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        f, keys = self.shard(j)
+        r = i - int(self.offsets[j])
+        return {"latent": f.get_slice("latent")[r], "action": f.get_slice("action")[r], "key": keys[r]}
+
+
+def describe_difference(key, have, want):
+    """'<field> is A but this run has B'; for the file list, the first file that differs."""
+    if key == "files" and isinstance(have, list) and isinstance(want, list):
+        have_d, want_d = dict(map(tuple, have)), dict(map(tuple, want))
+        name = sorted(k for k in have_d.keys() | want_d.keys() if have_d.get(k) != want_d.get(k))[0]
+        return (f"files differ from the dataset's, first {name}: {have_d.get(name, 'absent')} bytes in the cache, "
+                f"{want_d.get(name, 'absent')} now")
+    return f"{key} is {have!r} but this run has {want!r}"
+
 
 # -----------------------------------------------------------------------------
 # the three commands: check (before a week of training), synth, bench
@@ -698,65 +880,109 @@ def _single_threaded(_):
     torch.set_num_threads(1)  # a worker decodes whole clips on its own: intra-op threads would oversubscribe the cores
 
 
+def raw_decode(paths, indices):
+    """The reference for bench: plain PyAV, seek to the keyframe before the first index, decode to the last, RGB for
+    the wanted frames, no resize and no checks. Returns the number of frames converted."""
+    n = 0
+    for path in paths:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            container.seek(int(indices[0] / (stream.average_rate * stream.time_base)), stream=stream, backward=True)
+            rgb, wanted = VideoReformatter(), set(indices)
+            for frame in container.decode(stream):
+                i = round(float(frame.pts * stream.time_base * stream.average_rate))
+                if i in wanted:
+                    rgb.reformat(frame, format="rgb24").to_ndarray()
+                    n += 1
+                if i >= indices[-1]:
+                    break
+    return n
+
+
 def bench(root, split=None, cameras=(0,), size=(256, 320), num_frames=13, workers=2, batch_size=4, batches=20,
-          frame_stride=1):
+          frame_stride=1, cache=None):
     """
-    Clips per second through a DataLoader with `workers` processes, beside the raw decode speed of the same files
-    and one process calling the dataset directly. Returns the figures as a dict.
+    Clips per second of raw PyAV decoding of a random set of windows (one process, native size), of one process
+    calling the dataset, and of a DataLoader with `workers` processes over the same windows; with `cache`, also of
+    LatentCacheDataset through the same DataLoader. Returns the figures as a dict.
     """
     split = split or ("train" if "train" in available_splits(root) else available_splits(root)[0])
     ds = RobotVideoDataset(root, split, num_frames=num_frames, cameras=cameras, size=size, frame_stride=frame_stride)
     if len(ds) == 0:
         raise DataError(root, f"split {split!r} has no clips of {num_frames} frames")
-    V, n_clips = len(ds.cameras), batches * batch_size
-    print(f"bench {ds}")
-    # a clip decodes each camera from frame 0 up to its last frame (mp4 has no cheap random access)
-    per_clip = V * float(np.mean(ds.window_start + (num_frames - 1) * frame_stride + 1))
-    files = [(v, ep.num_frames) for ep in ds.episodes for v in ep.videos]
-    t0, frames, i = time.perf_counter(), 0, 0
-    while i == 0 or (time.perf_counter() - t0 < 2.0 and i < 4 * len(files)):  # decode only: every frame to RGB
-        v, n = files[i % len(files)]
-        frames += len(read_frames(v, n))
-        i += 1
-    raw_fps = frames / (time.perf_counter() - t0)
-    print(f"raw decode      {raw_fps:8.0f} frames/s  (1 process, native size, no resize, {i} videos); a clip decodes "
-          f"{per_clip:.0f} frames ({V} camera(s) x frames 0..last) -> at most {raw_fps / per_clip:.1f} clips/s per process")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    n_clips = batches * batch_size
+    order = torch.randint(len(ds), (n_clips,), generator=torch.Generator().manual_seed(0)).tolist()
+    print(f"bench {ds}\n{n_clips} random windows; episodes of {min(e.num_frames for e in ds.episodes)}.."
+          f"{max(e.num_frames for e in ds.episodes)} frames; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    t0, n = time.perf_counter(), 0
-    while n == 0 or (time.perf_counter() - t0 < 2.0 and n < n_clips):
-        ds[order[n % len(order)]]
-        n += 1
-    direct = n / (time.perf_counter() - t0)
+    figures = {}
+    t0 = time.perf_counter()
+    for i in order:
+        ep, start = ds.episodes[int(ds.window_episode[i])], int(ds.window_start[i])
+        raw_decode(ep.videos, list(range(start, start + num_frames * frame_stride, frame_stride)))
+    figures["raw_decode_clips_per_s"] = raw = n_clips / (time.perf_counter() - t0)
+    print(f"raw PyAV decode {raw:8.1f} clips/s  (1 process, seek + decode + RGB, native size, no resize)")
+    t0 = time.perf_counter()
+    for i in order:
+        ds[i]
+    figures["dataset_clips_per_s"] = direct = n_clips / (time.perf_counter() - t0)
     torch.set_num_threads(threads)
-    print(f"dataset[i]      {direct:8.1f} clips/s   (1 process, 1 thread, decode + resize to {size[0]}x{size[1]})")
-    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=n_clips,
-                                             generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    print(f"dataset[i]      {direct:8.1f} clips/s  (1 process, 1 thread, + checks + resize to {size[0]}x{size[1]}) "
+          f"= {direct / raw:.2f}x raw")
+    figures["loader_clips_per_s"] = cps = loader_rate(ds, order, workers, batch_size)
+    print(f"DataLoader      {cps:8.1f} clips/s  ({workers} workers, batch {batch_size}) = {cps / raw:.2f}x raw decode "
+          f"in 1 process, {cps / (raw * max(workers, 1)):.2f}x of {max(workers, 1)} processes")
+    if cache is not None:
+        lc = LatentCacheDataset(cache)
+        figures["cache_clips_per_s"] = c = loader_rate(lc, [i % len(lc) for i in order], workers, batch_size)
+        print(f"latent cache    {c:8.1f} clips/s  ({workers} workers, batch {batch_size}) = {c / cps:.1f}x the video loader")
+    print(f"a training step on B clips must take longer than B / {cps:.1f} s for the video loader to keep up")
+    return figures
+
+
+def loader_rate(ds, order, workers, batch_size):
+    """Clips/s through a DataLoader over the windows `order`, timed after the first batch (worker start-up)."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers,
                                          worker_init_fn=_single_threaded if workers else None,
                                          prefetch_factor=4 if workers else None)
-    t0 = time.perf_counter()
     it = iter(loader)
     next(it)
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     rest = sum(1 for _ in it)
-    loader_cps = rest * batch_size / max(time.perf_counter() - t1, 1e-9)
-    print(f"DataLoader      {loader_cps:8.1f} clips/s   ({workers} workers, batch {batch_size}, {rest} batches timed after "
-          f"the first, which took {t1 - t0:.2f} s) = {loader_cps * num_frames * V:.0f} frames/s delivered")
-    print(f"a training step on B clips must take longer than B / {loader_cps:.1f} s for the loader to keep up "
-          f"({os.cpu_count()} cores here)")
-    return dict(raw_decode_frames_per_s=raw_fps, decoded_frames_per_clip=per_clip, dataset_clips_per_s=direct,
-                loader_clips_per_s=loader_cps)
+    return rest * batch_size / max(time.perf_counter() - t0, 1e-9)
 
 
 def _ints(text):
-    return tuple(int(x) for x in text.split(",") if x.strip())
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
 
 
 def _size(text):
-    h, w = text.lower().split("x")
-    return int(h), int(w)
+    try:
+        h, w = text.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW like 256x320, got {text!r}") from None
+
+
+def encode_command(args):
+    """`data.py encode`: build the dataset and tokenizer, then encode_dataset (this rank's share under torchrun)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    kw = dict(spatial_factor=args.pixel_factor) if args.tokenizer == "pixel" else {}
+    tok = vae.load_tokenizer(args.tokenizer, args.tokenizer_path, device=device, dtype=dtype, **kw)
+    ds = RobotVideoDataset(args.root, args.split, num_frames=args.num_frames, cameras=args.cameras, size=args.size,
+                           frame_stride=args.frame_stride, start_stride=args.start_stride)
+    settings = cache_settings(ds, tok, args.tokenizer)
+    t0 = time.perf_counter()
+    meta = encode_dataset(ds, tok, args.out, settings, rank, world, args.batch_windows, workers=args.workers)
+    print(f"rank {rank}: encoded in {time.perf_counter() - t0:.1f} s" if meta is None else
+          f"wrote {args.out}: {len(ds)} windows, {meta['bytes'] / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def main(argv):
@@ -764,28 +990,52 @@ def main(argv):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate every annotation and video of a dataset; non-zero exit on problems")
     p.add_argument("root")
-    p.add_argument("--cameras", type=_ints, default=None, help="e.g. 0,1,2,3 (default: every camera an episode has)")
-    p.add_argument("--num-frames", type=int, default=13, help="clip length for the clip count")
+    p.add_argument("--cameras", type=_ints, default=None, help="e.g. 0,1,2,3: what training will use (default: every "
+                   "camera folder, or every camera an IRASim episode lists)")
+    p.add_argument("--num-frames", "--num_frames", type=int, default=13, help="clip length for the clip count")
     p.add_argument("--split", type=lambda t: tuple(x for x in t.split(",") if x), default=None,
                    help="e.g. train,val (default: every split)")
     p.add_argument("--fast", action="store_true", help="trust container frame counts instead of decoding every frame")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p = sub.add_parser("bench", help="DataLoader clips/s beside the raw decode speed of the same files")
+    p = sub.add_parser("bench", help="loader clips/s beside raw PyAV decode of the same windows")
     p.add_argument("root")
     p.add_argument("--split", default=None, help="default: train if present, else the first split")
     p.add_argument("--cameras", type=_ints, default=(0,))
     p.add_argument("--size", type=_size, default=(256, 320), help="HxW")
-    p.add_argument("--num-frames", type=int, default=13)
+    p.add_argument("--num-frames", "--num_frames", type=int, default=13)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", "--batch_size", type=int, default=4)
     p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--frame-stride", type=int, default=1)
+    p.add_argument("--frame-stride", "--frame_stride", type=int, default=1)
+    p.add_argument("--cache", default=None, help="a latent cache folder to time through the same loader")
+    p = sub.add_parser("encode", help="write the latent cache: the tokenizer latents of every training window")
+    p.add_argument("root")
+    p.add_argument("--out", required=True, help="cache folder (an interrupted encode resumes here)")
+    p.add_argument("--tokenizer", required=True, choices=["wan2.1", "pixel"])
+    p.add_argument("--tokenizer_path", "--tokenizer-path", default=None, help="tokenizer.pth (wan2.1)")
+    p.add_argument("--pixel_factor", "--pixel-factor", type=int, default=8, help="pixel tokenizer pooling")
+    p.add_argument("--cameras", type=_ints, default=(0,))
+    p.add_argument("--num_frames", "--num-frames", type=int, default=13)
+    p.add_argument("--size", type=_size, default=(256, 320), help="HxW")
+    p.add_argument("--frame_stride", "--frame-stride", type=int, default=1)
+    p.add_argument("--start_stride", "--start-stride", type=int, default=1)
+    p.add_argument("--split", default="train")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="tokenizer dtype (as in training)")
+    p.add_argument("--batch_windows", "--batch-windows", type=int, default=8, help="windows per loader batch")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
     args = parser.parse_args(argv)
-    if args.command == "check":
-        return 1 if check_dataset(args.root, args.cameras, args.num_frames, args.fast, args.split, args.workers) else 0
-    bench(args.root, args.split, args.cameras, args.size, args.num_frames, args.workers, args.batch_size, args.batches,
-          args.frame_stride)
-    return 0
+    try:
+        if args.command == "check":
+            return 1 if check_dataset(args.root, args.cameras, args.num_frames, args.fast, args.split, args.workers) else 0
+        if args.command == "encode":
+            return encode_command(args)
+        bench(args.root, args.split, args.cameras, args.size, args.num_frames, args.workers, args.batch_size,
+              args.batches, args.frame_stride, args.cache)
+        return 0
+    except DataError as e:  # a known problem with a file: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
