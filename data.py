@@ -133,11 +133,14 @@ def compute_actions(state_T_S, gripper_T, action_scale=20.0, gripper_scale=1.0):
 
 
 def resize_frames(x_N_3_H_W, size):
-    """uint8 frames -> uint8 frames of exactly `size` = (H, W): bilinear with antialias (torchvision's resize), no crop."""
+    """
+    uint8 frames -> uint8 frames of exactly `size` = (H, W): bilinear with antialias, no crop. torch's uint8 kernel,
+    which is what torchvision's resize does to a uint8 tensor: 6x faster than going through float (7 vs 47 ms for
+    13 Bridge frames 480x640 -> 256x320, 1 thread), and within 1 of the float path's rounding.
+    """
     if size is None or tuple(x_N_3_H_W.shape[-2:]) == tuple(size):
         return x_N_3_H_W
-    x = F.interpolate(x_N_3_H_W.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    return F.interpolate(x_N_3_H_W, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def read_frames(path, indices_or_count, size=None):
@@ -236,11 +239,12 @@ def count_frames(path):
     return n, h, w
 
 
-def write_mp4(path, frames, fps=4, codec="libx264", crf=18, preset="medium", keyframe_interval=12):
+def write_mp4(path, frames, fps=4, codec="libx264", crf=18, preset="medium", keyframe_interval=12, threads=0):
     """
     The one mp4 writer of the project. frames: uint8 [T,H,W,3] (numpy or tensor), H and W even (yuv420p).
     libx264 at `crf` (18 = visually lossless); falls back to mpeg4 at a high bit rate when this ffmpeg has no x264.
     A keyframe every `keyframe_interval` frames (12, as the Bridge videos) bounds what a window decodes beyond itself.
+    threads: encoder threads (0 = ffmpeg's choice; 1 = byte-identical files however busy the machine is).
     Written to a temporary name and renamed, so a crash never leaves a half-written video behind.
     """
     if isinstance(frames, torch.Tensor):
@@ -260,6 +264,7 @@ def write_mp4(path, frames, fps=4, codec="libx264", crf=18, preset="medium", key
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.codec_context.gop_size = keyframe_interval  # read_frames seeks to the keyframe before a window
+        stream.codec_context.thread_count = threads
         if codec == "libx264":
             stream.options = {"crf": str(crf), "preset": preset}
         else:
