@@ -545,6 +545,11 @@ def cache_settings(ds, tok, tokenizer_name):
                 files=[[str(p.relative_to(ds.root)), p.stat().st_size] for p in files])
 
 
+def human_bytes(n):
+    unit = next(u for u in range(4) if n < 1024 ** (u + 1) or u == 3)
+    return f"{n / 1024 ** unit:.1f} {['bytes', 'KiB', 'MiB', 'GiB'][unit]}"
+
+
 def settings_hash(settings):
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -586,8 +591,8 @@ def encode_dataset(ds, tok, out, settings, rank=0, world=1, batch_windows=8, max
     per_shard = max(1, min(n_windows, shard_bytes // per_window))
     shards = [(j, range(a, min(a + per_shard, n_windows))) for j, a in enumerate(range(0, n_windows, per_shard))]
     if rank == 0:
-        log(f"latent cache {out}: {n_windows} windows x {per_window / 2**20:.3f} MiB = {n_windows * per_window / 2**30:.2f}"
-            f" GiB in {len(shards)} shard(s) (latent {latent_shape} {dtype}, start_stride {ds.start_stride})")
+        log(f"latent cache {out}: {n_windows} windows x {human_bytes(per_window)} = {human_bytes(n_windows * per_window)}"
+            f" in {len(shards)} shard(s) (latent {latent_shape} {str(dtype)[6:]}, start_stride {ds.start_stride})")
     out.mkdir(parents=True, exist_ok=True)
     mine = [(j, r) for j, r in shards if j % world == rank and not shard_is_done(shard_path(out, j), digest, len(r))]
     for j, windows in progress(mine, len(mine), f"encode rank {rank}" if world > 1 else "encode"):
@@ -986,7 +991,7 @@ def encode_command(args):
     t0 = time.perf_counter()
     meta = encode_dataset(ds, tok, args.out, settings, rank, world, args.batch_windows, workers=args.workers)
     print(f"rank {rank}: encoded in {time.perf_counter() - t0:.1f} s" if meta is None else
-          f"wrote {args.out}: {len(ds)} windows, {meta['bytes'] / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
+          f"wrote {args.out}: {len(ds)} windows, {human_bytes(meta['bytes'])}, in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -205,7 +205,7 @@ def random_direction(rng, z_weight=0.6):
     return d / max(np.linalg.norm(d), 1e-9)
 
 
-def simulate_episode(rng, frames, num_objects):
+def simulate_episode(rng, frames, num_objects):  # one loop over ~12 shared state variables: split, it reads worse
     """
     Roll the world forward under a random, smooth 6-DoF motion: the end effector eases toward a new random velocity
     goal (any direction, speed in SPEED, sometimes a pause, sometimes a dive at a cube) every 3-8 frames, turns

@@ -11,11 +11,13 @@ not by the clip. encode() runs frame 0 alone, then chunks of `temporal_window` (
 frame at a time. Between chunks every temporal convolution keeps the last frames of its own input in a cache (a
 dict keyed by module, created per call). Samples of the batch (views folded in by the caller) are streamed one
 `micro_batch` at a time, so a 4-view clip costs the memory of one view; the samples never interact, so this only
-trades a little GPU efficiency at tiny resolutions for a bounded peak.
+trades a little GPU efficiency at tiny resolutions for a bounded peak. encode_batched(tok, video, max_batch) encodes
+all B x V clips of a step in as few calls as memory allows (max_batch from a measured bytes-per-pixel budget).
 
 Usage:
     tok = load_tokenizer("wan2.1", "checkpoints/tokenizer.pth", device="cuda", dtype=torch.bfloat16)
     z_B_16_t_h_w = tok.encode(video_B_3_T_H_W)       # video in [-1, 1]
+    z_N_16_t_h_w = encode_batched(tok, video_N_3_T_H_W_uint8)   # uint8 -> [-1, 1] as training does, batched
     video_B_3_T_H_W = tok.decode(z_B_16_t_h_w)
     python vae.py bench --size 256x320 --frames 13 --dtype both     # seconds and peak memory, random weights
 """

@@ -136,7 +136,7 @@ def test_encode_command_and_one_line_errors(world, tmp_path):
     common = ["--tokenizer", "pixel", "--num_frames", "9", "--size", f"{H}x{W}", "--workers", "0"]
     p = run("encode", world, "--out", tmp_path / "c", "--cameras", "0,1", "--start_stride", "3", *common)
     assert p.returncode == 0, p.stderr
-    assert "latent cache" in p.stdout and "MiB" in p.stdout and "wrote" in p.stdout
+    assert "latent cache" in p.stdout and " windows x " in p.stdout and "wrote" in p.stdout
     meta = json.loads((tmp_path / "c" / "metadata.json").read_text())
     assert meta["settings"]["cameras"] == [0, 1] and meta["settings"]["pixel_factor"] == 8
     assert len(data.LatentCacheDataset(tmp_path / "c")) == len(dataset(world))
