@@ -19,6 +19,16 @@ or do GPU work inside a Dataset (encode is a command). Imports vae.py only for t
                    --num_frames 13 --size 256x320 [--start_stride S] [--split train]   # the latent cache
 Known errors print one line `error: <file>: <problem>` and exit 1; bad arguments exit 2.
 The synthetic world is synth.py: `python synth.py --out datasets/synth`.
+
+check reads what training reads: --cameras defaults to every camera folder found (and says so: pass the cameras the
+run will use); a camera with no folder at all is one problem, a folder lacking some episodes is counted; NaN or
+Infinity anywhere in an annotation is a problem; the stored 'action' is compared with the recomputed one.
+encode writes CACHE/shard_NNNNN.safetensors (latent [n,V,C,t,h,w] in the tokenizer dtype, action [n,T-1,7],
+window [n]; keys in the header) and CACHE/metadata.json last: settings (tokenizer, sha256 of its weights, dtype,
+pixel factor and scale, cameras, size, num_frames, frame_stride, start_stride, split, action scales, val_fraction,
+window count, every dataset file with its size), latent shape, shards. It prints the size first (bytes per window x
+windows). Rerun the same command to resume; under `torchrun --nproc_per_node N data.py encode ...` each rank
+encodes every N-th shard. A run whose settings differ from the cache's gets one error naming the field.
 """
 
 import argparse
@@ -978,8 +988,13 @@ def _size(text):
         raise argparse.ArgumentTypeError(f"expected HxW like 256x320, got {text!r}") from None
 
 
-def encode_command(args):
+def encode_command(args, parser):
     """`data.py encode`: build the dataset and tokenizer, then encode_dataset (this rank's share under torchrun)."""
+    factor = args.pixel_factor if args.tokenizer == "pixel" else vae.WanVAE.spatial_factor
+    if (args.num_frames - 1) % 4 or args.num_frames < 1:
+        parser.error(f"--num_frames must be 1 + 4k (5, 9, 13, ...) for the tokenizer, got {args.num_frames}")
+    if args.size[0] % factor or args.size[1] % factor:
+        parser.error(f"--size must be a multiple of {factor} for the {args.tokenizer} tokenizer, got {args.size}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -1039,7 +1054,7 @@ def main(argv):
         if args.command == "check":
             return 1 if check_dataset(args.root, args.cameras, args.num_frames, args.fast, args.split, args.workers) else 0
         if args.command == "encode":
-            return encode_command(args)
+            return encode_command(args, parser)
         bench(args.root, args.split, args.cameras, args.size, args.num_frames, args.workers, args.batch_size,
               args.batches, args.frame_stride, args.cache)
         return 0
