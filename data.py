@@ -70,8 +70,12 @@ class MissingFileError(DataError, FileNotFoundError):
     """A file the dataset refers to does not exist (catchable as FileNotFoundError too)."""
 
 
-def progress(iterable, total, desc):
-    """A tqdm bar on a terminal; otherwise (a log file, a job scheduler) one line per ~10%, so logs stay short."""
+def progress(iterable, total, desc, min_total=0):
+    """A tqdm bar on a terminal; otherwise (a log file, a job scheduler) one line per ~10%, so logs stay short.
+    Nothing below min_total items (work that is over before anyone would look)."""
+    if total < min_total:
+        yield from iterable
+        return
     if sys.stderr.isatty():
         from tqdm import tqdm
         yield from tqdm(iterable, total=total, desc=desc, file=sys.stderr)
@@ -835,9 +839,9 @@ def check_dataset(root, cameras=None, num_frames=13, fast=False, splits=None, wo
     if workers > 1:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
         with ctx.Pool(workers) as pool:
-            results = list(progress(pool.imap(check_episode, jobs, chunksize=4), len(jobs), "check"))
+            results = list(progress(pool.imap(check_episode, jobs, chunksize=4), len(jobs), "check", 100))
     else:
-        results = list(progress(map(check_episode, jobs), len(jobs), "check"))
+        results = list(progress(map(check_episode, jobs), len(jobs), "check", 100))
     return report_check(root, layout, entries, results, cameras, num_frames, splits, problems)
 
 
