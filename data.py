@@ -184,8 +184,13 @@ def read_frames(path, indices_or_count, size=None):
         raise DataError(path, f"cannot decode video ({e})") from e
     if max(indices) not in frames:
         raise DataError(path, f"has only {decoded} decodable frames, frame {max(indices)} was asked for")
-    x = torch.from_numpy(np.stack([frames[i] for i in indices])).permute(0, 3, 1, 2)
-    return resize_frames(x, size).contiguous()
+    rgb_N_H_W_3 = [frames[i] for i in indices]
+    if size is None or tuple(rgb_N_H_W_3[0].shape[:2]) == tuple(size):
+        return torch.from_numpy(np.stack(rgb_N_H_W_3)).permute(0, 3, 1, 2).contiguous()
+    # resized frame by frame straight from the decoder's channels-last arrays: no native-size copy of the clip
+    # (for 13 Bridge frames 480x640 -> 256x320 that copy and transpose cost more than the resize itself)
+    small = [resize_frames(torch.from_numpy(f).permute(2, 0, 1)[None], size) for f in rgb_N_H_W_3]
+    return torch.cat(small).contiguous()
 
 
 def decode_frames(container, stream, indices, seek):
