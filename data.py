@@ -909,9 +909,9 @@ def _single_threaded(_):
     torch.set_num_threads(1)  # a worker decodes whole clips on its own: intra-op threads would oversubscribe the cores
 
 
-def raw_decode(paths, indices):
+def raw_decode(paths, indices, size=None):
     """The reference for bench: plain PyAV, seek to the keyframe before the first index, decode to the last, RGB for
-    the wanted frames, no resize and no checks. Returns the number of frames converted."""
+    the wanted frames, no checks; size: also resize each frame (resize_frames). Returns the number of frames."""
     n = 0
     for path in paths:
         with av.open(str(path)) as container:
@@ -921,7 +921,9 @@ def raw_decode(paths, indices):
             for frame in container.decode(stream):
                 i = round(float(frame.pts * stream.time_base * stream.average_rate))
                 if i in wanted:
-                    rgb.reformat(frame, format="rgb24").to_ndarray()
+                    x = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    if size is not None:
+                        resize_frames(torch.from_numpy(x).permute(2, 0, 1)[None], size)
                     n += 1
                 if i >= indices[-1]:
                     break
@@ -954,14 +956,21 @@ def bench(root, split=None, cameras=(0,), size=(256, 320), num_frames=13, worker
     print(f"raw PyAV decode {raw:8.1f} clips/s  (1 process, seek + decode + RGB, native size, no resize)")
     t0 = time.perf_counter()
     for i in order:
+        ep, start = ds.episodes[int(ds.window_episode[i])], int(ds.window_start[i])
+        raw_decode(ep.videos, list(range(start, start + num_frames * frame_stride, frame_stride)), size)
+    figures["raw_resize_clips_per_s"] = raw_resize = n_clips / (time.perf_counter() - t0)
+    print(f"  + resize      {raw_resize:8.1f} clips/s  (the same, each frame resized to {size[0]}x{size[1]})")
+    t0 = time.perf_counter()
+    for i in order:
         ds[i]
     figures["dataset_clips_per_s"] = direct = n_clips / (time.perf_counter() - t0)
     torch.set_num_threads(threads)
     print(f"dataset[i]      {direct:8.1f} clips/s  (1 process, 1 thread, + checks + resize to {size[0]}x{size[1]}) "
-          f"= {direct / raw:.2f}x raw")
+          f"= {direct / raw:.2f}x raw, {direct / raw_resize:.2f}x raw + resize")
     figures["loader_clips_per_s"] = cps = loader_rate(ds, order, workers, batch_size)
     print(f"DataLoader      {cps:8.1f} clips/s  ({workers} workers, batch {batch_size}) = {cps / raw:.2f}x raw decode "
-          f"in 1 process, {cps / (raw * max(workers, 1)):.2f}x of {max(workers, 1)} processes")
+          f"in 1 process ({cps / raw_resize:.2f}x with the resize), {cps / (raw * max(workers, 1)):.2f}x of "
+          f"{max(workers, 1)} processes")
     if cache is not None:
         lc = LatentCacheDataset(cache)
         figures["cache_clips_per_s"] = c = loader_rate(lc, [i % len(lc) for i in order], workers, batch_size)
