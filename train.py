@@ -501,13 +501,14 @@ def main(argv):
         return run_bench(c, fwd, raw, opt, tok, tok_dtype, device, autocast, V, T, H, W, fl, tokens, say, world)
 
     import data
+    import synth
     if not os.path.exists(c["data_root"]):
         if not c["synth_if_missing"]:
             raise FileNotFoundError(f"data_root {c['data_root']} does not exist (synth_if_missing=False)")
         if master:
             say(f"{c['data_root']} not found: generating the synthetic world ({c['synth_episodes']} episodes, "
                 f"{max(c['cameras']) + 1} cameras)")
-            data.make_synthetic(c["data_root"], episodes=c["synth_episodes"], cameras=max(c["cameras"]) + 1,
+            synth.make_synthetic(c["data_root"], episodes=c["synth_episodes"], cameras=max(c["cameras"]) + 1,
                                 size=tuple(c["frame_size"]), seed=c["seed"])
         barrier()
     ds_kw = dict(num_frames=T, cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]), frame_stride=c["frame_stride"],

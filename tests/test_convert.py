@@ -389,8 +389,9 @@ def test_round_trip_train_export_sample(tmp_path):
     import sys
 
     import data
+    import synth
     import sample
-    data.make_synthetic(str(tmp_path / "data"), episodes=3, cameras=2, frames=13, size=(32, 48), seed=0,
+    synth.make_synthetic(str(tmp_path / "data"), episodes=3, cameras=2, frames=13, size=(32, 48), seed=0,
                         val_episodes=1)
     out_dir = tmp_path / "out"
     train = subprocess.run(

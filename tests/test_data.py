@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import data
+from synth import WORK_HI, WORK_LO, make_synthetic, simulate_episode
 
 ROOT = Path(__file__).resolve().parents[1]
 BRIDGE = Path(__file__).resolve().parents[2] / "shared" / "bridge_samples"
@@ -26,8 +27,8 @@ EPISODES, VAL = 5, 2                # ep00000..ep00002 train, ep00003..ep00004 v
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "syn"
-    data.make_synthetic(str(root), episodes=EPISODES, cameras=V, frames=T, size=(H, W), seed=0, val_episodes=VAL,
-                        workers=1)
+    make_synthetic(str(root), episodes=EPISODES, cameras=V, frames=T, size=(H, W), seed=0, val_episodes=VAL,
+                       workers=1)
     return root
 
 
@@ -269,7 +270,6 @@ def test_corrupt_frames_inside_a_video(copy):
     (lambda d: d.update(state=d["state"][0]), r"'state' must be T x >=6.*\[7\]"),
     (lambda d: d.update(continuous_gripper_state=d["continuous_gripper_state"][:-1]),
      r"'continuous_gripper_state' must have shape \[16\].*\[15\]"),
-    (lambda d: d.update(action=d["action"][:-2]), r"'action' must be \[15, 7\].*\[13, 7\]"),
     (lambda d: d.update(state=d["state"][:3] + [[1.0, 2.0]] + d["state"][4:]), "not a rectangular array"),
     (lambda d: d["state"][4].__setitem__(2, float("nan")), r"'state' has 1 NaN/inf values, first at index \[4, 2\]"),
     (lambda d: d["continuous_gripper_state"].__setitem__(7, None), r"'continuous_gripper_state' has 1 NaN"),
@@ -339,8 +339,9 @@ def test_synthetic_world_is_consistent(synth):
     for ann_path in sorted((synth / "annotations").glob("*/*.json")):
         ann = data.parse_annotation(ann_path)
         a = data.relative_actions(ann["state"], ann["gripper"])
-        np.testing.assert_allclose(ann["action"][:, :6], a[:, :6], atol=1e-9)    # stored like Bridge: unscaled,
-        np.testing.assert_array_equal(ann["action"][:, 6], ann["state"][1:, 6])  # column 6 = the open flag
+        stored = data.stored_action(ann_path, ann)
+        np.testing.assert_allclose(stored[:, :6], a[:, :6], atol=1e-9)    # stored like Bridge: unscaled,
+        np.testing.assert_array_equal(stored[:, 6], ann["state"][1:, 6])  # column 6 = the open flag
         assert set(np.unique(ann["state"][:, 6])) <= {0.0, 1.0}
         assert np.all((ann["gripper"] >= 0) & (ann["gripper"] <= 1))
         for k in range(V):
@@ -350,9 +351,9 @@ def test_synthetic_world_is_consistent(synth):
 
 def test_synthetic_is_deterministic_per_seed(tmp_path):
     kw = dict(episodes=2, cameras=1, frames=6, size=(16, 20), val_episodes=1)
-    data.make_synthetic(tmp_path / "a", seed=3, workers=1, **kw)
-    data.make_synthetic(tmp_path / "b", seed=3, workers=2, **kw)
-    data.make_synthetic(tmp_path / "c", seed=4, workers=1, **kw)
+    make_synthetic(tmp_path / "a", seed=3, workers=1, **kw)
+    make_synthetic(tmp_path / "b", seed=3, workers=2, **kw)
+    make_synthetic(tmp_path / "c", seed=4, workers=1, **kw)
     for split, name in (("train", "ep00000"), ("val", "ep00001")):
         a, b, c = [(tmp_path / r / "annotations" / split / f"{name}.json").read_text() for r in "abc"]
         assert a == b and a != c
@@ -365,12 +366,12 @@ def test_synthetic_actions_are_random_and_move_the_gripper():
     and over a 12-step window the tool centre travels far (the default run's 8x8-pixel blocks must change)."""
     moves, directions, toggles = [], [], 0
     for i in range(30):
-        state, gripper, _, _ = data.simulate_episode(np.random.default_rng([0, i]), 40, 2)
+        state, gripper, _, _ = simulate_episode(np.random.default_rng([0, i]), 40, 2)
         step = np.diff(state[:, :3], axis=0)
         moves += [np.linalg.norm(state[s + 12, :3] - state[s, :3]) for s in range(0, 27, 4)]
         directions += list(step[np.linalg.norm(step, axis=1) > 1e-3][:, :2])
         toggles += int(np.abs(np.diff(state[:, 6])).sum())
-        assert np.all(state[:, :3] >= data.WORK_LO - 1e-9) and np.all(state[:, :3] <= data.WORK_HI + 1e-9)
+        assert np.all(state[:, :3] >= WORK_LO - 1e-9) and np.all(state[:, :3] <= WORK_HI + 1e-9)
         assert np.abs(np.diff(step, axis=0)).max() < 0.04    # smooth: the velocity eases, it never jumps
     assert np.median(moves) > 0.08                          # metres in 12 frames (the workspace is 0.26 m wide)
     angles = np.arctan2(*np.array(directions).T[::-1])
@@ -402,7 +403,7 @@ def test_bridge_recomputed_actions_equal_the_stored_ones():
     ds = data.RobotVideoDataset(BRIDGE, "test", num_frames=13, cameras=(0,), size=(64, 80))
     for e, ep in enumerate(ds.episodes):
         ann = data.parse_annotation(ep.annotation)
-        stored = ann["action"]
+        stored = data.stored_action(ep.annotation, ann)
         np.testing.assert_allclose(ep.actions[:, :6], 20 * stored[:, :6], atol=1e-6, rtol=0)
         np.testing.assert_allclose(ep.actions[:, 6], ann["gripper"][1:], atol=1e-6, rtol=0)
         np.testing.assert_array_equal(stored[:, 6], ann["state"][1:, 6])
@@ -451,21 +452,25 @@ def test_check_lists_every_problem(copy):
 
 
 def test_synth_and_bench_commands(tmp_path, capsys):
+    import synth
     out = tmp_path / "s"
-    assert data.main(["synth", "--out", str(out), "--episodes", "3", "--val-episodes", "1", "--cameras", "2",
-                      "--frames", "14", "--size", "32x40", "--workers", "1"]) == 0
+    assert synth.main(["--out", str(out), "--episodes", "3", "--val-episodes", "1", "--cameras", "2",
+                       "--frames", "14", "--size", "32x40", "--workers", "1"]) == 0
     assert sorted(p.name for p in (out / "videos" / "cam1").iterdir()) == ["ep00000.mp4", "ep00001.mp4", "ep00002.mp4"]
     assert data.main(["check", str(out)]) == 0
+    assert data.main(["encode", str(out), "--out", str(tmp_path / "cache"), "--tokenizer", "pixel", "--cameras", "0,1",
+                      "--size", "32x40", "--workers", "0"]) == 0
     assert data.main(["bench", str(out), "--cameras", "0,1", "--size", "32x40", "--workers", "1", "--batch-size", "2",
-                      "--batches", "2"]) == 0
+                      "--batches", "3", "--cache", str(tmp_path / "cache")]) == 0
     text = capsys.readouterr().out
-    assert "wrote 3 episodes" in text and "clips/s" in text and "frames/s" in text
+    assert "wrote 3 episodes" in text and "raw PyAV decode" in text and "x raw decode" in text
+    assert "x the video loader" in text
 
 
 def test_check_split_workers_and_notes(tmp_path, capsys):
     """--split restricts the check; a pool of workers finds the same problems; extra frames are a note, not a problem."""
     root = tmp_path / "many"
-    data.make_synthetic(root, episodes=18, cameras=1, frames=4, size=(16, 20), seed=1, val_episodes=2, workers=1)
+    make_synthetic(root, episodes=18, cameras=1, frames=4, size=(16, 20), seed=1, val_episodes=2, workers=1)
     video = root / "videos" / "cam0" / "ep00016.mp4"  # val
     data.write_mp4(video, np.concatenate([frames_of(video)] * 2))
     (root / "videos" / "cam0" / "ep00003.mp4").unlink()  # train
@@ -475,3 +480,85 @@ def test_check_split_workers_and_notes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ep00016.mp4: 8 frames for 4 states" in out and "in val" in out and "OK: 2 episodes" in out
     assert data.main(["check", str(root), "--split", "train", "--num-frames", "4"]) == 1
+
+
+# -----------------------------------------------------------------------------
+# what a new user meets: seeking, checks that agree with training, one-line errors, progress
+
+
+def test_seek_reads_the_same_frames_as_decoding_from_the_start(tmp_path):
+    """A 200-frame video (a keyframe every 12): every window read with a seek equals the same frames decoded from
+    frame 0, including windows that start on, just before and just after a keyframe, and strided ones."""
+    rng = np.random.default_rng(0)
+    frames = np.cumsum(rng.integers(0, 40, (200, 32, 40, 3)), 0).astype(np.uint8)  # every frame differs
+    path = tmp_path / "long.mp4"
+    data.write_mp4(path, frames)
+    full = data.read_frames(path, 200)
+    for start in [0, 1, 11, 12, 13, 23, 24, 100, 187]:
+        assert torch.equal(data.read_frames(path, range(start, start + 13)), full[start:start + 13]), start
+    assert torch.equal(data.read_frames(path, [150, 152, 154]), full[[150, 152, 154]])
+    with pytest.raises(data.DataError, match="has only 200 decodable frames, frame 200 was asked for"):
+        data.read_frames(path, range(190, 201))
+    if BRIDGE.is_dir():  # mpeg4, keyframes every 12
+        video = BRIDGE / "videos" / "test" / "0" / "rgb.mp4"
+        full = data.read_frames(video, 28)
+        assert all(torch.equal(data.read_frames(video, range(s, s + 13)), full[s:s + 13]) for s in range(16))
+
+
+def test_stored_action_is_ignored_by_training_and_checked_by_check(copy):
+    """Training recomputes actions from the state and never refuses a dataset for its stored 'action'; check does."""
+    ann = copy / "annotations" / "train" / "ep00001.json"
+    edit_json(ann, lambda d: d.update(action=d["action"][:-2]))
+    ds = data.RobotVideoDataset(copy, "train", num_frames=13, cameras=(0,), size=None)
+    assert len(ds.episodes) == 3 and ds[ds.window_start.tolist().index(0, 4)]["action"].shape == (12, 7)
+    problems = data.check_dataset(copy, num_frames=13, workers=1)
+    assert len(problems) == 1 and f"{ann}: 'action' must be [15, 7]" in problems[0]
+
+
+def test_check_flags_nan_anywhere_in_the_json(copy):
+    ann = copy / "annotations" / "val" / "ep00003.json"
+    edit_json(ann, lambda d: (d["action"][3].__setitem__(2, float("nan")), d.update(extra={"x": [1.0, float("inf")]})))
+    assert len(data.RobotVideoDataset(copy, "val", num_frames=13, cameras=(0,), size=None).episodes) == 2
+    problems = data.check_dataset(copy, num_frames=13, workers=1)
+    assert f"{ann}: 2 NaN/Infinity value(s) in the JSON, first at action[3][2]" in problems
+
+
+def test_check_reads_what_training_will_read(copy, capsys):
+    """Default cameras are the folders found, and check says so; a camera asked for with no folder at all is one
+    problem (not one per episode), and so is the training error; a folder lacking some episodes is counted."""
+    shutil.rmtree(copy / "videos" / "cam2")
+    assert data.check_dataset(copy, num_frames=13, workers=1) == []
+    assert "cameras 0,1 (default: the camera folders found; pass --cameras" in capsys.readouterr().out
+    problems = data.check_dataset(copy, cameras=(0, 1, 2), num_frames=13, workers=1)
+    assert problems == [f"{copy / 'videos' / 'cam2'}: camera folder not found; the dataset has cam0, cam1"]
+    with pytest.raises(data.DataError, match=r"cam2: camera folder not found: the config asks for 3 camera\(s\) "
+                                             r"\[0, 1, 2\] and the dataset has 2 \(cam0, cam1\)"):
+        data.RobotVideoDataset(copy, "train", cameras=(0, 1, 2))
+    (copy / "videos" / "cam1" / "ep00002.mp4").unlink()
+    capsys.readouterr()
+    problems = data.check_dataset(copy, cameras=(0, 1), num_frames=13, workers=1)
+    assert len(problems) == 1 and "cam1/ep00002.mp4: video file not found" in problems[0]
+    assert f"missing: {copy / 'videos' / 'cam1'}: has no video for 1 of {EPISODES} episodes (e.g. ep00002)" in \
+        capsys.readouterr().out
+
+
+def test_one_line_errors_and_argument_messages(tmp_path):
+    p = run_cli("check", tmp_path / "nowhere")
+    assert p.returncode == 1 and p.stderr.strip() == f"error: {tmp_path / 'nowhere'}: dataset folder not found"
+    synth_cli = lambda *a: subprocess.run([sys.executable, str(ROOT / "synth.py"), *map(str, a)], capture_output=True,
+                                          text=True, timeout=120)
+    p = synth_cli("--out", tmp_path / "s", "--episodes", "3", "--val-episodes", "5")
+    assert p.returncode == 2 and "val_episodes must be in 0..2" in p.stderr and "Traceback" not in p.stderr
+    p = synth_cli("--out", tmp_path / "s", "--size", "32by40")
+    assert p.returncode == 2 and "size must be HxW" in p.stderr and "Traceback" not in p.stderr
+    p = synth_cli("--out", tmp_path / "s", "--episodes", "6", "--cameras", "1", "--frames", "3", "--size", "16x20")
+    assert p.returncode == 0, p.stderr  # the val default scales with --episodes (it was 10: an AssertionError)
+    assert len(list((tmp_path / "s" / "annotations" / "val").glob("*.json"))) == 1
+    lines = [l for l in p.stderr.splitlines() if l.startswith("synth 6 episodes")]
+    assert len(lines) == 6 and lines[-1].startswith("synth 6 episodes x 1 cameras: 6/6")  # not a tty: plain lines
+
+
+def test_progress_is_one_line_per_tenth_off_a_terminal(capsys):
+    assert list(data.progress(iter(range(95)), 95, "work")) == list(range(95))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("work: 10/95") and lines[-1].startswith("work: 95/95")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import data
+from synth import make_synthetic
 import model
 import sample
 import vae
@@ -426,7 +427,7 @@ def test_eval_command_line(synth, ckpt2, tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "syn"
-    data.make_synthetic(str(root), episodes=4, cameras=4, frames=20, size=(H, W), seed=0, val_episodes=2, workers=1)
+    make_synthetic(str(root), episodes=4, cameras=4, frames=20, size=(H, W), seed=0, val_episodes=2, workers=1)
     return root
 
 
@@ -553,7 +554,7 @@ def test_default_run_then_bare_sample(tmp_path):
     """train.py with its default out_dir / data_root (a tiny, 2-step version), then `python sample.py` with no
     arguments: an mp4 of the whole first val episode, 2 cameras side by side, and the PNG strip."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    data.make_synthetic(str(tmp_path / "datasets" / "synthetic"), episodes=4, cameras=2, frames=20, size=(H, W),
+    make_synthetic(str(tmp_path / "datasets" / "synthetic"), episodes=4, cameras=2, frames=20, size=(H, W),
                         seed=0, val_episodes=2, workers=1)
     tiny = ["--model_channels=32", "--num_blocks=2", "--num_heads=2", f"--frame_size=({H}, {W})", "--batch_size=2",
             "--num_workers=0", "--eval_interval=0", "--warmup_iters=1", "--max_iters=2"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import synth
 import model
 import train
 
@@ -27,7 +28,7 @@ TINY = ["--model_channels=32", "--num_blocks=2", "--num_heads=2", "--frame_size=
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "syn"
-    data.make_synthetic(str(root), episodes=6, cameras=2, frames=20, size=(32, 48), seed=0, val_episodes=2)
+    synth.make_synthetic(str(root), episodes=6, cameras=2, frames=20, size=(32, 48), seed=0, val_episodes=2)
     return root
 
 

@@ -272,3 +272,34 @@ def test_bad_inputs(tiny, kind):
                             "got shape": torch.zeros(C, 2, 2, 2)}.items():
         with pytest.raises(ValueError, match=message):
             tok.decode(latent)
+
+
+def test_encode_batched_equals_one_by_one(tiny):
+    """All B x V clips of a step in few calls (uint8 in, converted as the training step does) equal encoding each clip
+    on its own, to float rounding for the VAE and exactly for the pixel tokenizer; the call count follows max_batch."""
+    t, _, model = tiny
+    video = t["inputs.video"]
+    u8 = torch.cat([video, video.flip(-1), video.flip(-2), -video, video.roll(3, -1)]).add(1).mul(127.5).round()
+    u8 = u8.clamp(0, 255).to(torch.uint8)                                        # 5 clips, uint8 like the loader's
+    one_by_one = torch.cat([model.encode(x.float().div(127.5).sub(1.0)) for x in u8.split(1)])
+    calls = []
+    real = model.encode  # count the tokenizer calls by wrapping encode on the instance
+    model.encode = lambda x, micro_batch=None: (calls.append(len(x)), real(x, micro_batch))[1]
+    try:
+        for max_batch, expect_calls in [(2, [2, 2, 1]), (5, [5]), (None, [5])]:
+            calls.clear()
+            z = vae.encode_batched(model, u8, max_batch)
+            assert calls == expect_calls and z.shape == one_by_one.shape
+            assert max_abs(z, one_by_one) <= LATENT_MAX_ABS
+    finally:
+        del model.encode
+    pixel = vae.load_tokenizer("pixel")
+    assert torch.equal(vae.encode_batched(pixel, u8, 2), torch.cat([pixel.encode(x.float() / 127.5 - 1) for x in u8.split(1)]))
+
+
+def test_encode_micro_batch_bounds_memory(tiny):
+    _, _, model = tiny
+    per_sample = vae.ENCODE_BYTES_PER_PIXEL * 256 * 320 * 4
+    assert vae.encode_micro_batch(model, 256, 320, memory_budget=10 * per_sample + 1) == 10
+    assert vae.encode_micro_batch(model, 256, 320, memory_budget=1) == 1       # never zero
+    assert vae.encode_micro_batch(vae.load_tokenizer("pixel"), 256, 320, 1) > 1 << 20  # no activations to bound

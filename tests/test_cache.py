@@ -1,0 +1,146 @@
+"""The latent cache (data.encode_dataset, data.LatentCacheDataset): what is read back equals online encoding of the
+same windows, a cache of other settings is refused naming the field, an interrupted encode resumes and is never
+read half-written, and ranks that share the work give the same cache as one process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import vae
+from synth import make_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W, T = 16, 24, 20
+CAMERAS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache") / "syn"
+    make_synthetic(str(root), episodes=4, cameras=2, frames=T, size=(H, W), seed=0, val_episodes=1, workers=1)
+    return root
+
+
+def dataset(root, **kw):
+    kw = dict(num_frames=9, cameras=CAMERAS, size=(H, W), start_stride=3) | kw
+    return data.RobotVideoDataset(root, "train", **kw)
+
+
+def small_wan(seed):
+    """The Wan2.1 architecture at a small width with random weights: the same code path as the real tokenizer."""
+    torch.manual_seed(seed)
+    return vae.WanVAE(dim=8).eval().requires_grad_(False)
+
+
+def online(tok, video_V_3_T_H_W):
+    """What the training step does without a cache (train.encode_views): uint8 -> dtype, x / 127.5 - 1, encode."""
+    return tok.encode(video_V_3_T_H_W.to(vae.tokenizer_dtype(tok)).div(127.5).sub(1.0))
+
+
+def encode(ds, tok, out, name="pixel", **kw):
+    settings = data.cache_settings(ds, tok, name)
+    return data.encode_dataset(ds, tok, out, settings, log=lambda *a: None, **kw), settings
+
+
+@pytest.mark.parametrize("name", ["pixel", "wan2.1"])
+def test_cache_equals_online_encoding(world, tmp_path, name):
+    ds = dataset(world)
+    tok = vae.load_tokenizer("pixel") if name == "pixel" else small_wan(0)
+    meta, settings = encode(ds, tok, tmp_path / "c", name, batch_windows=3, shard_bytes=4000)
+    assert meta is not None and len(meta["shards"]) > 1  # several shards, so offsets are exercised
+    cache = data.LatentCacheDataset(tmp_path / "c", expect=settings)
+    assert len(cache) == len(ds) and cache.cameras == CAMERAS
+    for i in range(len(ds)):
+        item, cached = ds[i], cache[i]
+        ref = online(tok, item["video"])
+        assert cached["key"] == item["key"] and torch.equal(cached["action"], item["action"])
+        assert cached["latent"].dtype == ref.dtype and cached["latent"].shape == ref.shape
+        if name == "pixel":  # the pooling is elementwise per clip: bit-exact
+            assert torch.equal(cached["latent"], ref)
+        else:  # convolutions over a batch of 6 clips vs 2: equal to float rounding
+            torch.testing.assert_close(cached["latent"], ref, rtol=1e-5, atol=1e-5)
+    batch = next(iter(torch.utils.data.DataLoader(cache, batch_size=4, num_workers=1)))  # pickles, opens in workers
+    assert batch["latent"].shape == (4, *meta["latent_shape"]) and len(batch["key"]) == 4
+
+
+def test_settings_mismatch_names_the_field(world, tmp_path):
+    ds, tok = dataset(world), vae.load_tokenizer("pixel")
+    _, settings = encode(ds, tok, tmp_path / "c")
+    meta = tmp_path / "c" / "metadata.json"
+    for change, field in [(dict(cameras=(0,)), "cameras"), (dict(size=(8, 16)), "size"),
+                          (dict(start_stride=1), "start_stride"), (dict(num_frames=5), "num_frames")]:
+        other = data.cache_settings(dataset(world, **change), tok, "pixel")
+        with pytest.raises(data.DataError, match=f"{meta}: cache {field} is .* but this run has"):
+            data.LatentCacheDataset(tmp_path / "c", expect=other)
+    with pytest.raises(data.DataError, match="tokenizer_sha256"):  # other weights, same architecture
+        data.LatentCacheDataset(tmp_path / "c", expect=data.cache_settings(ds, vae.load_tokenizer("pixel", scale=3.0),
+                                                                          "pixel"))
+    with pytest.raises(data.DataError, match="cache tokenizer is 'pixel' but this run has 'wan2.1'"):
+        data.LatentCacheDataset(tmp_path / "c", expect=data.cache_settings(ds, small_wan(0), "wan2.1"))
+    video = world / "videos" / "cam1" / "ep00001.mp4"  # a dataset file that changed since the encode
+    bigger = dict(settings, files=[[f, n + (f.endswith("cam1/ep00001.mp4"))] for f, n in settings["files"]])
+    with pytest.raises(data.DataError, match=f"files .*{video.relative_to(world)}"):
+        data.LatentCacheDataset(tmp_path / "c", expect=bigger)
+    with pytest.raises(data.DataError, match="cameras"):  # encoding into a finished cache of other settings
+        encode(dataset(world, cameras=(1,)), tok, tmp_path / "c")
+
+
+def test_interrupted_encode_resumes(world, tmp_path, monkeypatch):
+    ds, tok = dataset(world), small_wan(1)
+    clean, settings = encode(ds, tok, tmp_path / "clean", "wan2.1", shard_bytes=4000)
+    real, calls = data.encode_shard, []
+
+    def dies_after_one(ds, tok, path, *a):
+        calls.append(path.name)
+        if len(calls) == 2:  # killed while writing the second shard: a half-written .tmp is left behind
+            path.with_name(path.name + ".tmp").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real(ds, tok, path, *a)
+
+    monkeypatch.setattr(data, "encode_shard", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        encode(ds, tok, tmp_path / "c", "wan2.1", shard_bytes=4000)
+    assert not (tmp_path / "c" / "metadata.json").exists()
+    with pytest.raises(data.MissingFileError, match="not a finished latent cache"):
+        data.LatentCacheDataset(tmp_path / "c", expect=settings)
+    calls.clear()
+    monkeypatch.setattr(data, "encode_shard", lambda *a: (calls.append(a[2].name), real(*a)))
+    meta, _ = encode(ds, tok, tmp_path / "c", "wan2.1", shard_bytes=4000)
+    assert "shard_00000.safetensors" not in calls and len(calls) == len(meta["shards"]) - 1  # the first one was kept
+    assert meta == clean
+    a, b = data.LatentCacheDataset(tmp_path / "c", settings), data.LatentCacheDataset(tmp_path / "clean", settings)
+    for i in range(len(a)):
+        assert torch.equal(a[i]["latent"], b[i]["latent"]) and a[i]["key"] == b[i]["key"]
+
+
+def test_ranks_share_the_work(world, tmp_path):
+    """Two ranks (called in turn here; under torchrun they run at once) write disjoint shards, and only the one that
+    completes the set writes the metadata; the cache equals a one-process encode."""
+    ds, tok = dataset(world), vae.load_tokenizer("pixel")
+    one, settings = encode(ds, tok, tmp_path / "one", shard_bytes=4000)
+    assert encode(ds, tok, tmp_path / "two", rank=1, world=2, shard_bytes=4000)[0] is None
+    assert not (tmp_path / "two" / "metadata.json").exists()
+    assert encode(ds, tok, tmp_path / "two", rank=0, world=2, shard_bytes=4000)[0] == one
+    a, b = data.LatentCacheDataset(tmp_path / "one", settings), data.LatentCacheDataset(tmp_path / "two", settings)
+    assert all(torch.equal(a[i]["latent"], b[i]["latent"]) for i in range(len(a)))
+
+
+def test_encode_command_and_one_line_errors(world, tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "data.py"), *map(str, args)], cwd=tmp_path,
+                                       capture_output=True, text=True, timeout=300)
+    common = ["--tokenizer", "pixel", "--num_frames", "9", "--size", f"{H}x{W}", "--workers", "0"]
+    p = run("encode", world, "--out", tmp_path / "c", "--cameras", "0,1", "--start_stride", "3", *common)
+    assert p.returncode == 0, p.stderr
+    assert "latent cache" in p.stdout and " windows x " in p.stdout and "wrote" in p.stdout
+    meta = json.loads((tmp_path / "c" / "metadata.json").read_text())
+    assert meta["settings"]["cameras"] == [0, 1] and meta["settings"]["pixel_factor"] == 8
+    assert len(data.LatentCacheDataset(tmp_path / "c")) == len(dataset(world))
+    p = run("encode", world, "--out", tmp_path / "c", "--cameras", "0", "--start_stride", "3", *common)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == (f"error: {tmp_path / 'c' / 'metadata.json'}: cache cameras is [0, 1] but this run "
+                                f"has [0]; encode another cache (a new --out) or delete {tmp_path / 'c'}")
