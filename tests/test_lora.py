@@ -1,0 +1,133 @@
+"""LoRA (model.apply_lora / merge_lora, convert's LoRA checkpoints and adapters): step 0 is the base model bit for bit,
+merged equals unmerged, only the factors and the new heads train (also under activation checkpointing,
+torch.compile, bf16 autocast, DDP and FSDP2 with 2 gloo processes), and an adapter only loads onto its own base."""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import model
+from test_model import tiny
+
+
+def lora_tiny(**lora_kw):
+    """A tiny grown-style net (per-frame actions, views, crossattn_proj) and its LoRA twin (same weights)."""
+    base = tiny(action_mode="per_frame", n_views_emb=7, crossattn_proj_in_channels=48)
+    return base, model.apply_lora(copy.deepcopy(base), rank=4, **lora_kw)
+
+
+def inputs(views=2, T=3, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x_B_C_T_H_W=torch.randn(B, 16, views * T, 8, 8, generator=g),
+                timesteps_B_T=torch.rand(B, generator=g),
+                condition_video_input_mask_B_C_T_H_W=model.condition_mask(B, views, T, 8, 8, 1),
+                action=torch.randn(B, (T - 1) * 4, 7, generator=g), num_views=views)
+
+
+def randomise_factors(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n.endswith(".lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_step0_is_the_base_model_bit_for_bit_and_keys_stay_official():
+    base, net = lora_tiny()
+    with torch.no_grad():
+        assert torch.equal(net(**inputs()), base(**inputs()))
+    sd, base_sd = net.state_dict(), base.state_dict()
+    extra = {k for k in sd if k not in base_sd}
+    assert set(base_sd) <= set(sd) and extra and all(k.endswith((".lora_A", ".lora_B")) for k in extra)
+    # the default targets: self-attention q/k/v/out and the MLP of every block, no cross-attention
+    layers = {k.rsplit(".", 1)[0] for k in extra}
+    assert len(layers) == 2 * 6 and not any("cross_attn" in k for k in layers)
+    # official weights load into a LoRA net unchanged: only the factors are missing
+    fresh = model.apply_lora(copy.deepcopy(base), rank=4)
+    missing, unexpected = fresh.load_state_dict(base_sd, strict=False)
+    assert set(missing) == extra and not unexpected
+    trainable = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {"x_embedder", "view_embeddings", "action_embedder_B_D", "action_embedder_B_3D"}
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_bf16_base_under_autocast_is_the_base_model_bit_for_bit():
+    base = tiny(action_mode="per_frame", n_views_emb=7, crossattn_proj_in_channels=48)
+    with torch.no_grad():
+        for p in base.parameters():                       # bf16-representable weights, as the released bf16 files
+            p.copy_(p.bfloat16().float())
+    net = model.apply_lora(copy.deepcopy(base), rank=4, base_dtype=torch.bfloat16)
+    frozen = [p for p in net.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in net.parameters() if p.requires_grad)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(net(**inputs()), base(**inputs()))
+    with pytest.raises(TypeError, match="bfloat16.*autocast"):
+        net(**inputs())
+
+
+def test_merged_equals_unmerged_and_state_dict_merge_agrees():
+    base, net = lora_tiny(targets=model.default_lora_targets(text=True), alpha=8)
+    randomise_factors(net)
+    with torch.no_grad():
+        unmerged = net(**inputs())
+        assert not torch.allclose(unmerged, base(**inputs()), atol=1e-3)      # the factors do change the output
+        adapter = model.lora_state_dict(net)
+        merged = model.merge_lora(copy.deepcopy(net))
+        got = merged(**inputs())
+    assert type(merged.blocks[0].self_attn.q_proj) is torch.nn.Linear and merged.state_dict().keys() == base.state_dict().keys()
+    err = ((got - unmerged).abs().max() / unmerged.abs().max()).item()
+    assert err < 1e-5, err                                                  # fp32 reassociation only (measured ~3e-7)
+    sd = model.merge_lora_state_dict(base.state_dict(), adapter, rank=4, alpha=8)
+    assert all(torch.equal(sd[k], v) for k, v in merged.state_dict().items())
+
+
+def test_only_trainable_tensors_change_and_checkpointing_gives_the_same_grads():
+    _, net = lora_tiny()
+    randomise_factors(net)                          # B != 0, so A gets gradient too
+    grads = []
+    for ckpt in (False, True):
+        net.zero_grad(set_to_none=True)
+        net.gradient_checkpointing = ckpt
+        net.train()
+        net(**inputs()).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad})
+        assert all(p.grad is None for p in net.parameters() if not p.requires_grad)
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    assert all(g.abs().sum() > 0 for k, g in grads[0].items() if k.endswith((".lora_A", ".lora_B")))
+    before = copy.deepcopy(net.state_dict())
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        net(**inputs()).square().mean().backward()
+        opt.step()
+    after = net.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == set(model.lora_state_dict(net))
+
+
+def test_target_errors_and_param_counts():
+    base = tiny()
+    with pytest.raises(ValueError, match="matches no linear"):
+        model.apply_lora(copy.deepcopy(base), rank=4, targets=["self_attn.qkv"])
+    with pytest.raises(ValueError, match="trained in full"):
+        model.apply_lora(copy.deepcopy(base), rank=4, targets=["x_embedder.proj.1"])
+    with pytest.raises(ValueError, match="rank"):
+        model.apply_lora(copy.deepcopy(base), rank=0)
+    net = model.apply_lora(copy.deepcopy(base), rank=4, targets=["blocks.1.*_proj"])       # a glob: block 1, both attentions
+    assert {n.rsplit(".", 1)[0] for n in model.lora_state_dict(net) if "lora" in n} == {
+        f"blocks.1.{a}.{p}_proj" for a in ("self_attn", "cross_attn") for p in ("q", "k", "v", "output")}
+    with pytest.raises(ValueError, match="already"):
+        model.apply_lora(net, rank=4)
+    cfg = model.DiTConfig(model_channels=64, num_blocks=2, num_heads=4, adaln_lora_dim=16, crossattn_emb_channels=32,
+                          action_mode="per_frame", n_views_emb=7)
+    counts = model.lora_param_counts(cfg, 8)
+    real = model.apply_lora(model.DiT(cfg), 8)
+    assert counts["trainable"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert counts["total"] == counts["trainable"] + counts["frozen"] == sum(p.numel() for p in real.parameters())
+    # per block: self-attention 4 x r(D + D), MLP r(D + 4D) + r(4D + D)
+    assert counts["lora"] == 2 * 8 * (4 * 128 + 2 * 320)
