@@ -234,3 +234,103 @@ def test_ddp_and_fsdp2_train_the_factors_as_one_process(tmp_path, parallel, bf16
             assert err < (0.05 if bf16 else 1e-4), (k, err)                 # relative to what training changed
         else:
             assert torch.equal(got[k], frozen[k]), k                       # frozen base untouched on every path
+
+
+# ---- checkpoints, export, adapters (convert.py) --------------------------------------------
+
+def lora_run(tmp_path, base_dtype=None):
+    """What a LoRA run of train.py leaves: a base file (no view embedding: grown on load), and a DCP checkpoint of
+    the trainable tensors only (regular and EMA) with the LoRA record in config.json. Returns (unmerged EMA LoRA
+    net, checkpoint dir, base path)."""
+    import convert
+    from test_convert import write_dcp
+    base = tiny(action_mode="per_frame")
+    base_path = tmp_path / "base.pt"
+    torch.save({"net." + k: v for k, v in base.state_dict().items()}, base_path)
+    cfg = model.DiTConfig(**{**model.config_dict(base.cfg), "n_views_emb": 7})
+    net = model.DiT(cfg)
+    net.init_weights()
+    model.load_into(net, base.state_dict(), grow=True)
+    model.apply_lora(net, rank=4, alpha=8, base_dtype=base_dtype)
+    randomise_factors(net)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if p.requires_grad and "lora_" not in n:
+                p.add_(torch.randn_like(p) * 0.05)                      # the heads trained too
+    ema = {k: v.clone() for k, v in model.lora_state_dict(net).items()}
+    regular = {k: v * 1.5 for k, v in ema.items()}                      # differs, so picking the wrong one shows
+    ckpt = tmp_path / "out" / "checkpoints" / "iter_000000003"
+    ckpt.mkdir(parents=True)
+    rc = {"model": model.config_dict(cfg), "train": {"fps": 4}, "step": 3, "world_size": 1,
+          "lora": convert.lora_record(net, base_path)}
+    write_dcp(ckpt, regular, ema, rc)
+    return net.eval(), ckpt, base_path
+
+
+def test_lora_checkpoint_loads_merged_exports_and_round_trips(tmp_path):
+    import convert
+    net, ckpt, base_path = lora_run(tmp_path)
+    with torch.no_grad():
+        want = net(**inputs())
+    # load_dit (what sample.py calls) takes the LoRA checkpoint itself: base + EMA factors, merged
+    merged, rc = convert.load_dit(ckpt)
+    assert rc["lora"]["rank"] == 4 and type(merged.blocks[0].mlp.layer1) is torch.nn.Linear
+    with torch.no_grad():
+        got = merged(**inputs())
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    # export merges into the official files, which load anywhere (no LoRA record left in their config)
+    dest = tmp_path / "release"
+    convert.main(["export", str(ckpt), str(dest)])
+    fp32, rc32 = convert.load_dit(dest / "model_ema_fp32.pt")
+    assert "lora" not in rc32 and rc32["merged_lora"]["base"] == str(base_path)
+    assert all(torch.equal(a, b) for a, b in zip(fp32.state_dict().values(), merged.state_dict().values()))
+    bf16, _ = convert.load_dit(dest / "model_ema_bf16.pt")
+    with torch.no_grad():
+        assert ((bf16(**inputs()) - want).abs().max() / want.abs().max()).item() < 0.05
+    raw = torch.load(dest / "model.pt", weights_only=True)
+    assert not any("lora_" in k for k in raw) and {k.split(".")[0] for k in raw} == {"net", "net_ema"}
+    assert not torch.equal(raw["net.blocks.0.mlp.layer1.weight"], raw["net_ema.blocks.0.mlp.layer1.weight"])
+    # the adapter alone + the base reproduces the merged model exactly
+    convert.main(["export", str(ckpt), str(tmp_path / "adapter.safetensors"), "--lora-only"])
+    adapter_net, arc = convert.load_dit(tmp_path / "adapter.safetensors")
+    assert arc["lora"] == rc["lora"] and arc["model"] == rc["model"]
+    assert all(torch.equal(a, b) for a, b in zip(adapter_net.state_dict().values(), merged.state_dict().values()))
+    size = (tmp_path / "adapter.safetensors").stat().st_size
+    assert size < 0.5 * base_path.stat().st_size                        # only factors and heads
+
+
+def test_lora_needs_its_own_base(tmp_path):
+    import convert
+    _, ckpt, base_path = lora_run(tmp_path)
+    convert.export_adapter(ckpt, tmp_path)
+    moved = tmp_path / "moved.pt"
+    base_path.rename(moved)
+    for src in (ckpt, tmp_path / "lora_adapter.safetensors"):
+        with pytest.raises(FileNotFoundError, match="LoRA base .*base.pt does not exist"):
+            convert.load_dit(src)
+    convert.export(ckpt, tmp_path / "release", base=moved)              # --base: the same file, elsewhere
+    sd = torch.load(moved, weights_only=True)
+    sd["net.blocks.1.mlp.layer2.weight"][0, 0] += 1e-3                   # a base that changed, even slightly
+    torch.save(sd, base_path)
+    for src in (ckpt, tmp_path / "lora_adapter.safetensors"):
+        with pytest.raises(ValueError, match="not the file it was trained on"):
+            convert.load_dit(src)
+    with pytest.raises(ValueError, match="not a LoRA training checkpoint"):
+        convert.export_adapter(tmp_path / "release" / "model_ema_fp32.pt", tmp_path)
+
+
+def test_base_fingerprint_ignores_mtime_and_sees_dtype(tmp_path):
+    import convert
+    sd = {f"net.w{i}": torch.randn(300, 1000) for i in range(4)}       # 4.8 MB: the middle MiB matters too
+    torch.save(sd, tmp_path / "a.pt")
+    fp = convert.base_fingerprint(tmp_path / "a.pt")
+    os.utime(tmp_path / "a.pt", (0, 0))
+    assert convert.base_fingerprint(tmp_path / "a.pt") == fp
+    import shutil
+    shutil.copy(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert convert.base_fingerprint(tmp_path / "b.pt") == fp
+    sd["net.w2"][10, 0] += 1                          # 2.4 MB in: neither the first nor the last MiB
+    torch.save(sd, tmp_path / "b.pt")
+    assert convert.base_fingerprint(tmp_path / "b.pt") != fp
+    torch.save({k: v.bfloat16() for k, v in sd.items()}, tmp_path / "c.pt")
+    assert convert.base_fingerprint(tmp_path / "c.pt") != fp
