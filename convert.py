@@ -393,9 +393,10 @@ def grow(base, out, ema=True, seed=0, dtype=None, **changes):
 
 def base_fingerprint(path):
     """'sha256:<hex>' over the size and the first, middle and last MiB of a weights file (of .metadata and every
-    shard, sorted, for a DCP checkpoint directory): 3 MiB read per file, whatever its size. Any re-save, another
-    training step or another dtype changes the header or the tensor bytes sampled (the key list sits in the first
-    MiB of a .safetensors header and of a .pt's data.pkl); the mtime is not used, so copies match."""
+    shard, sorted, for a DCP checkpoint directory): 3 MiB read per file, whatever its size; the mtime is not used,
+    so copies match. A .pt (zip) file ends with a CRC-32 of every entry, so any change to any tensor shows; a
+    .safetensors file has no checksum, but other training changes nearly every tensor, and the sizes, the key list
+    and dtypes (its header, in the first MiB) are covered too."""
     import hashlib
     p = resolve(path)
     files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]

@@ -319,18 +319,24 @@ def test_lora_needs_its_own_base(tmp_path):
         convert.export_adapter(tmp_path / "release" / "model_ema_fp32.pt", tmp_path)
 
 
-def test_base_fingerprint_ignores_mtime_and_sees_dtype(tmp_path):
-    import convert
-    sd = {f"net.w{i}": torch.randn(300, 1000) for i in range(4)}       # 4.8 MB: the middle MiB matters too
-    torch.save(sd, tmp_path / "a.pt")
-    fp = convert.base_fingerprint(tmp_path / "a.pt")
-    os.utime(tmp_path / "a.pt", (0, 0))
-    assert convert.base_fingerprint(tmp_path / "a.pt") == fp
+def test_base_fingerprint_ignores_mtime_and_sees_changes(tmp_path):
     import shutil
-    shutil.copy(tmp_path / "a.pt", tmp_path / "b.pt")
-    assert convert.base_fingerprint(tmp_path / "b.pt") == fp
-    sd["net.w2"][10, 0] += 1                          # 2.4 MB in: neither the first nor the last MiB
-    torch.save(sd, tmp_path / "b.pt")
-    assert convert.base_fingerprint(tmp_path / "b.pt") != fp
-    torch.save({k: v.bfloat16() for k, v in sd.items()}, tmp_path / "c.pt")
-    assert convert.base_fingerprint(tmp_path / "c.pt") != fp
+    import convert
+    from safetensors.torch import save_file
+    sd = {f"net.w{i}": torch.randn(300, 1000) for i in range(4)}       # 4.8 MB: more than the 3 MiB sampled
+    for ext in ("pt", "safetensors"):
+        a, b = tmp_path / "a" / f"base.{ext}", tmp_path / "b" / f"base.{ext}"   # same name: torch.save embeds it
+        a.parent.mkdir(exist_ok=True)
+        b.parent.mkdir(exist_ok=True)
+        save = (lambda d, f: torch.save(d, f)) if ext == "pt" else (lambda d, f: save_file(d, str(f)))
+        save(sd, a)
+        fp = convert.base_fingerprint(a)
+        os.utime(a, (0, 0))
+        shutil.copy(a, b)
+        assert convert.base_fingerprint(a) == convert.base_fingerprint(b) == fp
+        changed = {k: v.clone() for k, v in sd.items()}
+        changed["net.w2"][10, 0] += 1                 # ~2.4 MB in: the middle MiB (a .pt also ends with CRCs)
+        save(changed, b)
+        assert convert.base_fingerprint(b) != fp
+        save({k: v.bfloat16() for k, v in sd.items()}, b)
+        assert convert.base_fingerprint(b) != fp
