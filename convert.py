@@ -493,9 +493,14 @@ def export_adapter(checkpoint, dest):
     dest = Path(dest)
     path = dest if dest.suffix == ".safetensors" else dest / "lora_adapter.safetensors"
     adapter = cast(model.clean_state_dict(read_dcp(src, "ema")), torch.float32)
-    meta = {"nanocosmos_lora": json.dumps(rc["lora"]), "nanocosmos_run": json.dumps(rc)}
-    save_weights(prefixed(adapter), path, metadata=meta)
+    save_weights(prefixed(adapter), path, metadata=adapter_metadata(rc))
     return path
+
+
+def adapter_metadata(run_config):
+    """The safetensors header entries that make {"net.<key>": trainable tensor} a loadable adapter (train.py's
+    consolidated LoRA files use it too): the LoRA record and the whole run config, as JSON strings."""
+    return {"nanocosmos_lora": json.dumps(run_config["lora"]), "nanocosmos_run": json.dumps(run_config)}
 
 
 # -----------------------------------------------------------------------------
