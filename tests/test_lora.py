@@ -238,13 +238,13 @@ def test_ddp_and_fsdp2_train_the_factors_as_one_process(tmp_path, parallel, bf16
 
 # ---- checkpoints, export, adapters (convert.py) --------------------------------------------
 
-def lora_run(tmp_path, base_dtype=None):
+def lora_run(tmp_path, base_dtype=None, channels=16):
     """What a LoRA run of train.py leaves: a base file (no view embedding: grown on load), and a DCP checkpoint of
     the trainable tensors only (regular and EMA) with the LoRA record in config.json. Returns (unmerged EMA LoRA
     net, checkpoint dir, base path)."""
     import convert
     from test_convert import write_dcp
-    base = tiny(action_mode="per_frame")
+    base = tiny(action_mode="per_frame", in_channels=channels, out_channels=channels)
     base_path = tmp_path / "base.pt"
     torch.save({"net." + k: v for k, v in base.state_dict().items()}, base_path)
     cfg = model.DiTConfig(**{**model.config_dict(base.cfg), "n_views_emb": 7})
@@ -297,6 +297,23 @@ def test_lora_checkpoint_loads_merged_exports_and_round_trips(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(adapter_net.state_dict().values(), merged.state_dict().values()))
     size = (tmp_path / "adapter.safetensors").stat().st_size
     assert size < 0.5 * base_path.stat().st_size                        # only factors and heads
+
+
+def test_merged_export_samples_the_frames_of_the_unmerged_net(tmp_path):
+    import convert
+    import sample
+    import vae
+    net, ckpt, _ = lora_run(tmp_path, channels=12)                    # the pixel tokenizer's 12 channels
+    convert.export(ckpt, tmp_path / "release")
+    merged, _ = convert.load_dit(tmp_path / "release" / "model_ema_fp32.pt")
+    tok = vae.load_tokenizer("pixel", None, spatial_factor=8)
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, 256, (1, 2, 3, 32, 48), generator=g, dtype=torch.uint8)
+    actions = torch.randn(1, 12, 7, generator=g)
+    with torch.no_grad():
+        videos = [sample.rollout(n, tok, first, actions, num_steps=4, progress=False).float() for n in (net, merged)]
+    diff = (videos[0] - videos[1]).abs()
+    assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())   # fp32 reassociation flips rare roundings
 
 
 def test_lora_needs_its_own_base(tmp_path):
