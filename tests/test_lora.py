@@ -186,54 +186,60 @@ def train_steps(net, fwd, rank=0, world=1, steps=3, bf16=False):
         opt.zero_grad(set_to_none=True)
 
 
-def dist_worker(rank, world, port, parallel, bf16, out):
+CASES = [("ddp", False), ("fsdp", False), ("fsdp", True)]        # (parallel, bf16 base + autocast)
+
+
+def dist_worker(rank, world, port, out_dir):
+    """Every case in one pair of processes (a spawn costs seconds of imports)."""
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    _, net = lora_tiny(base_dtype=torch.bfloat16 if bf16 else None)
-    net.train()
-    net.gradient_checkpointing = True
-    fwd = net
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for block in net.blocks:                   # as train.py: one shard group per block, then the root
-            fully_shard(block, mp_policy=mp_policy)
-        fully_shard(net, mp_policy=mp_policy)
-    else:
-        from torch.nn.parallel import DistributedDataParallel
-        fwd = DistributedDataParallel(net)
-    train_steps(net, fwd, rank, world, bf16=bf16)
-    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().clone()
-            for k, v in net.state_dict().items()}
-    if rank == 0:
-        torch.save(full, out)
+    for parallel, bf16 in CASES:
+        _, net = lora_tiny(base_dtype=torch.bfloat16 if bf16 else None)
+        net.train()
+        net.gradient_checkpointing = True
+        fwd = net
+        if parallel == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+                         else MixedPrecisionPolicy())
+            for block in net.blocks:               # as train.py: one shard group per block, then the root
+                fully_shard(block, mp_policy=mp_policy)
+            fully_shard(net, mp_policy=mp_policy)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+            fwd = DistributedDataParallel(net)
+        train_steps(net, fwd, rank, world, bf16=bf16)
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().clone()
+                for k, v in net.state_dict().items()}
+        if rank == 0:
+            torch.save(full, os.path.join(out_dir, f"{parallel}_{bf16}.pt"))
     dist.barrier()                                 # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("parallel,bf16", [("ddp", False), ("fsdp", False), ("fsdp", True)],
-                         ids=["ddp", "fsdp2", "fsdp2-bf16-base"])
-def test_ddp_and_fsdp2_train_the_factors_as_one_process(tmp_path, parallel, bf16):
-    out = tmp_path / "state.pt"
-    mp.spawn(dist_worker, args=(2, free_port(), parallel, bf16, str(out)), nprocs=2, join=True)
-    got = torch.load(out)
-    base, net = lora_tiny(base_dtype=torch.bfloat16 if bf16 else None)
-    net.train()
-    with torch.no_grad():
-        frozen = {k: v.float().clone() for k, v in net.state_dict().items()}
-    trainable = set(model.lora_state_dict(net))
-    train_steps(net, net, bf16=bf16)
-    want = net.state_dict()
-    assert got.keys() == want.keys()
-    for k in want:
-        if k in trainable:
-            assert not torch.equal(want[k].float(), frozen[k]), k          # it trained (B leaves zero at step 1)
-            err = ((got[k] - want[k].float()).norm() / (want[k].float() - frozen[k]).norm()).item()
-            assert err < (0.05 if bf16 else 1e-4), (k, err)                 # relative to what training changed
-        else:
-            assert torch.equal(got[k], frozen[k]), k                       # frozen base untouched on every path
+def test_ddp_and_fsdp2_train_the_factors_as_one_process(tmp_path):
+    """DDP, FSDP2 (fp32) and FSDP2 with a bf16 base under autocast: the trainable tensors end as one process with
+    the whole batch ends them; the frozen base is untouched."""
+    mp.spawn(dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for parallel, bf16 in CASES:
+        got = torch.load(tmp_path / f"{parallel}_{bf16}.pt")
+        _, net = lora_tiny(base_dtype=torch.bfloat16 if bf16 else None)
+        net.train()
+        with torch.no_grad():
+            frozen = {k: v.float().clone() for k, v in net.state_dict().items()}
+        trainable = set(model.lora_state_dict(net))
+        train_steps(net, net, bf16=bf16)
+        want = net.state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            if k in trainable:
+                assert not torch.equal(want[k].float(), frozen[k]), k          # it trained (B leaves zero at step 1)
+                err = ((got[k] - want[k].float()).norm() / (want[k].float() - frozen[k]).norm()).item()
+                assert err < (0.05 if bf16 else 1e-4), (parallel, bf16, k, err)  # relative to what training changed
+            else:
+                assert torch.equal(got[k], frozen[k]), (parallel, bf16, k)     # frozen base untouched
 
 
 # ---- checkpoints, export, adapters (convert.py) --------------------------------------------
