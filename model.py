@@ -755,7 +755,7 @@ def apply_lora(net: DiT, rank, alpha=None, targets=None, train_full=LORA_TRAIN_F
             for k, p in list(m._parameters.items()):
                 if p is not None and not p.requires_grad and p.is_floating_point():
                     m._parameters[k] = nn.Parameter(p.to(base_dtype), requires_grad=False)
-        net._lora_hook = net.register_forward_pre_hook(_check_base_dtype, with_kwargs=True)
+        net.register_forward_pre_hook(_check_base_dtype, with_kwargs=True)
     net.lora = {"rank": rank, "alpha": alpha, "targets": targets, "train_full": list(train_full),
                 "base_dtype": str(base_dtype or torch.float32).replace("torch.", ""),
                 "base_dtype_t": base_dtype or torch.float32}
@@ -790,9 +790,10 @@ def merge_lora(net, dtype=torch.float32):
                 lin.bias.copy_(m.bias.float())
             parent, _, attr = name.rpartition(".")
             setattr(net.get_submodule(parent) if parent else net, attr, lin)
-    if hasattr(net, "_lora_hook"):
-        net._lora_hook.remove()
-        del net._lora_hook
+    for k, hook in list(net._forward_pre_hooks.items()):    # by identity: a deep copy's hook has its own key
+        if hook is _check_base_dtype:
+            del net._forward_pre_hooks[k]
+            net._forward_pre_hooks_with_kwargs.pop(k, None)
     net.lora = None
     return net.to(dtype).requires_grad_(True)
 

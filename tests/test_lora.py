@@ -68,6 +68,9 @@ def test_bf16_base_under_autocast_is_the_base_model_bit_for_bit():
         assert torch.equal(net(**inputs()), base(**inputs()))
     with pytest.raises(TypeError, match="bfloat16.*autocast"):
         net(**inputs())
+    merged = model.merge_lora(copy.deepcopy(net))                       # a plain fp32 net again: no check left
+    with torch.no_grad():
+        assert torch.equal(merged(**inputs()), base(**inputs()))
 
 
 def test_merged_equals_unmerged_and_state_dict_merge_agrees():
