@@ -693,11 +693,14 @@ class LoRALinear(nn.Module):
                 self.lora_A.copy_(a)
 
     def forward(self, x):
+        # in-place adds: a linear's output is not saved for its backward, and one [tokens, out] temporary less
+        # per layer is what the peak of a checkpointed block's recomputation is made of
         if torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+            return F.linear(x, self.weight, self.bias).add_(F.linear(F.linear(x, self.lora_A), self.lora_B),
+                                                            alpha=self.scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         d = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight.to(x.dtype), bias) + (self.scale * d).to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias).add_(d.to(x.dtype), alpha=self.scale)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
