@@ -3,6 +3,7 @@ Checkpoint conversion between nanocosmos and the official Cosmos-Predict2 / 2.5 
 
     python convert.py out/synthetic/checkpoints/iter_000000100 release/     # same as `export`
     python convert.py export CKPT DEST [--safetensors]     training checkpoint -> model.pt, model_ema_{fp32,bf16}.pt
+    python convert.py export CKPT DEST --lora-only [--base BASE]   LoRA run -> its adapter alone (.safetensors)
     python convert.py import FILE OUT.pt [--regular] [--allow-missing] [--allow-unexpected] [--action_mode per_frame]
     python convert.py grow BASE OUT.pt --action_mode per_frame [--action_dim 7] [--views 7]
     python convert.py info PATH
@@ -15,6 +16,10 @@ The formats:
     and RoPE tables (pos_embedder*), all three dropped on load;
   - run config: `<file>.json` beside a file or `config.json` in its folder, {"model": model.config_dict(cfg), ...}.
     Without one the configuration is inferred from the tensor shapes and printed.
+  - LoRA: a training checkpoint of a LoRA run holds only the trainable tensors (<layer>.lora_A / .lora_B and the
+    heads trained in full) and {"lora": {rank, alpha, targets, base, base_ema, base_fingerprint, ...}} in its
+    config.json; an adapter is those EMA tensors in one .safetensors with the record in its header. export merges
+    either onto its base; load_weights / load_dit merge on load, so both are accepted wherever weights are.
 <key> is always the official module path (model.DiT uses the official names), so no key is ever renamed
 beyond the prefix. train.py and sample.py use load_weights() and load_dit().
 """
@@ -166,6 +171,8 @@ def load_weights(path, ema=True):
     official / consolidated .pt or .safetensors. ema picks the EMA weights (net_ema.*, DCP "ema") when the
     checkpoint has them; a released file holds only net.*, which already are the EMA weights."""
     p = resolve(path)
+    if lora_spec(p) is not None:                       # LoRA factors: merged onto their base here
+        return load_lora(p, ema=ema)
     if p.is_dir():
         groups = {k.split(".", 1)[0] for k in _dcp_metadata(p)}
         group = "ema" if ema and "ema" in groups else "model"
@@ -312,16 +319,16 @@ def load_text_embedding(path, cfg, device="cpu"):
 # -----------------------------------------------------------------------------
 # writing
 
-def save_weights(sd, path, config=None):
+def save_weights(sd, path, config=None, metadata=None):
     """Flat dict -> .pt or .safetensors (chosen by the suffix), written to a temporary name and renamed so that
     an interrupted conversion never leaves a truncated file under the real name. config: written as
-    <path>.json beside it (what load_weights reads back)."""
+    <path>.json beside it (what load_weights reads back). metadata: extra safetensors header strings."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
     else:
         torch.save(sd, tmp)
     tmp.replace(path)
@@ -345,11 +352,13 @@ def cast(sd, dtype):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export(checkpoint, dest, safetensors=False):
+def export(checkpoint, dest, safetensors=False, lora_only=False, base=None):
     """Training checkpoint -> the three official files in dest (the layout of Cosmos' convert_distcp_to_pt.py):
     model.pt: net.* regular + net_ema.* EMA (fp32, as trained); model_ema_fp32.pt: EMA renamed to net.*;
     model_ema_bf16.pt: the same in bf16 (what inference and the releases use). Plus dest/config.json, the run
-    config, which load_weights finds for all three files."""
+    config, which load_weights finds for all three files. A LoRA checkpoint is merged onto its base first (base:
+    another path to the same base file, when it moved), so the files load anywhere; lora_only=True writes the
+    adapter alone instead (export_adapter)."""
     src = resolve(checkpoint)
     if not src.is_dir():
         raise ValueError(f"{src} is a file; export takes a training checkpoint directory (for files: import)")
@@ -357,14 +366,22 @@ def export(checkpoint, dest, safetensors=False):
     if not {"model", "ema"} <= groups:
         raise ValueError(f"{src} must hold 'model' and 'ema' weights (has {sorted(groups)}); the EMA files need "
                          "EMA weights: train with ema=True")
+    rc = run_config_for(src)
+    lora = (rc or {}).get("lora")
+    if lora_only:
+        return export_adapter(src, dest)
     dest, ext = Path(dest), ".safetensors" if safetensors else ".pt"
     ema = model.clean_state_dict(read_dcp(src, "ema"))
     regular = model.clean_state_dict(read_dcp(src, "model"))
+    if lora:
+        base_sd = load_lora_base(lora, src, base)
+        ema, regular = merge_adapter(base_sd, ema, lora, rc, src), merge_adapter(base_sd, regular, lora, rc, src)
+        del base_sd
+        rc = {**{k: v for k, v in rc.items() if k != "lora"}, "merged_lora": lora}
     save_weights({**prefixed(regular), **prefixed(ema, "net_ema.")}, dest / ("model" + ext))
     del regular                                        # one model's worth of memory less for the rest
     save_weights(prefixed(cast(ema, torch.float32)), dest / ("model_ema_fp32" + ext))
     save_weights(prefixed(cast(ema, torch.bfloat16)), dest / ("model_ema_bf16" + ext))
-    rc = run_config_for(src)
     if rc is None:
         cfg, _ = infer_config(ema)
         print(f"convert: {src} has no config.json; config.json gets the one inferred from shapes: {describe(cfg)}")
@@ -445,6 +462,126 @@ def grow(base, out, ema=True, seed=0, dtype=None, **changes):
               "grown_from": {"path": str(base), "weights": "ema" if ema else "regular"}}
     save_weights(prefixed(cast(net.state_dict(), dtype or sd["x_embedder.proj.1.weight"].dtype)), out, config)
     return cfg
+
+
+# -----------------------------------------------------------------------------
+# LoRA checkpoints and adapters
+#   A LoRA run (train.py lora_rank > 0) saves only its trainable tensors (factors <layer>.lora_A / .lora_B, and the
+#   heads trained in full), with {"lora": lora_record(...)} in its config.json: rank, alpha, targets, and the
+#   base weights' path and fingerprint. `export --lora-only` writes the same tensors (EMA) as one .safetensors
+#   adapter, the record and the run config in its header. load_weights merges either onto the base, after
+#   checking the base is the very file trained on: factors fitted to other weights silently produce garbage.
+
+def base_fingerprint(path):
+    """'sha256:<hex>' over the size and the first, middle and last MiB of a weights file (of .metadata and every
+    shard, sorted, for a DCP checkpoint directory): 3 MiB read per file, whatever its size; the mtime is not used,
+    so copies match. A .pt (zip) file ends with a CRC-32 of every entry, so any change to any tensor shows; a
+    .safetensors file has no checksum, but other training changes nearly every tensor, and the sizes, the key list
+    and dtypes (its header, in the first MiB) are covered too."""
+    import hashlib
+    p = resolve(path)
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    if p.is_dir():
+        files = [f for f in files if f.name == ".metadata" or f.suffix == ".distcp"]
+    h, mib = hashlib.sha256(), 2 ** 20
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name if p.is_dir() else ''}:{size}:".encode())
+        with open(f, "rb") as fh:
+            for start in sorted({0, max(0, size // 2 - mib // 2), max(0, size - mib)}):
+                fh.seek(start)
+                h.update(fh.read(mib))
+    return "sha256:" + h.hexdigest()
+
+
+def lora_record(net, base, base_ema=True):
+    """What a LoRA checkpoint's config.json holds under "lora" (train.py writes it): model.lora_config(net) plus the
+    base weights' path, which of their weights (EMA or regular) and fingerprint."""
+    return {**model.lora_config(net), "base": str(base), "base_ema": bool(base_ema),
+            "base_fingerprint": base_fingerprint(base)}
+
+
+def lora_spec(p):
+    """The LoRA record of a resolved checkpoint path, or None when it holds full weights."""
+    if p.is_dir():
+        return (run_config_for(p) or {}).get("lora")
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["nanocosmos_lora"]) if "nanocosmos_lora" in meta else None
+    return None
+
+
+def load_lora_base(lora, where, base=None):
+    """The base state dict of a LoRA checkpoint or adapter `where`, after checking its fingerprint. base: the same
+    file at another path (it moved)."""
+    path = Path(base or lora["base"])
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: its LoRA base {path} does not exist (the adapter holds only the factors; "
+                                f"pass the base file: convert.py export --base PATH)")
+    found = base_fingerprint(path)
+    if found != lora["base_fingerprint"]:
+        raise ValueError(f"{where}: its LoRA base {path} is not the file it was trained on (fingerprint {found[:19]} "
+                         f"!= {lora['base_fingerprint'][:19]}): LoRA factors only fit their exact base weights")
+    sd, _ = load_weights(path, ema=lora["base_ema"])
+    return sd
+
+
+def merge_adapter(base_sd, adapter_sd, lora, run_config, where):
+    """Base + adapter -> full state dict (model.merge_lora_state_dict). Base tensors the trained model had no place
+    for (train.py's init_from ignores them) are dropped, as training did."""
+    if any(k.endswith(".lora_A") for k in base_sd):
+        raise ValueError(f"{where}: the LoRA base itself holds LoRA factors; merge it first (convert.py export)")
+    if run_config is not None:
+        _, unexpected = check_keys({k: v for k, v in base_sd.items() if k not in adapter_sd},
+                                   model.config_from_dict(run_config["model"]))
+        base_sd = {k: v for k, v in base_sd.items() if k not in unexpected}
+    return model.merge_lora_state_dict(base_sd, adapter_sd, lora["rank"], lora["alpha"])
+
+
+def load_lora(path, ema=True, base=None):
+    """(merged state dict, run config) of a LoRA training checkpoint or adapter file; what load_weights returns for
+    them, so train.py's init_from and sample.py take either unchanged."""
+    p = resolve(path)
+    lora = lora_spec(p)
+    if p.is_dir():
+        groups = {k.split(".", 1)[0] for k in _dcp_metadata(p)}
+        group = "ema" if ema and "ema" in groups else "model"
+        adapter, run_config = model.clean_state_dict(read_dcp(p, group)), run_config_for(p)
+    else:
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata()
+        adapter = model.clean_state_dict(read_file(p))
+        run_config = json.loads(meta["nanocosmos_run"]) if "nanocosmos_run" in meta else None
+    sd = merge_adapter(load_lora_base(lora, p, base), adapter, lora, run_config, p)
+    n = sum(k.endswith(".lora_A") for k in adapter)
+    print(f"convert: merged {p} (LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, {n} layers, "
+          f"{len(adapter) - 2 * n} heads) onto its base {base or lora['base']}")
+    return sd, run_config
+
+
+def export_adapter(checkpoint, dest):
+    """LoRA training checkpoint -> one .safetensors adapter (its EMA factors and heads, {"net.<key>"}), with the
+    LoRA record and the run config in the header. dest: a .safetensors path, or a directory (lora_adapter.safetensors
+    in it). Returns the path written."""
+    src = resolve(checkpoint)
+    rc = run_config_for(src) if src.is_dir() else None
+    if not rc or "lora" not in rc:
+        raise ValueError(f"{src} is not a LoRA training checkpoint (no 'lora' in its config.json): --lora-only "
+                         "exports the adapter of a run with lora_rank > 0")
+    dest = Path(dest)
+    path = dest if dest.suffix == ".safetensors" else dest / "lora_adapter.safetensors"
+    adapter = cast(model.clean_state_dict(read_dcp(src, "ema")), torch.float32)
+    save_weights(prefixed(adapter), path, metadata=adapter_metadata(rc))
+    return path
+
+
+def adapter_metadata(run_config):
+    """The safetensors header entries that make {"net.<key>": trainable tensor} a loadable adapter (train.py's
+    consolidated LoRA files use it too): the LoRA record and the whole run config, as JSON strings."""
+    return {"nanocosmos_lora": json.dumps(run_config["lora"]), "nanocosmos_run": json.dumps(run_config)}
 
 
 # -----------------------------------------------------------------------------
@@ -576,6 +713,11 @@ def main(argv=None):
     e.add_argument("checkpoint", help="iter_XXXXXXXXX dir, or a dir holding [checkpoints/]latest_checkpoint.txt")
     e.add_argument("dest", help="output directory")
     e.add_argument("--safetensors", action="store_true", help="write .safetensors instead of .pt")
+    e.add_argument("--lora-only", action="store_true",
+                   help="LoRA run: write the adapter alone (DEST/lora_adapter.safetensors, or DEST if it ends in "
+                        ".safetensors) instead of merging it onto the base")
+    e.add_argument("--base", default=None, help="LoRA run: the base weights file, if it moved since training "
+                   "(its fingerprint must still match)")
     i = sub.add_parser("import", help="official Cosmos file -> nanocosmos file + config json")
     i.add_argument("file")
     i.add_argument("out", help="output .pt or .safetensors (config goes to <out>.json)")
@@ -600,7 +742,8 @@ def main(argv=None):
 
     command = args.pop("command")
     if command == "export":
-        export(args["checkpoint"], args["dest"], safetensors=args["safetensors"])
+        export(args["checkpoint"], args["dest"], safetensors=args["safetensors"], lora_only=args["lora_only"],
+               base=args["base"])
     elif command == "info":
         info(args["path"], ema=args["ema"])
     else:
