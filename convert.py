@@ -507,8 +507,12 @@ def lora_spec(p):
         return (run_config_for(p) or {}).get("lora")
     if p.suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(p, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
+                                     f"{FORMATS})") from None
         return json.loads(meta["nanocosmos_lora"]) if "nanocosmos_lora" in meta else None
     return None
 
@@ -518,12 +522,13 @@ def load_lora_base(lora, where, base=None):
     file at another path (it moved)."""
     path = Path(base or lora["base"])
     if not path.exists():
-        raise FileNotFoundError(f"{where}: its LoRA base {path} does not exist (the adapter holds only the factors; "
-                                f"pass the base file: convert.py export --base PATH)")
+        raise MissingCheckpointError(where, f"its LoRA base {path} does not exist (the adapter holds only the "
+                                            f"factors; pass the base file: convert.py export --base PATH)")
     found = base_fingerprint(path)
     if found != lora["base_fingerprint"]:
-        raise ValueError(f"{where}: its LoRA base {path} is not the file it was trained on (fingerprint {found[:19]} "
-                         f"!= {lora['base_fingerprint'][:19]}): LoRA factors only fit their exact base weights")
+        raise CheckpointError(where, f"its LoRA base {path} is not the file it was trained on (fingerprint "
+                                     f"{found[:19]} != {lora['base_fingerprint'][:19]}): LoRA factors only fit their "
+                                     f"exact base weights")
     sd, _ = load_weights(path, ema=lora["base_ema"])
     return sd
 
