@@ -10,9 +10,10 @@
 # Arithmetic: 13 frames -> 4 latent frames; 256x320 -> 32x40 latents -> 16x20 = 320 patches per latent frame;
 #   4 views x 4 x 320 = 5,120 tokens per sample (joint self-attention over all views).
 #   batch 1 x 8 GPUs = 8 samples = 40,960 tokens per step.
-# Memory: 2.13B params (incl. the 103M text projection); fp32 weights + grads + AdamW (2x) + fp32 EMA = 20 bytes/param
-#   = 42.5 GB at most (frozen text weights need no grads or AdamW state), sharded by FSDP2
-#   over 8 GPUs = ~5.3 GB each, plus bf16 activations with per-block checkpointing (a few GB) and the bf16 VAE.
+# Plan (python train.py config/multiview_action.py --dry_run=True, 8 GPUs): 2.13B params, 1.85B trainable (the
+#   q/k side of cross-attention and the 103M text-projection weight get no gradient with the zero text: frozen);
+#   model state 4.85 GB per GPU with FSDP2 (fp32 weights 0.99 + grads 0.86 + AdamW 1.72 + EMA 0.99 + two gathered
+#   bf16 blocks 0.28), activations ~0.9 GB with per-block checkpointing (~9.3 GB without), the bf16 VAE 0.24 GB.
 out_dir = "checkpoints/posttraining/multiview_action/2b"
 data_root = "datasets/multiview_action"          # annotations/{train,val}/<name>.json + videos/cam0..cam3/<name>.mp4
 cameras = (0, 1, 2, 3)
