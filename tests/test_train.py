@@ -267,8 +267,9 @@ def test_frozen_set_is_exactly_the_zero_gradient_set(proj):
     net.requires_grad_(True)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 12, 8, 4, 6, generator=g)
-    loss, _, _ = train.diffusion_loss(net, x0, torch.randn(2, 12, 7, generator=g), 2, c, g)
-    loss.backward()
+    with torch.enable_grad():                            # (sample.main switches autograd off for the process)
+        loss, _, _ = train.diffusion_loss(net, x0, torch.randn(2, 12, 7, generator=g), 2, c, g)
+        loss.backward()
     zero = {n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()}
     assert zero == train.zero_gradient_params(net, text=False)
     assert ("crossattn_proj.0.weight" in zero) == bool(proj) and "crossattn_proj.0.bias" not in zero
