@@ -54,6 +54,7 @@ sample_interval = 0            # >0: write a rollout mp4 of a val episode every 
 # data
 data_root = "datasets/synthetic"
 synth_data_root = "datasets/synthetic"  # generated as the synthetic world when missing; any other missing root is an error
+synth_if_missing = True        # False: never generate (real-data presets say so); a missing data_root is an error
 synth_episodes = 48
 skip_bad = False               # skip (and count) unreadable episodes instead of stopping
 cameras = (0, 1)
@@ -459,7 +460,7 @@ def make_datasets(c, env):
     import data
     root = c["data_root"]
     if not os.path.exists(root):
-        if os.path.normpath(root) != os.path.normpath(c["synth_data_root"]):
+        if not c["synth_if_missing"] or os.path.normpath(root) != os.path.normpath(c["synth_data_root"]):
             near = nearest_folder(root)
             raise RunError(root, "data_root not found" + (f" (did you mean {near}?)" if near else ""))
         if env.master:

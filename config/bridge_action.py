@@ -10,6 +10,7 @@
 #   4 x 1,200 = 4,800 tokens per sample; batch 2 x 8 GPUs = 16 samples = 76,800 tokens per step.
 # Memory: 2.02B params x 20 bytes (fp32 weights, grads, AdamW, EMA) = 40 GB, /8 with FSDP2 = ~5 GB per GPU
 #   plus activations (checkpointed per block).
+synth_if_missing = False                          # a real dataset: missing is an error
 out_dir = "checkpoints/posttraining/bridge_action/2b"
 data_root = "datasets/bridge"
 train_split = "train"

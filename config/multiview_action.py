@@ -14,6 +14,7 @@
 #   q/k side of cross-attention and the 103M text-projection weight get no gradient with the zero text: frozen);
 #   model state 4.85 GB per GPU with FSDP2 (fp32 weights 0.99 + grads 0.86 + AdamW 1.72 + EMA 0.99 + two gathered
 #   bf16 blocks 0.28), activations ~0.9 GB with per-block checkpointing (~9.3 GB without), the bf16 VAE 0.24 GB.
+synth_if_missing = False                          # a real dataset: missing is an error
 out_dir = "checkpoints/posttraining/multiview_action/2b"
 data_root = "datasets/multiview_action"          # annotations/{train,val}/<name>.json + videos/cam0..cam3/<name>.mp4
 cameras = (0, 1, 2, 3)
