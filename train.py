@@ -3,21 +3,29 @@ Post-train a Cosmos-Predict2/2.5 DiT into a multi-view, action-conditioned robot
 
     python train.py                                            # tiny model, synthetic world, CPU, a few minutes
     python train.py config/multiview_action.py --batch_size=2  # a preset plus overrides
+    python train.py config/multiview_action.py --dry_run=True  # the plan (memory, FLOPs) without data or weights
     torchrun --nproc_per_node=8 train.py config/multiview_action.py
 
 Rectified flow as the released models were trained (shared/spec/dit.md 7): conditioned latent frames are
 fed clean, the network predicts the velocity eps - x0 of the rest at a logit-normal t, velocity MSE.
 Checkpoints: torch.distributed.checkpoint under out_dir/checkpoints/iter_XXXXXXXXX (atomic, resumable
 with any process count); `python convert.py` turns them into the official files.
+
+Layout: the config keys; setup (processes, tokenizer, model, optimizer, resume); the data; the objective;
+the loop (`main`); the periodic work (log, eval, save, sample: class Periodic); the plan (`memory_plan`).
+Known errors (configuration, data, checkpoints) end the run with one line `error: <file>: <problem>`.
 """
 
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,18 +42,21 @@ from model import DiT, DiTConfig
 out_dir = "out/synthetic"
 init_from = ""                 # "": from scratch | official .pt / safetensors / nanocosmos checkpoint to start from
 init_ema = True                # with init_from: take EMA weights (net_ema.) when the file has both
+init_strict = True             # with init_from: every weight but the grown heads must load (False: a partial load)
 resume = True                  # resume from out_dir/checkpoints/latest_checkpoint.txt when present
 save_interval = 200
 keep_last = 2                  # training checkpoints kept (consolidated model/*.pt files are all kept)
 save_consolidated = True       # also write checkpoints/model/iter_X.pt ({"net.<key>": fp32 EMA}, official format)
 log_interval = 25
 eval_interval = 200
-eval_batches = 4
+eval_batches = 4               # validation batches per evaluation, shared out over the processes
 sample_interval = 0            # >0: write a rollout mp4 of a val episode every N steps (sample.py)
 # data
 data_root = "datasets/synthetic"
-synth_if_missing = True        # data_root missing: generate the synthetic world there (False: it is an error)
+synth_data_root = "datasets/synthetic"  # generated as the synthetic world when missing; any other missing root is an error
+synth_if_missing = True        # False: never generate (real-data presets say so); a missing data_root is an error
 synth_episodes = 48
+skip_bad = False               # skip (and count) unreadable episodes instead of stopping
 cameras = (0, 1)
 num_frames = 13                # pixel frames per clip: 1 + 4k (13 -> 4 latent frames)
 frame_size = (64, 80)          # (H, W) every camera is resized to
@@ -54,9 +65,10 @@ start_stride = 1
 action_scale = 20.0
 gripper_scale = 1.0
 fps = 4                        # what the net is told (Cosmos uses 4 for Bridge) and the mp4 rate
-num_workers = 2
+num_workers = -1               # DataLoader workers; -1: from the cores this process may use (none for tiny CPU runs)
 train_split = "train"
 val_split = "val"
+text_embedding = ""            # "": all-zero text (action models) | a file convert.load_text_embedding reads
 # tokenizer
 tokenizer = "pixel"            # "pixel" (tiny CPU presets) | "wan2.1"
 tokenizer_path = ""            # wan2.1: path to tokenizer.pth (random weights if empty: benchmarks only)
@@ -71,21 +83,31 @@ action_dim = 7
 n_views_emb = 7                # 0: no view embedding (single-camera models)
 crossattn_proj_in_channels = 0 # 100352 for Predict2.5 checkpoints
 timestep_scale = 1.0           # 0.001 for Predict2.5 checkpoints
-rope_t_extrapolation_ratio = 1.0
+rope_h_extrapolation_ratio = 0.0   # 0: the preset's (Predict2 14B 2/2/0.833; Predict2.5 and 2B 3/3/1)
+rope_w_extrapolation_ratio = 0.0
+rope_t_extrapolation_ratio = 0.0
 rope_enable_fps_modulation = False
 # objective
 cond_latents = 1               # conditioned latent frames per view
 cond_t = -1.0                  # t of conditioned frames; <0: same t as the rest (Predict2.5 action); Predict2: 9.999e-5
 t_shift = 2.0                  # logit-normal shift: Predict2 sqrt(latent frames)=2, Predict2.5 5
+loss_mean = "noisy"            # "all": mean over all latent elements, zero error on conditioned frames (official)
+                               # | "noisy": mean over the non-conditioned elements only
+loss_scale = 1.0               # Predict2 10, Predict2.5 1 (the gradient clip acts on the scaled loss)
 # optimizer
 max_iters = 1200
 batch_size = 8                 # per process, per micro-step
 grad_accum = 1
 lr = 1e-3
-min_lr_ratio = 0.1             # linear/cosine decay to lr * min_lr_ratio at lr_decay_iters
+lr_schedule = "cosine"         # "constant" | "linear" | "cosine" (to lr * min_lr_ratio at lr_decay_iters)
+                               # | "lambda_linear" (Cosmos LambdaLinear: the lr_f_* and lr_cycle_iters keys)
+min_lr_ratio = 0.1
 lr_decay_iters = 0             # 0: max_iters
-lr_schedule = "cosine"         # "constant" | "linear" (Cosmos LambdaLinear) | "cosine"
 warmup_iters = 50
+lr_cycle_iters = 400000        # lambda_linear: warm-up f_start -> f_max, then linear to f_min at lr_cycle_iters
+lr_f_start = 1e-6
+lr_f_max = 0.99
+lr_f_min = 0.4
 betas = (0.9, 0.99)
 weight_decay = 0.01
 grad_clip = 1.0
@@ -96,11 +118,14 @@ device = "auto"                # "auto" | "cpu" | "cuda"
 dtype = "auto"                 # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bfloat16" | "float32"
 parallel = "ddp"               # "ddp" | "fsdp" (FSDP2, one shard per block)
 hsdp_replicas = 1              # fsdp: >1 = HSDP mesh (replicas x shards), e.g. nodes x 8
+cpu_threads = 0                # CPU intra-op threads; 0: the cores this process may use, less the loader workers
 compile = False
 activation_checkpointing = False
 seed = 0
 bench = False                  # time bench_steps steps on random inputs at the configured shapes, then exit
 bench_steps = 10
+dry_run = False                # build on the meta device, print the plan (memory, FLOPs), read nothing, exit
+plan_gpus = 8                  # dry run: processes to plan for (torchrun's WORLD_SIZE when launched by it)
 _CONFIG_KEYS = configurator.config_keys(globals())
 # -----------------------------------------------------------------------------
 
@@ -112,35 +137,113 @@ MODEL_PRESETS = {
 }
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
                    "B200": 2250e12, "GH200": 989e12}
+GROWN_HEADS = ("action_embedder_", "view_embeddings.")   # may be missing from init_from: they start as no-ops
+
+
+class RunError(Exception):
+    """A problem with a file or folder the run needs. str(e) is '<file>: <problem>'."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
 
 
 def model_config(c, latent_channels):
     arch = dict(MODEL_PRESETS[c["model_size"]])
-    for k in ("model_channels", "num_blocks", "num_heads"):
+    for k in ("model_channels", "num_blocks", "num_heads", "rope_h_extrapolation_ratio",
+              "rope_w_extrapolation_ratio", "rope_t_extrapolation_ratio"):
         if c[k]:
             arch[k] = c[k]
     return DiTConfig(**arch, in_channels=latent_channels, out_channels=latent_channels,
                      action_mode=c["action_mode"], action_dim=c["action_dim"], num_actions=c["num_frames"] - 1,
                      n_views_emb=c["n_views_emb"], crossattn_proj_in_channels=c["crossattn_proj_in_channels"],
-                     timestep_scale=c["timestep_scale"], rope_t_extrapolation_ratio=c["rope_t_extrapolation_ratio"],
-                     rope_enable_fps_modulation=c["rope_enable_fps_modulation"])
+                     timestep_scale=c["timestep_scale"], rope_enable_fps_modulation=c["rope_enable_fps_modulation"])
+
+
+def configure(argv):
+    """The config after files and overrides, checked before any work starts."""
+    c = configurator.configure(globals(), _CONFIG_KEYS, argv)
+    bad = lambda key, problem: configurator.ConfigError(f"--{key}={c[key]!r}: {problem}")  # noqa: E731
+    for k in ("batch_size", "grad_accum", "max_iters", "log_interval", "save_interval", "num_frames"):
+        if c[k] < 1:
+            raise bad(k, "must be positive")
+    choices = {"lr_schedule": ("constant", "linear", "cosine", "lambda_linear"), "loss_mean": ("all", "noisy"),
+               "parallel": ("ddp", "fsdp"), "model_size": tuple(MODEL_PRESETS), "dtype": ("auto", "bfloat16", "float32")}
+    for k, allowed in choices.items():
+        if c[k] not in allowed:
+            raise bad(k, f"must be one of {', '.join(allowed)}")
+    if c["lr_schedule"] == "lambda_linear" and c["lr_cycle_iters"] <= c["warmup_iters"]:
+        raise bad("lr_cycle_iters", f"must exceed warmup_iters ({c['warmup_iters']})")
+    if c["init_from"] and not c["dry_run"] and not os.path.exists(c["init_from"]):
+        raise RunError(c["init_from"], "init_from not found")
+    return c
 
 
 # -----------------------------------------------------------------------------
-# distributed setup
+# setup: processes, tokenizer
 
-def setup_distributed(device_opt):
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = device_opt == "cuda" or (device_opt == "auto" and torch.cuda.is_available())
+@dataclass
+class Env:
+    ddp: bool                  # launched by torchrun (DDP or FSDP)
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool                 # bf16 autocast (and FSDP bf16 compute weights); fp32 master weights either way
+    parallel: str              # c["parallel"]
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def fsdp(self):
+        return self.ddp and self.parallel == "fsdp"
+
+    def say(self, *a, **k):
+        if self.master:
+            print(*a, **k, flush=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+
+def setup(c):
+    """Processes, device, precision, seeds and CPU threads."""
+    ddp = int(os.environ.get("RANK", -1)) != -1 and not c["dry_run"]
+    use_cuda = c["device"] == "cuda" or (c["device"] == "auto" and torch.cuda.is_available())
+    rank, world, local = 0, 1, 0
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    else:
-        rank, world, local = 0, 1, 0
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    return ddp, rank, world, device
+    bf16 = c["dtype"] == "bfloat16" or (c["dtype"] == "auto" and device.type == "cuda")
+    torch.manual_seed(c["seed"] + rank)
+    np.random.seed(c["seed"] + rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    c["num_workers"], threads = cpu_budget(c, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    # single-process checkpoints are intended: torch's "distributed is disabled" notice is noise in the log
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    return Env(ddp, rank, world, device, bf16, c["parallel"])
+
+
+def cpu_budget(c, device, local_world):
+    """(loader workers, intra-op threads) from the cores this process may use (os.sched_getaffinity), so the
+    loader and the math never ask for more cores than there are. Tiny CPU models get one thread (their kernels
+    are dominated by thread synchronisation) and the other cores decode. Measured, default run, 100 steps, on
+    the shared 2-core machine under load ~7: 1 worker + 1 thread 29 s, 0 + 1 42 s, 2 + 2 (the old default) 355 s."""
+    cores = max(1, len(os.sched_getaffinity(0)) // local_world)
+    workers = c["num_workers"]
+    if device.type == "cuda":
+        workers = min(8, cores) if workers < 0 else workers
+        return workers, c["cpu_threads"] or max(1, cores - workers)
+    # tiny models' kernels are dominated by thread synchronisation: one thread is fastest, and never spins
+    threads = c["cpu_threads"] or (1 if c["model_size"] == "tiny" else max(1, cores - 1))
+    return (max(0, min(4, cores - threads)) if workers < 0 else workers), threads
 
 
 def barrier():
@@ -148,9 +251,248 @@ def barrier():
         dist.barrier()
 
 
+@dataclass
+class Shapes:
+    V: int        # cameras (views)
+    T: int        # pixel frames per clip
+    H: int
+    W: int
+    t: int        # latent frames per view
+    h: int
+    w: int
+
+    @property
+    def tokens(self):   # DiT tokens per sample: patch 2x2, temporal patch 1
+        return self.V * self.t * (self.h // 2) * (self.w // 2)
+
+
+def setup_tokenizer(c, env, meta=False):
+    """The frozen tokenizer (meta=True: its shapes only, no weights read) and the clip shapes it gives."""
+    import vae
+    dtype = torch.bfloat16 if env.bf16 and c["tokenizer"] != "pixel" else torch.float32   # the VAE runs in bf16
+    kw = {"spatial_factor": c["pixel_factor"]} if c["tokenizer"] == "pixel" else {}
+    if meta:
+        with torch.device("meta"):
+            tok = vae.PixelTokenizer(**kw) if c["tokenizer"] == "pixel" else vae.WanVAE()
+        tok = tok.to(dtype)
+    else:
+        tok = vae.load_tokenizer(c["tokenizer"], c["tokenizer_path"] or None, device=env.device, dtype=dtype, **kw)
+    H, W = c["frame_size"]
+    f = tok.spatial_factor
+    if H % (f * 2) or W % (f * 2):
+        raise configurator.ConfigError(f"--frame_size={H}x{W} must be a multiple of {f * 2} "
+                                       f"(tokenizer factor {f} x patch 2)")
+    T = c["num_frames"]
+    return tok, dtype, Shapes(len(c["cameras"]), T, H, W, vae.latent_frames(T, tok.temporal_factor), H // f, W // f)
+
+
 # -----------------------------------------------------------------------------
-# data order: a global stream of epoch permutations, so the position is just step * global_batch and a
-# resumed run (even with another process count, same global batch) sees exactly the samples it would have
+# setup: model, parallelism, optimizer
+
+def build_model(c, cfg, device, init=True, say=print):
+    """The DiT, built on the meta device first (no host-memory spike for big models), then (unless device is
+    meta) materialised on `device` and initialised from scratch or from c["init_from"]. Parameters that cannot
+    learn with the run's text context are frozen (zero_gradient_params)."""
+    with torch.device("meta"):
+        raw = DiT(cfg)
+    if str(device) != "meta":
+        raw.to_empty(device=device)
+        torch.manual_seed(c["seed"])
+        raw.init_weights()
+        if c["init_from"] and init:
+            load_init(raw, c, say)
+    raw.gradient_checkpointing = c["activation_checkpointing"]
+    for n, p in raw.named_parameters():
+        p.requires_grad_(n not in zero_gradient_params(raw, text=bool(c["text_embedding"])))
+    return raw
+
+
+def zero_gradient_params(raw, text):
+    """Names of the parameters whose gradient is exactly zero when the text context is all zeros (action
+    models; text=False). They stay out of the optimizer, so weight decay cannot erode a text path the model is
+    exported with. Without crossattn_proj the cross-attention sublayer adds exactly 0 and is skipped; with it
+    every context token equals GELU(bias), so the sublayer outputs output_proj(v_proj(GELU(bias))): the query
+    side (q/k and their norms) never reaches the loss and the projection weight multiplies zeros."""
+    if text:
+        return set()
+    names = set()
+    for n, _ in raw.named_parameters():
+        if raw.cfg.crossattn_proj_in_channels:
+            hit = n == "crossattn_proj.0.weight" or re.search(r"\.cross_attn\.(q_proj|k_proj|q_norm|k_norm)\.", n)
+        else:
+            hit = ".cross_attn." in n or ".adaln_modulation_cross_attn." in n
+        if hit:
+            names.add(n)
+    return names
+
+
+def load_init(raw, c, say):
+    """Load c["init_from"] into raw: only the grown heads (action MLPs, view-embedding columns) may be missing;
+    anything else is an error naming the keys and the likely fix, unless init_strict=False."""
+    import convert
+    path = c["init_from"]
+    sd, src = convert.load_weights(path, ema=c["init_ema"])
+    try:
+        missing, unexpected, regrown = model.load_into(raw, sd, strict=False, grow=True)
+    except ValueError as e:      # a shape mismatch: another model size or text width
+        raise RunError(path, f"{e} (check model_size and crossattn_proj_in_channels)") from None
+    grown = regrown + [k for k in missing if k.startswith(GROWN_HEADS)]
+    missing = [k for k in missing if not k.startswith(GROWN_HEADS)]
+    if missing or unexpected:
+        msg = (f"{len(missing)} model weights missing from the file ({', '.join(sorted(missing)[:4])}"
+               f"{' ...' if len(missing) > 4 else ''}), {len(unexpected)} unexpected "
+               f"({', '.join(sorted(unexpected)[:4])}{' ...' if len(unexpected) > 4 else ''})"
+               + init_hint(raw.state_dict().keys(), sd, missing, unexpected))
+        if c["init_strict"]:
+            raise RunError(path, msg + "; init_strict=False loads what matches")
+        say(f"warning: init_from {path}: partial load: {msg}")
+    say(f"init_from {path}: {len(sd) - len(unexpected)} tensors loaded"
+        + (f", grown as no-ops: {', '.join(sorted(grown))}" if grown else ""))
+    # settings no tensor shape reveals: a mismatch silently changes what the released weights compute
+    for k, v in ((src or {}).get("model") or {}).items():
+        if k.startswith("rope_") or k == "timestep_scale":
+            if v != getattr(raw.cfg, k):
+                say(f"  warning: {k} is {getattr(raw.cfg, k)} here but {v} in {path}'s config")
+
+
+def init_hint(model_keys, sd, missing, unexpected):
+    """The likeliest fix for a state dict that does not match the model."""
+    heads = {k.split(".", 1)[0] for k in unexpected if "." in k}
+    if len(heads) == 1 and unexpected:
+        prefix = heads.pop() + "."
+        if all(k.startswith(prefix) for k in sd) and any(k[len(prefix):] in model_keys for k in sd):
+            return f": keys start with {prefix!r}: strip that prefix"
+    if "crossattn_proj.0.weight" in unexpected:
+        return (f": the file has Predict2.5's text projection: set "
+                f"crossattn_proj_in_channels={sd['crossattn_proj.0.weight'].shape[1]}")
+    if any(k.startswith("crossattn_proj.") for k in missing):
+        return ": the file has no text projection (Predict2): set crossattn_proj_in_channels=0"
+    return ""
+
+
+def wrap_model(raw, c, env):
+    """DDP or FSDP2 (one shard group per block) around raw; raw itself outside torchrun."""
+    net = raw
+    if env.fsdp:
+        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+        from torch.distributed.device_mesh import init_device_mesh
+        r, world = c["hsdp_replicas"], env.world
+        mesh = (init_device_mesh(env.device.type, (r, world // r), mesh_dim_names=("replicate", "shard")) if r > 1
+                else init_device_mesh(env.device.type, (world,)))
+        # cast_forward_inputs=False: FSDP would round every float input of a block to bf16: the RoPE angles, the
+        # time embedding, the adaLN-LoRA term (and at the root the timesteps and actions), which the official code,
+        # DDP and sample.py keep in fp32. bf16 compute comes from autocast, as without FSDP.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if env.bf16 else None, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+        for i, block in enumerate(raw.blocks):
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(raw.blocks) - 1)
+        fully_shard(raw, mesh=mesh, mp_policy=mp)
+    elif env.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(raw, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return torch.compile(net) if c["compile"] else net
+
+
+def make_optimizer(raw, c, device):
+    """AdamW over the parameters that train (frozen ones get no state and no weight decay), its schedule, and
+    the fp32 EMA of every parameter (shaped and sharded like them)."""
+    trainable = [p for p in raw.parameters() if p.requires_grad]   # after FSDP: the DTensors
+    opt = torch.optim.AdamW(trainable, lr=c["lr"], betas=tuple(c["betas"]), weight_decay=c["weight_decay"],
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c))
+    ema_params = [p.detach().float().clone() for p in raw.parameters()] if c["ema"] else []
+    return trainable, opt, sched, ema_params
+
+
+def lr_factor(step, c):
+    if c["lr_schedule"] == "lambda_linear":
+        # Cosmos LambdaLinearScheduler, one cycle (cosmos-predict2.5 cosmos_predict2/_src/common/functional/
+        # lr_scheduler.py:157-178 at 50369b8): warm-up f_start -> f_max, then linear from f_max at warmup_iters
+        # to f_min at the cycle's end (held there after it)
+        warm, cycle, f0, f1, f2 = (c[k] for k in ("warmup_iters", "lr_cycle_iters", "lr_f_start", "lr_f_max", "lr_f_min"))
+        if step < warm:
+            return f0 + (f1 - f0) * step / warm
+        return f2 + (f1 - f2) * max(0, cycle - step) / (cycle - warm)
+    if step < c["warmup_iters"]:
+        return 1e-6 + (1 - 1e-6) * step / c["warmup_iters"]      # Cosmos warms up from 1e-6
+    if c["lr_schedule"] == "constant":
+        return 1.0
+    end = c.get("lr_decay_iters") or c["max_iters"]
+    frac = min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
+    lo = c["min_lr_ratio"]
+    if c["lr_schedule"] == "linear":
+        return 1 - (1 - lo) * frac
+    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def resume_state(path, raw, opt, sched, ema_params, c, env, G):
+    """(step, data position in steps of the current global batch G) from the checkpoint at path (or 0, 0)."""
+    if not path:
+        return 0, 0
+    step, saved_G = load_checkpoint(path, raw, opt, sched, ema_params, env.rank, env.world)
+    env.say(f"resumed from {path} at step {step}")
+    if sched.base_lrs[0] != c["lr"]:      # the config wins over the saved optimizer's lr
+        env.say(f"lr changed {sched.base_lrs[0]:g} -> {c['lr']:g}")
+        sched.base_lrs = [c["lr"]] * len(sched.base_lrs)
+        for group in opt.param_groups:
+            group["lr"] = c["lr"] * lr_factor(step, c)
+    if saved_G != G:
+        env.say(f"warning: global batch changed {saved_G} -> {G}: the data position is kept in samples, not steps")
+        return step, step * saved_G // G
+    return step, step
+
+
+def load_text(c, cfg, env):
+    """The run's text context [1,N,C] (None: all-zero text, the action models' case)."""
+    if not c["text_embedding"]:
+        return None
+    import convert
+    return convert.load_text_embedding(c["text_embedding"], cfg, env.device)
+
+
+# -----------------------------------------------------------------------------
+# data. Every dataset is made by make_datasets (readers and latent caches plug in there). The order is a global
+# stream of epoch permutations, so the position is just step * global_batch and a resumed run (even with
+# another process count, same global batch) sees exactly the samples it would have.
+
+def make_datasets(c, env):
+    """(train, val) datasets of c["data_root"]; the default synthetic root is generated when missing."""
+    import data
+    root = c["data_root"]
+    if not os.path.exists(root):
+        if not c["synth_if_missing"] or os.path.normpath(root) != os.path.normpath(c["synth_data_root"]):
+            near = nearest_folder(root)
+            raise RunError(root, "data_root not found" + (f" (did you mean {near}?)" if near else ""))
+        if env.master:
+            import synth
+            env.say(f"{root} not found: generating the synthetic world ({c['synth_episodes']} episodes, "
+                    f"{max(c['cameras']) + 1} cameras)")
+            synth.make_synthetic(root, episodes=c["synth_episodes"], cameras=max(c["cameras"]) + 1,
+                                 size=tuple(c["frame_size"]), seed=c["seed"])
+        barrier()
+    T = c["num_frames"]
+    kw = dict(num_frames=T, cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]), frame_stride=c["frame_stride"],
+              action_scale=c["action_scale"], gripper_scale=c["gripper_scale"], skip_bad=c["skip_bad"])
+    train_ds = data.RobotVideoDataset(root, c["train_split"], start_stride=c["start_stride"], **kw)
+    val_ds = data.RobotVideoDataset(root, c["val_split"], start_stride=max(1, T - 1), **kw)
+    skipped = sum(len(data.list_annotations(root, s)) - len(d.episodes)
+                  for s, d in ((c["train_split"], train_ds), (c["val_split"], val_ds)))
+    env.say(f"dataset {root}: {len(train_ds)} train clips, {len(val_ds)} val clips"
+            + (f" | skip_bad: {skipped} bad episodes skipped" if c["skip_bad"] else ""))
+    if len(train_ds) == 0:
+        raise data.DataError(root, f"no training clips of {T} frames ({c['train_split']})")
+    return train_ds, val_ds
+
+
+def nearest_folder(path):
+    import difflib
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    names = [d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))] if parent else []
+    close = difflib.get_close_matches(os.path.basename(os.path.normpath(path)), names, n=1, cutoff=0.6)
+    return os.path.join(parent, close[0]) if close else None
+
 
 class StepBatchSampler(torch.utils.data.Sampler):
     def __init__(self, n, batch, accum, rank, world, seed, start_step, shuffle=True):
@@ -183,6 +525,34 @@ def single_threaded_worker(_):
     torch.set_num_threads(1)
 
 
+def make_loader(train_ds, c, env, step_pos):
+    sampler = StepBatchSampler(len(train_ds), c["batch_size"], c["grad_accum"], env.rank, env.world, c["seed"], step_pos)
+    workers = c["num_workers"]
+    return torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
+                                       worker_init_fn=single_threaded_worker, prefetch_factor=4 if workers else None)
+
+
+def val_batches(val_ds, c, rank, world):
+    """This process's share of the fixed validation batches, as (global batch index, weight, batch). Batch i
+    goes to process i % world; every process gets the same number, so FSDP's collective forwards line up (a
+    process without a batch of its own repeats one with weight 0). Each clip comes with the actions of the clip
+    half the shuffled set away ("other_action"): the action gain compares them, whatever the batch size."""
+    B, n = c["batch_size"], len(val_ds)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(c["seed"])).tolist()
+    nb = min(c["eval_batches"], math.ceil(n / B))
+    for r in range(math.ceil(nb / world)):
+        i = r * world + rank
+        j = i if i < nb else 0
+        items = []
+        for pos in range(j * B, min(n, (j + 1) * B)):
+            item = val_ds[order[pos]]
+            e, s = (int(a[order[(pos + n // 2) % n]]) for a in (val_ds.window_episode, val_ds.window_start))
+            item["other_action"] = val_ds.episode_actions(e, s, val_ds.num_frames)
+            items.append(item)
+        yield i, float(i < nb), torch.utils.data.default_collate(items)
+
+
 # -----------------------------------------------------------------------------
 # objective
 
@@ -194,19 +564,23 @@ def encode_views(tok, video_B_V_3_T_H_W, dtype):
     return rearrange(lat, "(b v) c t h w -> b c (v t) h w", b=B, v=V).float()
 
 
-def diffusion_loss(net, x0, action, num_views, c, generator):
-    """Velocity MSE over the non-conditioned latent frames. Returns (loss, per-sample loss [B], t [B])."""
+def diffusion_loss(net, x0, action, num_views, c, generator, text_1_N_C=None):
+    """Velocity MSE, zero on the conditioned frames, times loss_scale; averaged over all latent elements
+    (loss_mean="all", the official normalisation) or over the non-conditioned ones ("noisy").
+    Returns (loss, per-sample loss [B], t [B])."""
     B, C, T, H, W = x0.shape
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     t = model.sample_t(B, c["t_shift"], generator=generator, device=x0.device)
     mask = model.condition_mask(B, num_views, T // num_views, H, W, c["cond_latents"], device=x0.device)
     x_t = model.noisy_latents(x0, eps, t.view(B, 1, 1, 1, 1))
     cond_t = None if c["cond_t"] < 0 else c["cond_t"]
-    v = model.predict_velocity(net, x_t, t, x0, mask, cond_t, action=action, num_views=num_views,
+    text = None if text_1_N_C is None else text_1_N_C.expand(B, -1, -1)
+    v = model.predict_velocity(net, x_t, t, x0, mask, cond_t, action=action, num_views=num_views, crossattn_emb=text,
                                fps=torch.full((B,), float(c["fps"]), device=x0.device))
     keep = 1 - mask
     err = (v.float() - model.velocity_target(x0, eps)).pow(2) * keep
-    per_sample = err.sum(dim=(1, 2, 3, 4)) / (keep.sum(dim=(1, 2, 3, 4)) * C)
+    n = C * T * H * W if c["loss_mean"] == "all" else keep.sum(dim=(1, 2, 3, 4)) * C
+    per_sample = c["loss_scale"] * err.sum(dim=(1, 2, 3, 4)) / n
     return per_sample.mean(), per_sample.detach(), t
 
 
@@ -235,6 +609,254 @@ def ema_update(ema_params, params, step, gamma):
 
 
 # -----------------------------------------------------------------------------
+# the loop
+
+def main(argv):
+    c = configure(argv)
+    env = setup(c)
+    if c["dry_run"]:
+        return plan_run(c, env)
+    tok, tok_dtype, shapes = setup_tokenizer(c, env)
+    cfg = model_config(c, tok.latent_channels)
+    ckpt_dir = prepare_out_dir(c, env)
+    resume_path = latest_checkpoint(ckpt_dir) if c["resume"] else None
+    raw = build_model(c, cfg, env.device, init=not resume_path, say=env.say)
+    net = wrap_model(raw, c, env)
+    trainable, opt, sched, ema_params = make_optimizer(raw, c, env.device)
+    G = c["batch_size"] * c["grad_accum"] * env.world
+    step, step_pos = resume_state(resume_path, raw, opt, sched, ema_params, c, env, G)
+    print_plan(c, raw, shapes, tok, env, env.world)
+    if c["bench"]:
+        return run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env)
+    train_ds, val_ds = make_datasets(c, env)
+    batches = iter(make_loader(train_ds, c, env, step_pos))
+    text = load_text(c, cfg, env)
+    periodic = Periodic(c, env, raw, net, opt, sched, ema_params, tok, tok_dtype, shapes, val_ds, text, G, step,
+                        resume_path)
+    gamma = power_ema_gamma(c["ema_sigma_rel"])
+
+    while step < c["max_iters"]:
+        raw.train()
+        for micro in range(c["grad_accum"]):
+            batch = next(batches)
+            video = batch["video"].to(env.device, non_blocking=True)
+            action = batch["action"].to(env.device, non_blocking=True) if cfg.action_mode != "none" else None
+            g = step_generator(env.device, c["seed"], step, micro * env.world + env.rank)  # the global slot
+            with gradient_sync(net, raw, env, micro == c["grad_accum"] - 1):
+                with torch.no_grad():
+                    x0 = encode_views(tok, video, tok_dtype)
+                with env.autocast():
+                    loss, per_sample, t = diffusion_loss(net, x0, action, shapes.V, c, g, text)
+                (loss / c["grad_accum"]).backward()
+            periodic.meter.add_micro(loss, per_sample, t, c["grad_accum"])
+        gn = torch.nn.utils.clip_grad_norm_(trainable, c["grad_clip"] if c["grad_clip"] > 0 else float("inf"))
+        periodic.meter.add_step(gn, loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema_params:
+            ema_update(ema_params, list(raw.parameters()), step, gamma)
+        step += 1
+        periodic(step)
+    periodic.finish()
+    if env.ddp:
+        dist.destroy_process_group()
+
+
+def gradient_sync(net, raw, env, sync):
+    """Gradient all-reduce only on the last micro-step of an accumulation."""
+    if env.fsdp:
+        raw.set_requires_gradient_sync(sync)
+    elif env.ddp and not sync:
+        return getattr(net, "_orig_mod", net).no_sync()    # (through torch.compile's wrapper)
+    return nullcontext()
+
+
+def prepare_out_dir(c, env):
+    """Check out_dir is writable before any work, and remove what a crashed save left (.tmp files and dirs)."""
+    ckpt_dir = os.path.join(c["out_dir"], "checkpoints")
+    if env.master:
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            probe = os.path.join(ckpt_dir, ".write_test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise RunError(c["out_dir"], f"out_dir is not writable ({e.strerror})") from None
+        for d in (ckpt_dir, os.path.join(ckpt_dir, "model")):
+            for name in os.listdir(d) if os.path.isdir(d) else []:
+                if name.endswith(".tmp"):
+                    p = os.path.join(d, name)
+                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+    barrier()
+    return ckpt_dir
+
+
+# -----------------------------------------------------------------------------
+# periodic work: log, eval, save, sample
+
+class Meter:
+    """Training statistics summed on the device between log lines (no host sync per step): loss, grad norm,
+    a non-finite flag, and the loss by t bucket."""
+    BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0001)
+
+    def __init__(self, device):
+        self.buckets = torch.tensor(self.BUCKETS, device=device)
+        self.stats = torch.zeros(3 + 2 * 4, device=device)
+
+    @torch.no_grad()
+    def add_micro(self, loss, per_sample, t, accum):
+        self.stats[0] += loss.detach() / accum
+        idx = torch.bucketize(t, self.buckets, right=True) - 1
+        self.stats[3:7].index_add_(0, idx, per_sample)
+        self.stats[7:11].index_add_(0, idx, torch.ones_like(per_sample))
+
+    @torch.no_grad()
+    def add_step(self, grad_norm, loss):
+        self.stats[1] += grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.stats[2] += (~torch.isfinite(loss.detach())).float()
+
+    def non_finite(self, env):
+        bad = self.stats[2].clone()
+        if env.ddp:
+            dist.all_reduce(bad)
+        return bad.item() > 0
+
+    def read(self, env):
+        """The summed statistics over all processes (a host sync), then reset."""
+        s = self.stats.clone()
+        if env.ddp:
+            dist.all_reduce(s)
+            s[:3] /= env.world
+        self.stats.zero_()
+        return s.tolist()
+
+
+class Periodic:
+    """Everything the loop does every N steps: log lines (log.jsonl), validation, checkpoints, sample videos,
+    and the closing summary."""
+
+    def __init__(self, c, env, raw, net, opt, sched, ema_params, tok, tok_dtype, shapes, val_ds, text, G, step,
+                 last_good):
+        self.c, self.env, self.raw, self.net, self.opt, self.sched, self.ema_params = c, env, raw, net, opt, sched, ema_params
+        self.tok, self.tok_dtype, self.shapes, self.val_ds, self.text, self.G = tok, tok_dtype, shapes, val_ds, text, G
+        self.meter = Meter(env.device)
+        self.log_path = os.path.join(c["out_dir"], "log.jsonl")
+        self.run_cfg = {"model": model.config_dict(raw.cfg), "train": c}
+        self.fl = flops_per_sample(raw.cfg, shapes.tokens)
+        self.peak = peak_flops(env.device)
+        self.t0, self.last_step, self.last_good = time.time(), step, last_good
+        from tqdm import tqdm
+        # a progress bar only on a terminal: in a log file one line per log interval is the progress
+        self.bar = tqdm(total=c["max_iters"], initial=step, dynamic_ncols=True, desc="train",
+                        disable=not (env.master and sys.stdout.isatty()))
+
+    def __call__(self, step):
+        c, env = self.c, self.env
+        self.bar.update(1)
+        last = step == c["max_iters"]
+        if step % c["log_interval"] == 0 or last:
+            self.log(step)
+        if c["eval_interval"] and (step % c["eval_interval"] == 0 or last) and len(self.val_ds):
+            ev = evaluate(self.net, self.raw, self.tok, self.tok_dtype, self.val_ds, c, self.shapes, env, self.text)
+            self.write(step, f"val loss {ev['val_loss']:.4f} | shuffled actions {ev['val_loss_shuffled']:.4f} | "
+                             f"action gain {ev['action_gain']:+.4f}", ev)
+        if step % c["save_interval"] == 0 or last:
+            if self.meter.non_finite(env):
+                raise FloatingPointError(f"non-finite loss before step {step}: not saving. "
+                                         f"Last good checkpoint: {self.last_good or 'none'} (left intact).")
+            self.last_good = save_checkpoint(c, self.run_cfg, self.raw, self.opt, self.sched, self.ema_params, step,
+                                             self.G, env.rank, env.world)
+            self.write(step, f"saved {self.last_good}")
+        # under FSDP the rollout's forwards are collective, so every rank runs it; rank 0 writes the mp4
+        if c["sample_interval"] and step % c["sample_interval"] == 0 and len(self.val_ds) and (env.master or env.fsdp):
+            write_sample_video(self.raw, self.tok, self.val_ds, c, step, env, self.text)
+
+    def write(self, step, text, record=None):
+        if self.env.master:
+            (print if self.bar.disable else self.bar.write)(f"step {step}: {text}")
+            sys.stdout.flush()
+            if record is not None:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps({"step": step, **record}) + "\n")
+
+    def log(self, step):
+        s, n, G = self.meter.read(self.env), step - self.last_step, self.G
+        if s[2] > 0:
+            raise FloatingPointError(f"non-finite loss between steps {self.last_step} and {step}: stopping. "
+                                     f"Last good checkpoint: {self.last_good or 'none'} (left intact).")
+        dt = time.time() - self.t0
+        b = Meter.BUCKETS
+        rec = {"loss": s[0] / n, "lr": self.sched.get_last_lr()[0], "grad_norm": s[1] / n,
+               "samples_per_s": n * G / dt, "tokens_per_s": n * G * self.shapes.tokens / dt,
+               "loss_t": {f"{b[i]:.2f}-{min(1, b[i + 1]):.2f}": (s[3 + i] / s[7 + i] if s[7 + i] else None)
+                          for i in range(4)}}
+        if self.peak:
+            rec["mfu"] = n * G * self.fl / dt / (self.env.world * self.peak)
+        if self.env.device.type == "cuda":
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2 ** 30
+        self.write(step, f"loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
+                         f"{rec['samples_per_s']:.1f} samples/s {rec['tokens_per_s']:.0f} tok/s"
+                         + (f" | MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else "")
+                         + (f" | mem {rec['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in rec else "")
+                         + " | loss by t " + " ".join(f"{v:.3f}" if v is not None else "-" for v in rec["loss_t"].values()),
+                   rec)
+        self.t0, self.last_step = time.time(), step
+
+    def finish(self):
+        self.bar.close()
+        if not self.env.master:
+            return
+        ckpt_dir = os.path.join(self.c["out_dir"], "checkpoints")
+        model_dir = os.path.join(ckpt_dir, "model")
+        print(f"done. log: {self.log_path} | checkpoints: {ckpt_dir} (latest: {self.last_good})"
+              + (f" | consolidated EMA weights: {model_dir}" if self.c["save_consolidated"] else ""))
+        weights = os.path.join(model_dir, os.path.basename(self.last_good) + ".pt")
+        print(f"next: python sample.py --dit_path {weights if os.path.exists(weights) else self.last_good}")
+
+
+@torch.no_grad()
+def evaluate(net, raw, tok, tok_dtype, val_ds, c, shapes, env, text=None):
+    """Val loss with the true actions and with another val clip's actions (fixed noise and t per batch).
+    Their difference, the action gain, says whether the model uses the actions. The batches are shared out
+    over the processes (val_batches)."""
+    raw.eval()
+    tot = torch.zeros(3, device=env.device)
+    for i, weight, batch in val_batches(val_ds, c, env.rank, env.world):
+        x0 = encode_views(tok, batch["video"].to(env.device), tok_dtype)
+        for j, key in enumerate(("action", "other_action")):
+            a = batch[key].to(env.device) if raw.cfg.action_mode != "none" else None
+            g = step_generator(env.device, c["seed"], 10 ** 9 + i)
+            with env.autocast():
+                loss, _, _ = diffusion_loss(net, x0, a, shapes.V, c, g, text)
+            tot[j] += weight * loss.float()
+        tot[2] += weight
+    if dist.is_initialized():
+        dist.all_reduce(tot)
+    raw.train()
+    n = max(1.0, tot[2].item())
+    out = {"val_loss": tot[0].item() / n, "val_loss_shuffled": tot[1].item() / n}
+    out["action_gain"] = out["val_loss_shuffled"] - out["val_loss"]
+    return out
+
+
+def write_sample_video(raw, tok, val_ds, c, step, env, text=None):
+    import sample
+    frames = val_ds.episode_frames(0)                                      # [V,3,N+1,H,W]
+    actions = torch.as_tensor(val_ds.episodes[0].actions)
+    with env.autocast():
+        video = sample.rollout(raw.eval(), tok, frames[:, :, 0][None].to(env.device), actions[None].to(env.device),
+                               num_frames=c["num_frames"], num_steps=20, seed=0,
+                               cond_t=None if c["cond_t"] < 0 else c["cond_t"], fps=c["fps"], crossattn_emb=text,
+                               progress=False)
+    raw.train()
+    if env.master:
+        path = os.path.join(c["out_dir"], "samples", f"iter_{step:09d}.mp4")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sample.save_video(path, video[0].cpu(), gt=frames[:, :, : video.shape[3]], fps=c["fps"])
+
+
+# -----------------------------------------------------------------------------
 # checkpoints
 
 def latest_checkpoint(ckpt_dir):
@@ -244,7 +866,7 @@ def latest_checkpoint(ckpt_dir):
     name = open(f).read().strip()
     path = os.path.join(ckpt_dir, name)
     if not os.path.isdir(path):
-        raise RuntimeError(f"{f} names {name}, which does not exist")
+        raise RunError(f, f"names {name}, which does not exist")
     return path
 
 
@@ -328,21 +950,7 @@ def load_checkpoint(path, raw, opt, sched, ema_params, rank, world):
 
 
 # -----------------------------------------------------------------------------
-
-def lr_factor(step, c):
-    if step < c["warmup_iters"]:
-        return 1e-6 + (1 - 1e-6) * step / c["warmup_iters"]      # Cosmos warms up from 1e-6
-    if c["lr_schedule"] == "constant":
-        return 1.0
-    end = c.get("lr_decay_iters") or c["max_iters"]
-    frac = min(1.0, (step - c["warmup_iters"]) / max(1, end - c["warmup_iters"]))
-    lo = c["min_lr_ratio"]
-    if c["lr_schedule"] == "linear":
-        return 1 - (1 - lo) * frac
-    if c["lr_schedule"] == "cosine":
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
-    raise ValueError(f"lr_schedule must be constant, linear or cosine, got {c['lr_schedule']!r}")
-
+# the plan: FLOPs and memory, printed at start-up and by --dry_run=True
 
 def flops_per_sample(cfg: DiTConfig, tokens):
     """Model FLOPs per training sample (forward + backward = 3x forward; recomputation from activation
@@ -361,354 +969,135 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def build_model(c, cfg, device, init=True, say=print):
-    """The DiT on `device`, built on the meta device first (no host-memory spike for big models), initialised
-    from scratch or from c["init_from"] (official or nanocosmos weights; new heads grown in as no-ops).
-    The text pathway is frozen: action models train with an all-zero text context, which gives those weights
-    exactly zero gradient (this keeps the released weights, and DDP/FSDP need no unused-parameter search)."""
-    with torch.device("meta"):
-        raw = DiT(cfg)
-    raw.to_empty(device=device)
-    torch.manual_seed(c["seed"])
-    raw.init_weights()
-    if c["init_from"] and init:
-        import convert
-        sd, src = convert.load_weights(c["init_from"], ema=c["init_ema"])
-        missing, unexpected, regrown = model.load_into(raw, sd, strict=False, grow=True)
-        say(f"init_from {c['init_from']}: {len(sd)} tensors")
-        # settings no tensor shape reveals: a mismatch silently changes what the released weights compute
-        src_model = (src or {}).get("model", {})
-        for k in ("rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio", "rope_t_extrapolation_ratio",
-                  "rope_enable_fps_modulation", "timestep_scale"):
-            if k in src_model and src_model[k] != getattr(cfg, k):
-                say(f"  warning: {k} is {getattr(cfg, k)} here but {src_model[k]} in {c['init_from']}'s config")
-        new = regrown + [k for k in missing if k.startswith(("action_", "view_"))]
-        for label, keys in (("grown (start as no-ops)", new),
-                            ("missing (left at init)", [k for k in missing if k not in new]),
-                            ("unexpected (ignored)", unexpected)):
-            if keys:
-                say(f"  {label}: {len(keys)}: {', '.join(sorted(keys)[:8])}{' ...' if len(keys) > 8 else ''}")
-    for n, p in raw.named_parameters():
-        if n.startswith("crossattn_proj") or ".cross_attn." in n or "adaln_modulation_cross_attn" in n:
-            # with crossattn_proj the zero context still reaches v_proj/output_proj/adaLN (a constant), so those train
-            if not cfg.crossattn_proj_in_channels or ".cross_attn.q" in n or ".cross_attn.k" in n:
-                p.requires_grad_(False)
-    return raw
+def memory_plan(cfg, n_params, n_trainable, tokens, batch_size, shards=1, ema_params=None, frozen_bytes=4,
+                act_bytes=2, fsdp=False):
+    """Bytes per GPU of the model state and an activation estimate. Trainable weights are fp32 masters with an
+    fp32 gradient and two fp32 AdamW moments; frozen weights take frozen_bytes each (4 here; 2 for a bf16
+    frozen base under LoRA) and nothing else; the EMA is fp32 (ema_params: how many it covers, default all).
+    FSDP shards all of it `shards` ways and adds the bf16 copies of the two blocks gathered at a time.
+    Activations: about 34 * D bytes per token per block in bf16 (Korthikanti et al. 2022, sbh*34 with an
+    attention kernel that stores no score matrix), scaled by act_bytes / 2; with per-block checkpointing only
+    each block's input (act_bytes * D per token) is kept, plus one block's worth during its recomputation."""
+    frozen = n_params - n_trainable
+    ema_n = n_params if ema_params is None else ema_params
+    plan = {"weights": (4 * n_trainable + frozen_bytes * frozen) / shards,
+            "grads": 4 * n_trainable / shards,
+            "optimizer": 8 * n_trainable / shards,
+            "ema": 4 * ema_n / shards,
+            "gathered": 2 * 2 * n_params / cfg.num_blocks if fsdp else 0}
+    plan["model_state"] = sum(plan.values())
+    block = 17 * act_bytes * cfg.model_channels * tokens * batch_size
+    plan["activations"] = cfg.num_blocks * block
+    plan["activations_checkpointed"] = cfg.num_blocks * act_bytes * cfg.model_channels * tokens * batch_size + block
+    return plan
 
 
-def main(argv):
-    c = configurator.configure(globals(), _CONFIG_KEYS, argv)
-    ddp, rank, world, device = setup_distributed(c["device"])
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    use_bf16 = c["dtype"] == "bfloat16" or (c["dtype"] == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    torch.manual_seed(c["seed"] + rank)
-    np.random.seed(c["seed"] + rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    import vae
-    from vae import latent_frames
-    tok_dtype = torch.bfloat16 if use_bf16 and c["tokenizer"] != "pixel" else torch.float32   # the VAE runs in bf16
-    tok = vae.load_tokenizer(c["tokenizer"], c["tokenizer_path"] or None, device=device, dtype=tok_dtype,
-                             **({"spatial_factor": c["pixel_factor"]} if c["tokenizer"] == "pixel" else {}))
-    V, T = len(c["cameras"]), c["num_frames"]
-    t_lat = latent_frames(T, tok.temporal_factor)
-    H, W = c["frame_size"]
-    if H % (tok.spatial_factor * 2) or W % (tok.spatial_factor * 2):
-        raise ValueError(f"frame_size {H}x{W} must be a multiple of {tok.spatial_factor * 2} "
-                         f"(tokenizer factor {tok.spatial_factor} x patch 2)")
-    h, w = H // tok.spatial_factor, W // tok.spatial_factor
-    cfg = model_config(c, tok.latent_channels)
-    if V > 1 and not cfg.n_views_emb:
-        say(f"warning: {V} cameras but no view embedding (n_views_emb=0): views differ only by their position in time")
-    run_cfg = {"model": model.config_dict(cfg), "train": c}
-
-    ckpt_dir = os.path.join(c["out_dir"], "checkpoints")
-    if master and os.path.isdir(ckpt_dir):   # a save that crashed leaves an .tmp dir: never a checkpoint
-        for d in os.listdir(ckpt_dir):
-            if d.endswith(".tmp"):
-                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    barrier()
-    resume_path = latest_checkpoint(ckpt_dir) if c["resume"] else None
-    raw = build_model(c, cfg, device, init=not resume_path, say=say)
-    raw.gradient_checkpointing = c["activation_checkpointing"]
-    trainable = [p for p in raw.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in trainable), raw.num_params()
-
-    # parallelism
-    net = raw
-    if ddp and c["parallel"] == "fsdp":
-        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-        from torch.distributed.device_mesh import init_device_mesh
-        r = c["hsdp_replicas"]
-        mesh = (init_device_mesh(device.type, (r, world // r), mesh_dim_names=("replicate", "shard")) if r > 1
-                else init_device_mesh(device.type, (world,)))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 else MixedPrecisionPolicy()
-        for i, block in enumerate(raw.blocks):
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(raw.blocks) - 1)
-        fully_shard(raw, mesh=mesh, mp_policy=mp)
-    elif ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(net) if c["compile"] else net
-
-    trainable = [p for p in raw.parameters() if p.requires_grad]   # (FSDP replaced them by DTensors)
-    opt = torch.optim.AdamW(trainable, lr=c["lr"], betas=tuple(c["betas"]), weight_decay=c["weight_decay"],
-                            fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c))
-    ema_params = [p.detach().float().clone() for p in raw.parameters()] if c["ema"] else []
-    gamma = power_ema_gamma(c["ema_sigma_rel"])
-
-    G = c["batch_size"] * c["grad_accum"] * world
-    step = 0
-    if resume_path:
-        step, saved_G = load_checkpoint(resume_path, raw, opt, sched, ema_params, rank, world)
-        say(f"resumed from {resume_path} at step {step}")
-        if sched.base_lrs[0] != c["lr"]:      # the config wins over the saved optimizer's lr
-            say(f"lr changed {sched.base_lrs[0]:g} -> {c['lr']:g}")
-            sched.base_lrs = [c["lr"]] * len(sched.base_lrs)
-            for group in opt.param_groups:
-                group["lr"] = c["lr"] * lr_factor(step, c)
-        if saved_G != G:
-            say(f"warning: global batch changed {saved_G} -> {G}: the data position is kept in samples, not steps")
-            step_pos = step * saved_G // G
-        else:
-            step_pos = step
-    else:
-        step_pos = 0
-
-    tokens = V * t_lat * (h // 2) * (w // 2)
-    fl = flops_per_sample(cfg, tokens)
-    say(f"nanocosmos train | world {world} x {device} | parallel {c['parallel'] if ddp else 'none'} | "
-        f"dtype {'bf16 autocast, fp32 master' if use_bf16 else 'fp32'}")
+def print_plan(c, raw, shapes, tok, env, world):
+    """The start-up summary: parallelism, parameters trainable/frozen, tokens, FLOPs, memory per GPU."""
+    cfg, say, G = raw.cfg, env.say, c["batch_size"] * c["grad_accum"] * world
+    frozen = [n for n, p in raw.named_parameters() if not p.requires_grad]
+    n_all = sum(p.numel() for p in raw.parameters())
+    n_train = n_all - sum(p.numel() for p in raw.parameters() if not p.requires_grad)
+    fsdp = c["parallel"] == "fsdp" and world > 1
+    bf16 = env.bf16 or (c["dry_run"] and c["dtype"] != "float32")
+    say(f"nanocosmos train | world {world} x {env.device.type} | parallel {c['parallel'] if world > 1 else 'none'} | "
+        f"dtype {'bf16 autocast, fp32 master' if bf16 else 'fp32'}")
     say(f"model {c['model_size']}: {n_all / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, "
         f"{(n_all - n_train) / 1e6:.2f}M frozen) | action {cfg.action_mode} ({cfg.action_in_features} in) | "
         f"view emb {cfg.n_views_emb} | activation ckpt {c['activation_checkpointing']} | compile {c['compile']}")
-    say(f"data: {V} views x {T} frames {H}x{W} -> latent {tok.latent_channels}x{t_lat}x{h}x{w} per view "
-        f"({c['tokenizer']} tokenizer) | {tokens} tokens/sample | batch {c['batch_size']} x accum {c['grad_accum']} "
-        f"x world {world} = {G} samples, {G * tokens} tokens/step | {fl / 1e9:.2f} GFLOP/sample")
-    shards = world if ddp and c["parallel"] == "fsdp" else 1
-    state_gb = (n_all * 4 * (2 if c["ema"] else 1) + n_train * 12) / shards / 2 ** 30   # fp32 weights+EMA, grads+AdamW
-    say(f"memory: {state_gb:.2f} GB of model state per process (fp32 weights{' + EMA' if c['ema'] else ''}, "
-        f"grads and AdamW of trainable weights{f', sharded {shards} ways' if shards > 1 else ''}) + activations"
-        + (f" | {torch.cuda.memory_allocated(device) / 2 ** 30:.2f} GB allocated now" if device.type == "cuda" else ""))
-    say(f"checkpoints -> {ckpt_dir} every {c['save_interval']} steps (keep {c['keep_last']})")
-
-    if c["bench"]:
-        return run_bench(c, fwd, raw, opt, tok, tok_dtype, device, autocast, V, T, H, W, fl, tokens, say, world)
-
-    import data
-    import synth
-    if not os.path.exists(c["data_root"]):
-        if not c["synth_if_missing"]:
-            raise FileNotFoundError(f"data_root {c['data_root']} does not exist (synth_if_missing=False)")
-        if master:
-            say(f"{c['data_root']} not found: generating the synthetic world ({c['synth_episodes']} episodes, "
-                f"{max(c['cameras']) + 1} cameras)")
-            synth.make_synthetic(c["data_root"], episodes=c["synth_episodes"], cameras=max(c["cameras"]) + 1,
-                                size=tuple(c["frame_size"]), seed=c["seed"])
-        barrier()
-    ds_kw = dict(num_frames=T, cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]), frame_stride=c["frame_stride"],
-                 action_scale=c["action_scale"], gripper_scale=c["gripper_scale"])
-    train_ds = data.RobotVideoDataset(c["data_root"], c["train_split"], start_stride=c["start_stride"], **ds_kw)
-    val_ds = data.RobotVideoDataset(c["data_root"], c["val_split"], start_stride=max(1, T - 1), **ds_kw)
-    say(f"dataset {c['data_root']}: {len(train_ds)} train clips, {len(val_ds)} val clips")
-    if len(train_ds) == 0:
-        raise RuntimeError(f"no training clips of {T} frames in {c['data_root']} ({c['train_split']})")
-    sampler = StepBatchSampler(len(train_ds), c["batch_size"], c["grad_accum"], rank, world, c["seed"], step_pos)
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=c["num_workers"],
-                                         pin_memory=device.type == "cuda", persistent_workers=c["num_workers"] > 0,
-                                         worker_init_fn=single_threaded_worker,
-                                         prefetch_factor=4 if c["num_workers"] > 0 else None)
-    batches = iter(loader)
-
-    log_path = os.path.join(c["out_dir"], "log.jsonl")
-    if master:
-        os.makedirs(c["out_dir"], exist_ok=True)
-    from tqdm import tqdm
-    bar = tqdm(total=c["max_iters"], initial=step, disable=not master, dynamic_ncols=True, desc="train")
-    peak = peak_flops(device)
-    buckets = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0001], device=device)
-    stats = torch.zeros(3 + 2 * 4, device=device)        # loss sum, grad-norm sum, non-finite flag, bucket sums/counts
-    t0, last_step = time.time(), step
-    last_good = resume_path
-    # a fixed shuffled order: the same val batches every time, and rolled actions come from unrelated clips
-    val_loader_fn = lambda: torch.utils.data.DataLoader(  # noqa: E731
-        val_ds, batch_size=c["batch_size"], shuffle=True, num_workers=0,
-        generator=torch.Generator().manual_seed(c["seed"]))
-
-    while step < c["max_iters"]:
-        raw.train()
-        for micro in range(c["grad_accum"]):
-            batch = next(batches)
-            video = batch["video"].to(device, non_blocking=True)
-            action = batch["action"].to(device, non_blocking=True) if cfg.action_mode != "none" else None
-            g = step_generator(device, c["seed"], step, micro * world + rank)   # the global slot, as the sampler
-            sync = micro == c["grad_accum"] - 1
-            ctx = net.no_sync() if (ddp and c["parallel"] == "ddp" and not sync) else nullcontext()
-            if ddp and c["parallel"] == "fsdp":
-                raw.set_requires_gradient_sync(sync)
-            with ctx:
-                with torch.no_grad():
-                    x0 = encode_views(tok, video, tok_dtype)
-                with autocast:
-                    loss, per_sample, t = diffusion_loss(fwd, x0, action, V, c, g)
-                (loss / c["grad_accum"]).backward()
-            with torch.no_grad():
-                stats[0] += loss.detach() / c["grad_accum"]
-                idx = torch.bucketize(t, buckets, right=True) - 1
-                stats[3:7].index_add_(0, idx, per_sample)
-                stats[7:11].index_add_(0, idx, torch.ones_like(per_sample))
-        gn = torch.nn.utils.clip_grad_norm_(trainable, c["grad_clip"] if c["grad_clip"] > 0 else float("inf"))
-        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-        stats[1] += gn
-        stats[2] += (~torch.isfinite(loss.detach())).float()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema_params:
-            ema_update(ema_params, list(raw.parameters()), step, gamma)
-        step += 1
-        bar.update(1)
-
-        if step % c["log_interval"] == 0 or step == c["max_iters"]:
-            s = stats.clone()
-            if ddp:
-                dist.all_reduce(s)
-                s[:3] /= world
-            s = s.tolist()
-            n = step - last_step
-            if s[2] > 0:
-                raise FloatingPointError(f"non-finite loss between steps {last_step} and {step}: stopping. "
-                                         f"Last good checkpoint: {last_good or 'none'} (left intact).")
-            dt = time.time() - t0
-            rec = {"step": step, "loss": s[0] / n, "lr": sched.get_last_lr()[0], "grad_norm": s[1] / n,
-                   "samples_per_s": n * G / dt, "tokens_per_s": n * G * tokens / dt,
-                   "loss_t": {f"{buckets[i]:.2f}-{min(1, buckets[i + 1].item()):.2f}": (s[3 + i] / s[7 + i] if s[7 + i] else None)
-                              for i in range(4)}}
-            if peak:
-                rec["mfu"] = n * G * fl / dt / (world * peak)
-            if device.type == "cuda":
-                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            if master:
-                bar.write(f"step {step}: loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | "
-                          f"{rec['samples_per_s']:.1f} samples/s {rec['tokens_per_s']:.0f} tok/s"
-                          + (f" | MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else "")
-                          + (f" | mem {rec['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in rec else "")
-                          + " | loss by t " + " ".join(f"{v:.3f}" if v is not None else "-" for v in rec["loss_t"].values()))
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            stats.zero_()
-            t0, last_step = time.time(), step
-
-        if c["eval_interval"] and (step % c["eval_interval"] == 0 or step == c["max_iters"]) and len(val_ds):
-            ev = evaluate(fwd, raw, tok, tok_dtype, val_loader_fn(), c, V, cfg, device, autocast, rank, world)
-            if master:
-                bar.write(f"step {step}: val loss {ev['val_loss']:.4f} | shuffled actions {ev['val_loss_shuffled']:.4f} | "
-                          f"action gain {ev['action_gain']:+.4f}")
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, **ev}) + "\n")
-        if step % c["save_interval"] == 0 or step == c["max_iters"]:
-            bad = stats[2].clone()
-            if ddp:
-                dist.all_reduce(bad)
-            if bad.item() > 0:
-                raise FloatingPointError(f"non-finite loss before step {step}: not saving. "
-                                         f"Last good checkpoint: {last_good or 'none'} (left intact).")
-            last_good = save_checkpoint(c, run_cfg, raw, opt, sched, ema_params, step, G, rank, world)
-            bar.write(f"saved {last_good}") if master else None
-        # under FSDP the rollout's forwards are collective, so every rank runs it; rank 0 writes the mp4
-        if c["sample_interval"] and step % c["sample_interval"] == 0 and len(val_ds) and (master or c["parallel"] == "fsdp" and ddp):
-            write_sample_video(raw, tok, val_ds, c, step, device, write=master)
-    bar.close()
-    if ddp:
-        dist.destroy_process_group()
+    if frozen:   # the same names in every block are listed once as blocks.*.
+        names = sorted({re.sub(r"^blocks\.\d+\.", "blocks.*.", n) for n in frozen})
+        say(f"frozen (zero gradient with the all-zero text): {len(frozen)} tensors: {', '.join(names)}")
+    fl = flops_per_sample(cfg, shapes.tokens)
+    say(f"data: {shapes.V} views x {shapes.T} frames {shapes.H}x{shapes.W} -> latent {tok.latent_channels}x{shapes.t}"
+        f"x{shapes.h}x{shapes.w} per view ({c['tokenizer']} tokenizer) | {shapes.tokens} tokens/sample | batch "
+        f"{c['batch_size']} x accum {c['grad_accum']} x world {world} = {G} samples, {G * shapes.tokens} tokens/step")
+    say(f"compute: {fl / 1e9:.4g} GFLOP/sample, {fl * G / 1e12:.4g} TFLOP/step (fwd + bwd, no recomputation)")
+    m = memory_plan(cfg, n_all, n_train, shapes.tokens, c["batch_size"], shards=world if fsdp else 1,
+                    ema_params=n_all if c["ema"] else 0, act_bytes=2 if bf16 else 4, fsdp=fsdp)
+    gb = lambda b: f"{b / 2 ** 30:.2f}"  # noqa: E731
+    say(f"memory per GPU: model state {gb(m['model_state'])} GB = weights {gb(m['weights'])} + grads {gb(m['grads'])}"
+        f" + AdamW {gb(m['optimizer'])} + EMA {gb(m['ema'])}"
+        + (f" + gathered bf16 blocks {gb(m['gathered'])}" if fsdp else "")
+        + (f" (sharded {world} ways)" if fsdp else " (replicated)")
+        + f" | activations ~{gb(m['activations'])} GB, ~{gb(m['activations_checkpointed'])} GB with checkpointing"
+        + (" (on)" if c["activation_checkpointing"] else " (off)"))
+    n_tok = sum(p.numel() for p in tok.parameters())
+    say(f"tokenizer {c['tokenizer']}: {n_tok / 1e6:.1f}M params, {gb(n_tok * (2 if bf16 and n_tok else 4))} GB, frozen"
+        + (f" | {torch.cuda.memory_allocated(env.device) / 2 ** 30:.2f} GB allocated now"
+           if env.device.type == "cuda" and not c["dry_run"] else ""))
 
 
-@torch.no_grad()
-def evaluate(fwd, raw, tok, tok_dtype, loader, c, V, cfg, device, autocast, rank, world):
-    """Val loss with the true actions and with actions rolled across the batch (fixed noise and t per batch).
-    Their difference, the action gain, says whether the model uses the actions."""
-    raw.eval()
-    tot = torch.zeros(3, device=device)
-    fsdp = dist.is_initialized() and c["parallel"] == "fsdp"
-    for i, batch in enumerate(loader):
-        if i >= c["eval_batches"]:
-            break
-        if i % world != rank and not fsdp:   # FSDP forwards are collective: there every rank runs every batch
-            continue
-        x0 = encode_views(tok, batch["video"].to(device), tok_dtype)
-        action = batch["action"].to(device)
-        for j, a in enumerate([action, action.roll(1, dims=0)]):
-            g = step_generator(device, c["seed"], 10 ** 9 + i)
-            with autocast:
-                loss, _, _ = diffusion_loss(fwd, x0, a if cfg.action_mode != "none" else None, V, c, g)
-            tot[j] += loss.float()
-        tot[2] += 1
-    if dist.is_initialized() and not fsdp:
-        dist.all_reduce(tot)
-    raw.train()
-    n = max(1.0, tot[2].item())
-    out = {"val_loss": tot[0].item() / n, "val_loss_shuffled": tot[1].item() / n}
-    out["action_gain"] = out["val_loss_shuffled"] - out["val_loss"]
-    return out
+def plan_run(c, env):
+    """The plan of the configured run, built on the meta device: no data, no weights, no GPU."""
+    tok, _, shapes = setup_tokenizer(c, env, meta=True)
+    raw = build_model(c, model_config(c, tok.latent_channels), "meta")
+    world = int(os.environ.get("WORLD_SIZE", 0)) or c["plan_gpus"]
+    print_plan(c, raw, shapes, tok, Env(False, 0, world, torch.device("cuda"), env.bf16, c["parallel"]), world)
+    env.say(f"dry run: planned for {world} GPU(s) (plan_gpus); nothing was read or trained")
+    return raw
 
 
-def write_sample_video(raw, tok, val_ds, c, step, device, write=True):
-    import sample
-    ep = 0
-    frames = val_ds.episode_frames(ep)                                      # [V,3,N+1,H,W]
-    actions = torch.as_tensor(val_ds.episodes[ep].actions)
-    video = sample.rollout(raw.eval(), tok, frames[:, :, 0][None].to(device), actions[None].to(device),
-                           num_frames=c["num_frames"], num_steps=20, seed=0,
-                           cond_t=None if c["cond_t"] < 0 else c["cond_t"], fps=c["fps"], progress=False)
-    raw.train()
-    if not write:
-        return
-    path = os.path.join(c["out_dir"], "samples", f"iter_{step:09d}.mp4")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    sample.save_video(path, video[0].cpu(), gt=frames[:, :, : video.shape[3]], fps=c["fps"])
+# -----------------------------------------------------------------------------
+# bench
 
-
-def run_bench(c, fwd, raw, opt, tok, tok_dtype, device, autocast, V, T, H, W, fl, tokens, say, world):
+def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
     """Training steps on random inputs at the configured shapes (tokenizer encode included)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    B = c["batch_size"]
-    video = torch.randint(0, 256, (B, V, 3, T, H, W), generator=g, device=device, dtype=torch.uint8)
-    action = torch.randn(B, T - 1, c["action_dim"], generator=g, device=device) if raw.cfg.action_mode != "none" else None
+    g = torch.Generator(device=env.device).manual_seed(0)
+    B, dev = c["batch_size"], env.device
+    video = torch.randint(0, 256, (B, shapes.V, 3, shapes.T, shapes.H, shapes.W), generator=g, device=dev,
+                          dtype=torch.uint8)
+    action = (torch.randn(B, shapes.T - 1, c["action_dim"], generator=g, device=dev)
+              if raw.cfg.action_mode != "none" else None)
     times = []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     for i in range(c["bench_steps"] + 2):
         sync()
         t0 = time.time()
         with torch.no_grad():
             x0 = encode_views(tok, video, tok_dtype)
-        with autocast:
-            loss, _, _ = diffusion_loss(fwd, x0, action, V, c, g)
+        with env.autocast():
+            loss, _, _ = diffusion_loss(net, x0, action, shapes.V, c, g)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.time() - t0)
     dt = sum(times[2:]) / len(times[2:])                 # the first two steps warm up (and compile)
-    res = {"steps_per_s": 1 / dt, "samples_per_s": B * world / dt, "tokens_per_s": B * world * tokens / dt,
+    res = {"steps_per_s": 1 / dt, "samples_per_s": B * env.world / dt, "tokens_per_s": B * env.world * shapes.tokens / dt,
            "step_s": dt}
-    peak = peak_flops(device)
+    peak = peak_flops(dev)
     if peak:
-        res["mfu"] = B * fl / dt / peak
-    if device.type == "cuda":
-        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        res["mfu"] = B * flops_per_sample(raw.cfg, shapes.tokens) / dt / peak
+    if dev.type == "cuda":
+        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
     else:
         import resource
         res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    say("bench: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()))
+    env.say("bench: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()))
     return res
 
 
+# -----------------------------------------------------------------------------
+
+def known_error(e):
+    """The one-line message of an error the user can fix, or None (unexpected: keep the traceback). A
+    DataLoader worker's DataError reaches here as a RuntimeError carrying the worker's traceback as text."""
+    import data
+    if isinstance(e, (configurator.ConfigError, data.DataError, RunError, FloatingPointError)):
+        return str(e)
+    m = re.search(r"\n\S*DataError: (.+)\s*$", str(e)) if "DataLoader worker" in str(e) else None
+    return m.group(1).strip() if m else None
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except Exception as e:   # noqa: BLE001 (re-raised unless known)
+        msg = known_error(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)

@@ -4,6 +4,7 @@
 # 4 views x 4 x 80 = 1,280 tokens per sample; batch 4 = 5,120 tokens per step. Memory: a few GB on CPU.
 out_dir = "out/small"
 data_root = "datasets/synthetic_small"
+synth_data_root = data_root                      # generated when missing
 model_size = "small"
 cameras = (0, 1, 2, 3)
 frame_size = (128, 160)

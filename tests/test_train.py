@@ -232,3 +232,216 @@ def test_step_sampler_is_a_global_stream():
     it, i0, i1 = iter(one), iter(r0), iter(r1)
     for _ in range(8):
         assert next(it) + next(it) == next(i0) + next(i1)
+
+
+# ---- validation, frozen weights, init, schedule, loss, presets, plan ---------------------------------------
+
+def test_batch_size_1_validation_sees_the_action_gain(dataset, tmp_path):
+    """Batch 1 (the main preset): the shuffled actions come from another val clip, not a roll of the batch.
+    Also: no progress bar when stdout is not a terminal, and the closing lines say where things are."""
+    out = tmp_path / "b1"
+    p = run([f"--data_root={dataset}", f"--out_dir={out}", "--batch_size=1", "--max_iters=2", "--eval_interval=2",
+             "--save_interval=2"])
+    ev = [json.loads(line) for line in open(out / "log.jsonl") if "val_loss" in line][-1]
+    assert ev["val_loss_shuffled"] != ev["val_loss"]
+    assert "it/s" not in p.stderr and "train:" not in p.stderr                    # no tqdm bar in a log file
+    assert f"log: {out / 'log.jsonl'}" in p.stdout
+    assert f"next: python sample.py --dit_path {out / 'checkpoints' / 'model' / 'iter_000000002.pt'}" in p.stdout
+    assert "distributed is disabled" not in p.stderr
+
+
+def tiny_config(**kw):
+    c = {k: getattr(train, k) for k in train._CONFIG_KEYS}
+    c.update(model_channels=32, num_blocks=2, num_heads=2)
+    c.update(kw)
+    return c
+
+
+@pytest.mark.parametrize("proj", [0, 16])
+def test_frozen_set_is_exactly_the_zero_gradient_set(proj):
+    """With the all-zero text, the parameters train.py freezes are exactly those whose gradient is zero."""
+    c = tiny_config(crossattn_proj_in_channels=proj)
+    net = train.build_model(c, train.model_config(c, 12), torch.device("cpu"), say=lambda *a: None)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    net.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 12, 8, 4, 6, generator=g)
+    with torch.enable_grad():                            # (sample.main switches autograd off for the process)
+        loss, _, _ = train.diffusion_loss(net, x0, torch.randn(2, 12, 7, generator=g), 2, c, g)
+        loss.backward()
+    zero = {n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()}
+    assert zero == train.zero_gradient_params(net, text=False)
+    assert ("crossattn_proj.0.weight" in zero) == bool(proj) and "crossattn_proj.0.bias" not in zero
+
+
+def test_frozen_weights_stay_bit_identical(dataset, tmp_path):
+    c = tiny_config(crossattn_proj_in_channels=16)
+    base = train.build_model(c, train.model_config(c, 12), torch.device("cpu"), say=lambda *a: None)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.1)
+    torch.save({"net." + k: v for k, v in base.state_dict().items()}, tmp_path / "init.pt")
+    out = tmp_path / "run"
+    p = run([f"--data_root={dataset}", f"--out_dir={out}", f"--init_from={tmp_path / 'init.pt'}", "--max_iters=3",
+             "--save_interval=3", "--crossattn_proj_in_channels=16", "--weight_decay=0.5"])
+    assert "frozen (zero gradient with the all-zero text): 9 tensors" in p.stdout and "crossattn_proj.0.weight" in p.stdout
+    state = load_state(ckpt(out, 3))
+    frozen = train.zero_gradient_params(base, text=False)
+    assert len(frozen) == 9
+    for n, v in base.state_dict().items():
+        same = torch.equal(state["model." + n], v)
+        assert same == (n in frozen), n                 # frozen: untouched by AdamW's decay; the rest trained
+
+
+def test_init_from_is_strict_and_says_why(dataset, tmp_path):
+    c = tiny_config()
+    sd = train.build_model(c, train.model_config(c, 12), torch.device("cpu"), say=lambda *a: None).state_dict()
+    torch.save({"weights." + k: v for k, v in sd.items()}, tmp_path / "prefixed.pt")
+    common = [f"--data_root={dataset}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--save_interval=1"]
+    p = run(common + [f"--init_from={tmp_path / 'prefixed.pt'}"], check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'prefixed.pt'}: ") and "keys start with 'weights.': strip that prefix" in line
+    # a Predict2.5 file (text projection) into a model built without crossattn_proj_in_channels
+    c25 = tiny_config(crossattn_proj_in_channels=16)
+    sd25 = train.build_model(c25, train.model_config(c25, 12), torch.device("cpu"), say=lambda *a: None).state_dict()
+    torch.save({"net." + k: v for k, v in sd25.items()}, tmp_path / "p25.pt")
+    p = run(common + [f"--init_from={tmp_path / 'p25.pt'}"], check=False)
+    assert p.returncode != 0 and "crossattn_proj_in_channels=16" in p.stderr and "Traceback" not in p.stderr
+    p = run(common + [f"--init_from={tmp_path / 'p25.pt'}", "--init_strict=False"])
+    assert "partial load" in p.stdout
+
+
+def test_lambda_linear_is_the_cosmos_schedule():
+    c = {"lr_schedule": "lambda_linear", "warmup_iters": 100, "lr_cycle_iters": 400000, "lr_f_start": 1e-6,
+         "lr_f_max": 0.99, "lr_f_min": 0.4, "max_iters": 20000}
+    assert train.lr_factor(0, c) == pytest.approx(1e-6)
+    assert train.lr_factor(50, c) == pytest.approx(1e-6 + (0.99 - 1e-6) / 2)
+    assert train.lr_factor(100, c) == pytest.approx(0.99)
+    assert train.lr_factor(20000, c) == pytest.approx(0.4 + 0.59 * 380000 / 399900)      # ~0.96, not 0.4
+    assert train.lr_factor(400000, c) == pytest.approx(0.4) and train.lr_factor(500000, c) == pytest.approx(0.4)
+
+
+def test_loss_normalisation_keys():
+    c = tiny_config(loss_mean="noisy", loss_scale=1.0)
+    net = train.build_model(c, train.model_config(c, 12), torch.device("cpu"), say=lambda *a: None)
+    x0 = torch.randn(2, 12, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+    a = torch.randn(2, 12, 7)
+    losses = {}
+    for mean, scale in (("noisy", 1.0), ("all", 1.0), ("all", 10.0)):
+        g = torch.Generator().manual_seed(1)
+        losses[mean, scale] = train.diffusion_loss(net, x0, a, 2, {**c, "loss_mean": mean, "loss_scale": scale}, g)[0]
+    # 2 views x 4 latent frames, 1 conditioned per view: "all" divides by 8 frames where "noisy" divides by 6
+    assert losses["all", 1.0].item() == pytest.approx(losses["noisy", 1.0].item() * 6 / 8, rel=1e-5)
+    assert losses["all", 10.0].item() == pytest.approx(10 * losses["all", 1.0].item(), rel=1e-5)
+
+
+def test_2B_and_14B_build_on_meta_with_rope_keys():
+    for size, ratios in (("2B", (3.0, 3.0, 1.0)), ("14B", (2.0, 2.0, 20 / 24))):
+        c = tiny_config(model_size=size, model_channels=0, num_blocks=0, num_heads=0)
+        net = train.build_model(c, train.model_config(c, 16), "meta")
+        assert (net.cfg.rope_h_extrapolation_ratio, net.cfg.rope_w_extrapolation_ratio,
+                net.cfg.rope_t_extrapolation_ratio) == pytest.approx(ratios)
+        assert net.num_params() > (14e9 if size == "14B" else 2e9)
+    c = tiny_config(model_size="14B", model_channels=0, num_blocks=0, num_heads=0, rope_h_extrapolation_ratio=3.0,
+                    rope_w_extrapolation_ratio=3.0, rope_t_extrapolation_ratio=1.0)      # Predict2.5 14B
+    cfg = train.model_config(c, 16)
+    assert (cfg.rope_h_extrapolation_ratio, cfg.rope_t_extrapolation_ratio) == (3.0, 1.0)
+
+
+@pytest.mark.parametrize("args", [[str(ROOT / "config" / "multiview_action.py")], ["--model_size=14B", "--parallel=fsdp"]])
+def test_dry_run_prints_the_plan_without_data_or_weights(args, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "train.py")] + args + ["--dry_run=True"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "memory per GPU: model state" in p.stdout and "TFLOP/step" in p.stdout and "tokens/step" in p.stdout
+    assert "sharded 8 ways" in p.stdout and "dry run" in p.stdout
+    assert not any(tmp_path.iterdir())                                  # nothing written, nothing generated
+
+
+def test_memory_plan_arithmetic():
+    cfg = model.DiTConfig(**model.PRESETS["2B"])
+    n = 2_000_000_000
+    m = train.memory_plan(cfg, n, n, tokens=1000, batch_size=1)
+    assert m["weights"] + m["grads"] + m["optimizer"] + m["ema"] == 20 * n           # fp32 + grad + 2 moments + EMA
+    lora = train.memory_plan(cfg, n, 10_000_000, tokens=1000, batch_size=1, shards=8, ema_params=10_000_000,
+                             frozen_bytes=2)                                        # LoRA: bf16 frozen base
+    assert lora["weights"] == (2 * (n - 10_000_000) + 4 * 10_000_000) / 8 and lora["optimizer"] == 8e7 / 8
+    assert m["activations_checkpointed"] < m["activations"]
+
+
+def test_joint_views_differ_from_per_view_forwards():
+    """A grown multi-view model at step 0 is the base model run jointly over the views: each view also attends
+    to the others, so it is not the base model's per-view prediction. Measured (2-core CPU; this tiny net,
+    every linear weight N(0, 1/fan_in) as at init, adaLN outputs included): 0.24 relative L2 (printed)."""
+    c = tiny_config(action_mode="none", n_views_emb=7)
+    net = train.build_model(c, train.model_config(c, 12), torch.device("cpu"), say=lambda *a: None)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if p.ndim == 2 and not n.startswith(("view_embeddings", "x_embedder")):
+                p.normal_(0, p.shape[1] ** -0.5, generator=g)
+        V, x = 2, torch.randn(1, 12, 8, 4, 6, generator=g)
+        t, mask = torch.tensor([0.5]), model.condition_mask(1, V, 4, 4, 6, 1)
+        joint = net(x, t, None, mask, num_views=V)
+        per_view = torch.cat([net(x[:, :, 4 * v:4 * v + 4], t, None, mask[:, :, 4 * v:4 * v + 4], num_views=1,
+                                  view_indices_B_T=torch.full((1, 4), v)) for v in range(V)], dim=2)
+    rel = ((joint - per_view).norm() / per_view.norm()).item()
+    print(f"joint vs per-view relative difference: {rel:.4f}")
+    assert 1e-3 < rel < 0.5
+
+
+def test_one_line_errors_before_work(dataset, tmp_path):
+    (tmp_path / "irasm").mkdir()
+    p = run([f"--out_dir={tmp_path / 'o'}", f"--data_root={tmp_path / 'irasm2'}"], check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and not (tmp_path / "irasm2").exists()
+    assert p.stderr.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'irasm2'}: data_root not found (did you mean {tmp_path / 'irasm'}?)"
+    for bad in ("--batch_size=0", "--grad_accum=-1", "--max_iters=0"):
+        p = run([f"--out_dir={tmp_path / 'o'}", f"--data_root={dataset}", bad], check=False)
+        assert p.returncode != 0 and bad.split("=")[0] in p.stderr and "Traceback" not in p.stderr
+        assert "tokens/step" not in p.stdout                           # refused before any work
+    (tmp_path / "file").write_text("")
+    p = run([f"--out_dir={tmp_path / 'file' / 'out'}", f"--data_root={dataset}"], check=False)
+    assert p.returncode != 0 and "out_dir is not writable" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_episodes_and_save_leftovers(dataset, tmp_path):
+    """A bad annotation: one error line; skip_bad=True skips and counts it. A killed save's model/*.pt.tmp is
+    cleaned at start-up."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    ann = sorted((root / "annotations").rglob("*.json"))
+    ann[0].write_text("{not json")
+    common = [f"--data_root={root}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--save_interval=1"]
+    p = run(common, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith(
+        f"error: {ann[0]}")
+    (tmp_path / "o" / "checkpoints" / "model").mkdir(parents=True)
+    (tmp_path / "o" / "checkpoints" / "model" / "iter_000000009.pt.tmp").write_text("")
+    p = run(common + ["--skip_bad=True"])
+    assert "skip_bad: 1 bad episodes skipped" in p.stdout
+    assert not (tmp_path / "o" / "checkpoints" / "model" / "iter_000000009.pt.tmp").exists()
+
+
+class BrokenClips(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise data.DataError("cam0/ep00001.mp4", "cannot decode frame 3")
+
+
+def test_dataloader_worker_errors_are_unwrapped_to_one_line():
+    loader = torch.utils.data.DataLoader(BrokenClips(), num_workers=1)
+    with pytest.raises(Exception) as e:
+        next(iter(loader))
+    assert "Traceback" in str(e.value)                                 # what torch hands over: the worker's text
+    assert train.known_error(e.value) == "cam0/ep00001.mp4: cannot decode frame 3"
+    assert train.known_error(KeyError("x")) is None                    # unexpected errors keep their traceback
+
+
+def test_no_config_key_is_shadowed_by_a_function():
+    assert all(not callable(getattr(train, k)) for k in train._CONFIG_KEYS)
