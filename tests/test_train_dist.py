@@ -82,12 +82,13 @@ def check_val_sharding(out):
     import torch.distributed as dist
     import data
     import model
+    import synth
     import train
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     root = Path(out).parent / "data"
     if rank == 0:
-        data.make_synthetic(str(root), episodes=4, cameras=2, frames=13, size=(32, 48), seed=0, val_episodes=3)
+        synth.make_synthetic(str(root), episodes=4, cameras=2, frames=13, size=(32, 48), seed=0, val_episodes=3)
     dist.barrier()
     c = {k: getattr(train, k) for k in train._CONFIG_KEYS}
     c.update(model_channels=32, num_blocks=2, num_heads=2, batch_size=1, eval_batches=3, frame_size=(32, 48))
