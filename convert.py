@@ -186,8 +186,10 @@ def load_weights(path, ema=True):
         sd = model.clean_state_dict(raw, ema=ema)
         source = f"{prefix}*" if prefix else "unprefixed keys"
     if not sd or "x_embedder.proj.1.weight" not in sd:
-        raise CheckpointError(p, f"no DiT weights found ({len(sd)} tensors, none is x_embedder.proj.1.weight; "
-                                 f"first keys: {list(sd)[:3]})")
+        hint = next((k[: -len("x_embedder.proj.1.weight")] for k in sd if k.endswith(".x_embedder.proj.1.weight")), "")
+        raise CheckpointError(p, f"no DiT weights found ({len(sd)} tensors, none is x_embedder.proj.1.weight"
+                                 + (f"): keys start with {hint!r}: strip that prefix" if hint else
+                                    f"; first keys: {list(sd)[:3]})"))
     print(f"convert: loaded {len(sd)} tensors from {p} ({source})")
     return sd, run_config_for(p)
 

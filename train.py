@@ -1085,8 +1085,9 @@ def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
 def known_error(e):
     """The one-line message of an error the user can fix, or None (unexpected: keep the traceback). A
     DataLoader worker's DataError reaches here as a RuntimeError carrying the worker's traceback as text."""
+    import convert
     import data
-    if isinstance(e, (configurator.ConfigError, data.DataError, RunError, FloatingPointError)):
+    if isinstance(e, (configurator.ConfigError, data.DataError, convert.CheckpointError, RunError, FloatingPointError)):
         return str(e)
     m = re.search(r"\n\S*DataError: (.+)\s*$", str(e)) if "DataLoader worker" in str(e) else None
     return m.group(1).strip() if m else None
