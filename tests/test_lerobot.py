@@ -300,9 +300,6 @@ def test_bench_counts_decoded_frames(folders):
     assert 5 <= figures["decoded_frames_per_clip"] <= 31 + GOP + 3   # the clip's span and at most one GOP before it
 
 
-@pytest.mark.skipif(not hasattr(__import__("train"), "action_type"),
-                    reason="train.py does not read LeRobot folders yet: the lead wires lerobot.LeRobotDataset into "
-                           "train.py and sample.py (train keys action_key, action_type, action_norm, state_key)")
 def test_tiny_training_and_eval_on_a_lerobot_folder(folders, tmp_path):
     """A few steps of a very small model on the v3.0 folder (3 cameras by name and index, the 10-D action at 10 fps),
     then sample.py --eval rolls out a LeRobot episode from the checkpoint."""
