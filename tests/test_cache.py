@@ -209,7 +209,8 @@ def test_train_with_a_cache_of_other_settings_is_one_line(train_world, tmp_path)
     p = subprocess.run([sys.executable, str(ROOT / "train.py"),
                         *run_args(train_world, tmp_path / "b", "pixel", "--max_iters=1", f"--latent_cache={cache}",
                                   "--start_stride=2")],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip() == (f"error: {cache / 'metadata.json'}: cache start_stride is 4 but this run has 2; "
                                 f"encode another cache (a new --out) or delete {cache}")

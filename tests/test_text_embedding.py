@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 import train
 from synth import make_synthetic
 
-PROJ_IN, TOKENS = 48, 2 * 512   # a tiny net's crossattn_proj input width (projected to 64); multi-view: 512 tokens per view
+PROJ_IN = 48            # a tiny net's crossattn_proj input width (it projects to crossattn_emb_channels = 64)
+TOKENS = 2 * 512        # multi-view nets take 512 text tokens per view
 
 
 def train_main(args):
@@ -41,7 +42,8 @@ def run(root, out, *extra):
 
 
 def embedding(path, seed):
-    save_file({"text_embedding": torch.randn(TOKENS, PROJ_IN, generator=torch.Generator().manual_seed(seed))}, str(path))
+    g = torch.Generator().manual_seed(seed)
+    save_file({"text_embedding": torch.randn(TOKENS, PROJ_IN, generator=g)}, str(path))
     return path
 
 
