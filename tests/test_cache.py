@@ -214,3 +214,26 @@ def test_train_with_a_cache_of_other_settings_is_one_line(train_world, tmp_path)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip() == (f"error: {cache / 'metadata.json'}: cache start_stride is 4 but this run has 2; "
                                 f"encode another cache (a new --out) or delete {cache}")
+
+
+def test_two_processes_build_the_cache_and_train_like_one(train_world, tmp_path):
+    """torchrun, 2 processes (gloo): every rank takes its share of the encode, waits at the barrier, then reads the
+    cache; the losses equal one process reading its own cache with the same global batch in the same slots
+    (2 processes x batch 1 = 1 process x batch 1 x accum 2)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    train_main(run_args(train_world, tmp_path / "one", "pixel", "--max_iters=4", "--batch_size=1", "--grad_accum=2",
+                        f"--latent_cache={tmp_path / 'c1'}"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(ROOT / "train.py"),
+                        *run_args(train_world, tmp_path / "two", "pixel", "--max_iters=4", "--batch_size=1",
+                                  f"--latent_cache={tmp_path / 'c2'}")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "world 2" in p.stdout and "training on LatentCacheDataset" in p.stdout
+    (one, _), (two, _) = losses(tmp_path / "one"), losses(tmp_path / "two")
+    torch.testing.assert_close(torch.tensor([two[s] for s in range(1, 5)]),
+                               torch.tensor([one[s] for s in range(1, 5)]), rtol=1e-5, atol=1e-6)
