@@ -72,7 +72,8 @@ fps = 4                        # what the net is told (Cosmos uses 4 for Bridge)
 num_workers = -1               # DataLoader workers; -1: from the cores this process may use (none for tiny CPU runs)
 train_split = "train"
 val_split = "val"
-latent_cache = ""              # a folder: train on tokenizer latents encoded once (built when missing; data.py encode)
+latent_cache = ""              # a folder: train on tokenizer latents encoded once, built here when missing (every
+                               # rank its share) or by `data.py encode` (--dtype bf16 to match a CUDA run's VAE)
 text_embedding = ""            # "": all-zero text (action models) | a file convert.load_text_embedding reads
 # tokenizer
 tokenizer = "pixel"            # "pixel" (tiny CPU presets) | "wan2.1"
