@@ -78,6 +78,10 @@ frame_stride = 0
 action_scale = 0.0
 gripper_scale = 0.0
 fps = 0                        # what the net is told; also the mp4 rate unless save_fps is set
+action_key = ""                # LeRobot folders: these four as in train.py ("": the run config's)
+action_type = ""
+action_norm = ""
+state_key = ""
 tokenizer = ""
 tokenizer_path = ""
 pixel_factor = 0
@@ -667,13 +671,15 @@ def settings(c, run, fam):
     t = (run or {}).get("train", {})
     fallback = dict(data_root="datasets/synthetic", split=t.get("val_split", "val"), cameras=(0,), num_frames=13,
                     frame_size=FAMILY[fam]["frame_size"], frame_stride=1, action_scale=20.0, gripper_scale=1.0,
-                    fps=4, tokenizer="wan2.1", tokenizer_path="", pixel_factor=8, cond_t=FAMILY[fam]["cond_t"])
+                    fps=4, tokenizer="wan2.1", tokenizer_path="", pixel_factor=8, cond_t=FAMILY[fam]["cond_t"],
+                    action_key="action", action_type="absolute", action_norm="mean_std", state_key="observation.state")
     s = {}
     for k, default in fallback.items():
         v = c[k]
         unset = v is None if k == "cond_t" else v in (None, "", 0, 0.0)   # cond_t 0 is a real value
         s[k] = t.get("val_split" if k == "split" else k, default) if unset else v
-    s["cameras"] = tuple(int(x) for x in (s["cameras"] if isinstance(s["cameras"], (list, tuple)) else [s["cameras"]]))
+    s["cameras"] = tuple(x if isinstance(x, str) and not x.isdigit() else int(x)   # LeRobot cameras may be names
+                         for x in (s["cameras"] if isinstance(s["cameras"], (list, tuple)) else [s["cameras"]]))
     s["frame_size"] = tuple(s["frame_size"])
     s["cond_t"] = None if s["cond_t"] is None or s["cond_t"] < 0 else float(s["cond_t"])
     s["sampler"] = c["sampler"] or ("unipc" if fam == "predict2.5" and s["cond_t"] is None else "ab2")
@@ -780,6 +786,9 @@ def file_jobs(c, save_path):
 
 def dataset(s, split):
     import data
+    if os.path.isfile(os.path.join(s["data_root"], "meta", "info.json")):   # a LeRobot folder
+        import lerobot
+        return lerobot.LeRobotDataset(s["data_root"], split, **lerobot.config_kwargs(s))
     return data.RobotVideoDataset(s["data_root"], split, num_frames=s["num_frames"], cameras=s["cameras"],
                                   size=s["frame_size"], frame_stride=s["frame_stride"], action_scale=s["action_scale"],
                                   gripper_scale=s["gripper_scale"])

@@ -64,10 +64,16 @@ frame_stride = 1
 start_stride = 1
 action_scale = 20.0
 gripper_scale = 1.0
+action_key = "action"          # LeRobot folders (data_root with meta/info.json): the action column
+action_type = "absolute"       # LeRobot: "absolute" | "delta" | "delta_state" (lerobot.py docstring)
+action_norm = "mean_std"       # LeRobot: "mean_std" | "min_max" | "none", with the dataset's meta/stats.json
+state_key = "observation.state"  # LeRobot: the state column for action_type="delta_state"
 fps = 4                        # what the net is told (Cosmos uses 4 for Bridge) and the mp4 rate
 num_workers = -1               # DataLoader workers; -1: from the cores this process may use (none for tiny CPU runs)
 train_split = "train"
 val_split = "val"
+latent_cache = ""              # a folder: train on tokenizer latents encoded once, built here when missing (every
+                               # rank its share) or by `data.py encode` (--dtype bf16 to match a CUDA run's VAE)
 text_embedding = ""            # "": all-zero text (action models) | a file convert.load_text_embedding reads
 # tokenizer
 tokenizer = "pixel"            # "pixel" (tiny CPU presets) | "wan2.1"
@@ -455,8 +461,11 @@ def load_text(c, cfg, env):
 # stream of epoch permutations, so the position is just step * global_batch and a resumed run (even with
 # another process count, same global batch) sees exactly the samples it would have.
 
-def make_datasets(c, env):
-    """(train, val) datasets of c["data_root"]; the default synthetic root is generated when missing."""
+def make_datasets(c, env, tok=None):
+    """(train, val) datasets of c["data_root"]: a Bridge/IRASim-layout folder (data.RobotVideoDataset) or a LeRobot
+    folder (one with meta/info.json: lerobot.LeRobotDataset); the default synthetic root is generated when missing.
+    With latent_cache the training set is the cache (built here when missing, tok: the run's tokenizer);
+    validation reads video either way (a few batches per evaluation)."""
     import data
     root = c["data_root"]
     if not os.path.exists(root):
@@ -471,17 +480,41 @@ def make_datasets(c, env):
                                  size=tuple(c["frame_size"]), seed=c["seed"])
         barrier()
     T = c["num_frames"]
-    kw = dict(num_frames=T, cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]), frame_stride=c["frame_stride"],
-              action_scale=c["action_scale"], gripper_scale=c["gripper_scale"], skip_bad=c["skip_bad"])
-    train_ds = data.RobotVideoDataset(root, c["train_split"], start_stride=c["start_stride"], **kw)
-    val_ds = data.RobotVideoDataset(root, c["val_split"], start_stride=max(1, T - 1), **kw)
-    skipped = sum(len(data.list_annotations(root, s)) - len(d.episodes)
-                  for s, d in ((c["train_split"], train_ds), (c["val_split"], val_ds)))
+    if os.path.isfile(os.path.join(root, "meta", "info.json")):   # a LeRobot folder
+        import lerobot
+        if c["latent_cache"]:
+            raise configurator.ConfigError(f"--latent_cache={c['latent_cache']!r}: latent caches are built from "
+                                           f"Bridge/IRASim-layout folders; {root} is a LeRobot folder")
+        make, kw = lerobot.LeRobotDataset, lerobot.config_kwargs(c)
+    else:
+        make = data.RobotVideoDataset
+        kw = dict(num_frames=T, cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]),
+                  frame_stride=c["frame_stride"], action_scale=c["action_scale"], gripper_scale=c["gripper_scale"],
+                  skip_bad=c["skip_bad"])
+    train_ds = make(root, c["train_split"], start_stride=c["start_stride"], **kw)
+    val_ds = make(root, c["val_split"], start_stride=max(1, T - 1), **kw)
+    skipped = (sum(len(data.list_annotations(root, s)) - len(d.episodes)
+                   for s, d in ((c["train_split"], train_ds), (c["val_split"], val_ds))) if c["skip_bad"] else 0)
     env.say(f"dataset {root}: {len(train_ds)} train clips, {len(val_ds)} val clips"
             + (f" | skip_bad: {skipped} bad episodes skipped" if c["skip_bad"] else ""))
     if len(train_ds) == 0:
         raise data.DataError(root, f"no training clips of {T} frames ({c['train_split']})")
+    if c["latent_cache"]:
+        train_ds = cached_training_set(train_ds, tok, c, env)
     return train_ds, val_ds
+
+
+def cached_training_set(train_ds, tok, c, env):
+    """The training windows as cached latents: every rank encodes its share of a missing cache (data.encode_dataset
+    resumes an interrupted one), then all read it. A cache of other settings is a DataError naming the field."""
+    import data
+    settings = data.cache_settings(train_ds, tok, c["tokenizer"])
+    data.encode_dataset(train_ds, tok, c["latent_cache"], settings, env.rank, env.world,
+                        workers=max(0, c["num_workers"]), log=env.say)
+    barrier()
+    cache = data.LatentCacheDataset(c["latent_cache"], expect=settings)
+    env.say(f"training on {cache!r}")
+    return cache
 
 
 def nearest_folder(path):
@@ -557,11 +590,21 @@ def val_batches(val_ds, c, rank, world):
 # objective
 
 def encode_views(tok, video_B_V_3_T_H_W, dtype):
-    """uint8 camera videos -> latents [B, C, V*t, h, w] (views concatenated along latent time, as (v t))."""
+    """uint8 camera videos -> latents [B, C, V*t, h, w] (views concatenated along latent time, as (v t)). All B*V
+    clips go through the tokenizer in as few calls as memory allows (vae.encode_batched)."""
+    import vae
     B, V = video_B_V_3_T_H_W.shape[:2]
-    x = video_B_V_3_T_H_W.to(dtype).div(127.5).sub(1.0)          # normalised on the device, not in the dataset
-    lat = tok.encode(rearrange(x, "b v c t h w -> (b v) c t h w"))
+    lat = vae.encode_batched(tok, video_B_V_3_T_H_W.flatten(0, 1), dtype=dtype)   # [-1, 1] on the device
     return rearrange(lat, "(b v) c t h w -> b c (v t) h w", b=B, v=V).float()
+
+
+def batch_latents(batch, tok, dtype, device):
+    """x0 [B, C, V*t, h, w] of a training batch: read from a latent cache ("latent" [B,V,C,t,h,w]) or encoded now."""
+    if "latent" in batch:
+        lat = batch["latent"].to(device, non_blocking=True)
+        return rearrange(lat, "b v c t h w -> b c (v t) h w").float()
+    with torch.no_grad():
+        return encode_views(tok, batch["video"].to(device, non_blocking=True), dtype)
 
 
 def diffusion_loss(net, x0, action, num_views, c, generator, text_1_N_C=None):
@@ -628,7 +671,7 @@ def main(argv):
     print_plan(c, raw, shapes, tok, env, env.world)
     if c["bench"]:
         return run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env)
-    train_ds, val_ds = make_datasets(c, env)
+    train_ds, val_ds = make_datasets(c, env, tok)
     batches = iter(make_loader(train_ds, c, env, step_pos))
     text = load_text(c, cfg, env)
     periodic = Periodic(c, env, raw, net, opt, sched, ema_params, tok, tok_dtype, shapes, val_ds, text, G, step,
@@ -639,12 +682,10 @@ def main(argv):
         raw.train()
         for micro in range(c["grad_accum"]):
             batch = next(batches)
-            video = batch["video"].to(env.device, non_blocking=True)
             action = batch["action"].to(env.device, non_blocking=True) if cfg.action_mode != "none" else None
             g = step_generator(env.device, c["seed"], step, micro * env.world + env.rank)  # the global slot
             with gradient_sync(net, raw, env, micro == c["grad_accum"] - 1):
-                with torch.no_grad():
-                    x0 = encode_views(tok, video, tok_dtype)
+                x0 = batch_latents(batch, tok, tok_dtype, env.device)
                 with env.autocast():
                     loss, per_sample, t = diffusion_loss(net, x0, action, shapes.V, c, g, text)
                 (loss / c["grad_accum"]).backward()

@@ -144,3 +144,98 @@ def test_encode_command_and_one_line_errors(world, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == (f"error: {tmp_path / 'c' / 'metadata.json'}: cache cameras is [0, 1] but this run "
                                 f"has [0]; encode another cache (a new --out) or delete {tmp_path / 'c'}")
+
+
+# -----------------------------------------------------------------------------
+# train.py --latent_cache: the same run as online encoding, resumable, and one-line errors
+
+def train_main(args):
+    """train.main in this process; configurator writes the overrides into train's globals, so they are put back
+    (and sample.main, run earlier in this process by other tests, turns autograd off process-wide)."""
+    import train
+    saved = {k: getattr(train, k) for k in train._CONFIG_KEYS}
+    try:
+        with torch.enable_grad():
+            return train.main(args)
+    finally:
+        for k, v in saved.items():
+            setattr(train, k, v)
+
+
+@pytest.fixture(scope="module")
+def train_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache_train") / "syn"
+    make_synthetic(str(root), episodes=5, cameras=2, frames=17, size=(16, 32), seed=0, val_episodes=1, workers=1)
+    return root
+
+
+def run_args(root, out, tokenizer, *extra):
+    """A very small DiT on 2 cameras x 5 frames of 16x32; wan2.1 with an empty tokenizer_path is the full Wan2.1
+    architecture with random weights (seeded by the run's seed, so every run has the same tokenizer)."""
+    return [f"--data_root={root}", f"--out_dir={out}", f"--tokenizer={tokenizer}", "--synth_if_missing=False",
+            "--model_size=tiny", "--model_channels=32", "--num_blocks=2", "--num_heads=2", "--num_frames=5",
+            "--frame_size=(16, 32)", "--start_stride=4", "--batch_size=2", "--num_workers=0", "--log_interval=1",
+            "--eval_interval=4", "--eval_batches=1", "--warmup_iters=1", "--lr_decay_iters=4", "--save_interval=2",
+            "--save_consolidated=False", *extra]
+
+
+def losses(out):
+    log = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+    return {r["step"]: r["loss"] for r in log if "loss" in r}, [r["val_loss"] for r in log if "val_loss" in r]
+
+
+@pytest.mark.parametrize("tokenizer", ["pixel", "wan2.1"])
+def test_training_from_the_cache_equals_online_encoding_and_resumes(train_world, tmp_path, tokenizer):
+    cache = tmp_path / "cache"
+    train_main(run_args(train_world, tmp_path / "online", tokenizer, "--max_iters=4"))
+    train_main(run_args(train_world, tmp_path / "cached", tokenizer, "--max_iters=4", f"--latent_cache={cache}"))
+    assert (cache / "metadata.json").exists()
+    (online, val_online), (cached, val_cached) = losses(tmp_path / "online"), losses(tmp_path / "cached")
+    assert sorted(cached) == [1, 2, 3, 4] and len(val_cached) == 1   # validation reads video in both runs
+    # pixel: the cache holds the very latents of online encoding; wan2.1: convolutions batched differently
+    tol = dict(rtol=0, atol=0) if tokenizer == "pixel" else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([cached[s] for s in range(1, 5)]),
+                               torch.tensor([online[s] for s in range(1, 5)]), **tol)
+    torch.testing.assert_close(torch.tensor(val_cached), torch.tensor(val_online), **tol)
+    # stopped at step 2 and resumed from the cache (now read, not built): the same steps 3 and 4
+    resumed = tmp_path / "resumed"
+    train_main(run_args(train_world, resumed, tokenizer, "--max_iters=2", f"--latent_cache={cache}"))
+    train_main(run_args(train_world, resumed, tokenizer, "--max_iters=4", f"--latent_cache={cache}"))
+    again, _ = losses(resumed)
+    assert [again[s] for s in (3, 4)] == [cached[s] for s in (3, 4)]
+
+
+def test_train_with_a_cache_of_other_settings_is_one_line(train_world, tmp_path):
+    cache = tmp_path / "cache"
+    train_main(run_args(train_world, tmp_path / "a", "pixel", "--max_iters=1", f"--latent_cache={cache}"))
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                        *run_args(train_world, tmp_path / "b", "pixel", "--max_iters=1", f"--latent_cache={cache}",
+                                  "--start_stride=2")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip() == (f"error: {cache / 'metadata.json'}: cache start_stride is 4 but this run has 2; "
+                                f"encode another cache (a new --out) or delete {cache}")
+
+
+def test_two_processes_build_the_cache_and_train_like_one(train_world, tmp_path):
+    """torchrun, 2 processes (gloo): every rank takes its share of the encode, waits at the barrier, then reads the
+    cache; the losses equal one process reading its own cache with the same global batch in the same slots
+    (2 processes x batch 1 = 1 process x batch 1 x accum 2)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    train_main(run_args(train_world, tmp_path / "one", "pixel", "--max_iters=4", "--batch_size=1", "--grad_accum=2",
+                        f"--latent_cache={tmp_path / 'c1'}"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(ROOT / "train.py"),
+                        *run_args(train_world, tmp_path / "two", "pixel", "--max_iters=4", "--batch_size=1",
+                                  f"--latent_cache={tmp_path / 'c2'}")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "world 2" in p.stdout and "training on LatentCacheDataset" in p.stdout
+    (one, _), (two, _) = losses(tmp_path / "one"), losses(tmp_path / "two")
+    torch.testing.assert_close(torch.tensor([two[s] for s in range(1, 5)]),
+                               torch.tensor([one[s] for s in range(1, 5)]), rtol=1e-5, atol=1e-6)
