@@ -92,6 +92,8 @@ eval_episodes = 0              # 0: every episode of the split
 eval_json = ""                 # "" -> output/eval.json
 disable_guardrail = False      # accepted for the official command line: nanocosmos has no guardrail
 device = "auto"                # "auto" | "cpu" | "cuda"
+bench = False                  # time two chunks on random frames and actions (no dataset); with --model_size:
+                               # a random-weight Predict2.5 multi-view action net of that size, 4 cameras
 _KEYS = configurator.config_keys(globals())
 _DEFAULTS = {k: globals()[k] for k in _KEYS}
 _FLAGS = [k for k in _KEYS if isinstance(_DEFAULTS[k], bool)]
@@ -680,14 +682,16 @@ def settings(c, run, fam):
     return s
 
 
-def load_tokenizer(s, dev):
+def load_tokenizer(s, dev, bench=False):
     import vae
     if s["tokenizer"] == "pixel":
         return vae.load_tokenizer("pixel", None, device=dev, spatial_factor=s["pixel_factor"])
     path = s["tokenizer_path"] or None
-    if path is None:
+    if path is None and bench:
+        print(f"bench: {s['tokenizer']} tokenizer with random weights")
+    elif path is None:
         raise ConfigError("the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
-    if not os.path.exists(path):
+    if path is not None and not os.path.exists(path):
         raise FileNotFoundError(2, "tokenizer weights not found (--tokenizer_path)", path)
     return vae.load_tokenizer(s["tokenizer"], path, device=dev)
 
@@ -828,13 +832,13 @@ def setup(c):
         print("--disable_guardrail: nanocosmos has no guardrail models, so there is nothing to disable")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    net, run = convert.load_dit(c["dit_path"], device=dev, ema=c["ema"])
+    net, run = bench_net(c, dev) if c["bench"] and c["model_size"] else convert.load_dit(c["dit_path"], dev, c["ema"])
     fam = convert.family(net.cfg)
     s = settings(c, run, fam)
-    if run is None:
+    if run is None and not c["bench"]:
         print(f"no run config beside the checkpoint: {fam} defaults assumed ({FAMILY[fam]['says']}; 13 frames, "
               f"4 fps, Wan2.1 tokenizer); command-line values win")
-    if c["model_size"] in model.PRESETS and net.cfg.model_channels != model.PRESETS[c["model_size"]]["model_channels"]:
+    if not c["bench"] and c["model_size"] in model.PRESETS and net.cfg.model_channels != model.PRESETS[c["model_size"]]["model_channels"]:
         print(f"--model_size {c['model_size']}: the checkpoint is a {net.cfg.model_channels}-channel, "
               f"{net.cfg.num_blocks}-block model; using it as it is")
     ctx, neg = (convert.load_text_embedding(c[k], net.cfg, dev) if c[k] else None
@@ -843,7 +847,7 @@ def setup(c):
         print("warning: no --text_embedding: this Predict2.5 net gets an all-zero text input (GELU(bias) tokens after "
               "crossattn_proj), while the release was trained on Reason1 embeddings of the empty caption and official "
               "inference embeds the prompt (or \"\") and the negative prompt (recipe: convert.load_text_embedding)")
-    tok = load_tokenizer(s, dev)
+    tok = load_tokenizer(s, dev, bench=c["bench"])
     shift = f" shift {c['shift']:g}" if s["sampler"] == "unipc" else ""
     if dtype == "bfloat16" and dev.type == "cuda":
         tok = tok.to(torch.bfloat16)
@@ -881,6 +885,48 @@ def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
         print(f"wrote {out} ({c['save_fps'] or s['fps']} fps) and {strip} (time steps {times})")
         outputs.append((out, video))
     return outputs
+
+
+def bench_net(c, dev):
+    """(a random-weight DiT, no run config): the Predict2.5 multi-view action net of --model_size, the shape
+    config/multiview_action.py trains (tests/test_bench.py holds the two equal)."""
+    if c["model_size"] not in model.PRESETS:
+        raise ConfigError(f"--bench --model_size must be one of {sorted(model.PRESETS)}, got {c['model_size']!r} "
+                          f"(or no --model_size: the checkpoint --dit_path)")
+    cfg = model.DiTConfig(**model.PRESETS[c["model_size"]], action_mode="per_frame", action_dim=7, num_actions=12,
+                          n_views_emb=7, crossattn_proj_in_channels=100352, timestep_scale=0.001)
+    with torch.device("meta"):
+        net = model.DiT(cfg)
+    net.to_empty(device=dev)
+    torch.manual_seed(c["seed"])
+    net.init_weights()
+    return net.eval(), None
+
+
+def bench(c):
+    """Seconds per chunk of a rollout on random first frames and actions (no dataset is read), at the net's
+    settings (setup); two chunks: the first includes warm-up (kernel selection, compile), the second is the
+    figure. Prints the timings and the peak CUDA memory; returns the per-chunk timing dicts of rollout."""
+    if c["model_size"]:
+        c = {**c, "cameras": c["cameras"] or (0, 1, 2, 3)}
+    net, s, tok, common = setup(c)
+    H, W = s["frame_size"]
+    V = len(s["cameras"])
+    g = torch.Generator().manual_seed(c["seed"])
+    frames = torch.randint(0, 256, (1, V, 3, H, W), generator=g, dtype=torch.uint8)
+    actions = torch.randn(1, 2 * (s["num_frames"] - 1), net.cfg.action_dim, generator=g) * 0.1
+    dev = next(net.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    timings = []
+    rollout(net, tok, frames, actions, timings=timings, progress=False, **common)
+    peak = f", peak CUDA memory {torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GB" if dev.type == "cuda" else ""
+    for r in timings:
+        print(f"bench chunk {r['chunk']}: {r['seconds']:.3f} s = encode {r['encode_seconds']:.3f} + sample "
+              f"{r['sample_seconds']:.3f} ({r['net_calls']} net calls) + decode {r['decode_seconds']:.3f}")
+    print(f"bench: {timings[-1]['seconds']:.3f} s per {V}-view chunk ({s['num_frames'] - 1} new frames at {H}x{W}, "
+          f"{common['sampler']} {common['num_steps']} steps, {'bf16' if common['amp'] else 'fp32'}){peak}")
+    return timings
 
 
 # -----------------------------------------------------------------------------
@@ -997,6 +1043,8 @@ def main(argv=None):
     if "-i" in argv or any(a.split("=")[0] == "--input-file" for a in argv):
         return official_run(argv)
     c = parse_args(argv)
+    if c["bench"]:
+        return bench(c)
     save_path = Path(c["save_path"])
     files = file_jobs(c, save_path) if c["input_path"] or c["annotation"] else None
     if not c["eval"]:
