@@ -838,7 +838,8 @@ def setup(c):
     if run is None and not c["bench"]:
         print(f"no run config beside the checkpoint: {fam} defaults assumed ({FAMILY[fam]['says']}; 13 frames, "
               f"4 fps, Wan2.1 tokenizer); command-line values win")
-    if not c["bench"] and c["model_size"] in model.PRESETS and net.cfg.model_channels != model.PRESETS[c["model_size"]]["model_channels"]:
+    preset = model.PRESETS.get(c["model_size"]) if not c["bench"] else None
+    if preset and net.cfg.model_channels != preset["model_channels"]:
         print(f"--model_size {c['model_size']}: the checkpoint is a {net.cfg.model_channels}-channel, "
               f"{net.cfg.num_blocks}-block model; using it as it is")
     ctx, neg = (convert.load_text_embedding(c[k], net.cfg, dev) if c[k] else None

@@ -1087,7 +1087,8 @@ def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
         res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     mode = "latents (encode skipped)" if c["bench_latents"] else f"video ({c['tokenizer']} encode included)"
     env.say(f"bench {c['model_size']}, {mode}, activation ckpt {c['activation_checkpointing']}, "
-            f"{c['bench_steps']} steps x {B * env.world} samples: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()))
+            f"{c['bench_steps']} steps x {B * env.world} samples: "
+            + " | ".join(f"{k} {v:.4g}" for k, v in res.items()))
     if env.ddp:
         dist.destroy_process_group()
     return res
