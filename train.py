@@ -1097,21 +1097,11 @@ def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
 # -----------------------------------------------------------------------------
 
 def known_error(e):
-    """The one-line message of an error the user can fix, or None (unexpected: keep the traceback). A
-    DataLoader worker's DataError reaches here as a RuntimeError carrying the worker's traceback as text."""
+    """The one-line message of an error the user can fix, or None (configurator.known_error with train's errors)."""
     import data
-    if isinstance(e, (configurator.ConfigError, data.DataError, RunError, FloatingPointError)):
-        return str(e)
-    m = re.search(r"\n\S*DataError: (.+)\s*$", str(e)) if "DataLoader worker" in str(e) else None
-    return m.group(1).strip() if m else None
+    return configurator.known_error(e, (data.DataError, RunError, FloatingPointError))
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except Exception as e:   # noqa: BLE001 (re-raised unless known)
-        msg = known_error(e)
-        if msg is None:
-            raise
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
+    import data
+    configurator.exit_on_known_errors(main, sys.argv[1:], (data.DataError, RunError, FloatingPointError))
