@@ -220,15 +220,10 @@ def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_fra
     if C3 != 3 or first_frames_B_V_3_H_W.dtype != torch.uint8:
         raise ValueError(f"first frames must be uint8 [B, V, 3, H, W], got {first_frames_B_V_3_H_W.dtype} "
                          f"{list(first_frames_B_V_3_H_W.shape)}")
-    check_actions(net, num_frames, tokenizer, actions_B_N_A.shape[2])
     s, p = tokenizer.spatial_factor, net.cfg.patch_spatial
     if H % (s * p) or W % (s * p):
         raise ConfigError(f"frame size {H}x{W} must be a multiple of {s * p} (tokenizer {s} x patch {p})")
-
-
-def check_actions(net, num_frames, tokenizer, A):
-    cfg = net.cfg
-    per_chunk = num_frames - 1
+    cfg, per_chunk, A = net.cfg, num_frames - 1, actions_B_N_A.shape[2]
     if cfg.action_mode == "global" and cfg.num_actions != per_chunk:
         raise ConfigError(f"the model takes {cfg.num_actions} actions per chunk but num_frames={num_frames} "
                           f"needs {per_chunk}")
@@ -750,9 +745,14 @@ def resolve(p, base):
     return p if p.exists() or p.is_absolute() else base / p
 
 
+def file_job(ann, video, out, data_root):
+    """A rollout job: (name, load(settings) -> (frames [V,3,T,H,W], actions [T-1,A]), save path)."""
+    return Path(ann).stem, lambda s: load_files_episode(ann, video, s, data_root), Path(out)
+
+
 def file_jobs(c, save_path):
-    """[(name, annotation, video or "", save path)] from --annotation (a JSON episode, a JSON list of episodes, or a
-    folder of episodes) and --input_path."""
+    """The jobs (file_job) of --annotation (a JSON episode, a JSON list of episodes, or a folder of episodes) and
+    --input_path."""
     if not c["annotation"]:
         raise ConfigError("--input_path needs --annotation (the episode's state and gripper, for the actions)")
     a = Path(c["annotation"])
@@ -769,7 +769,7 @@ def file_jobs(c, save_path):
         except json.JSONDecodeError as e:
             raise ConfigError(f"{a}: not valid JSON ({e.msg} at line {e.lineno})") from e
         if not isinstance(d, list):
-            return [(a.stem, a, c["input_path"], save_path)]
+            return [file_job(a, c["input_path"], save_path, c["data_root"])]
         entries, base = d, a.parent
     jobs = []
     for e in entries:   # batch: each entry is an annotation path or {"annotation", "input_path", "save_path"}
@@ -778,7 +778,8 @@ def file_jobs(c, save_path):
             raise ConfigError(f"{a}: each entry must be an annotation path or a dict with 'annotation', got {e!r}")
         ann = resolve(e["annotation"], base)
         out = e.get("save_path") or save_path.with_name(f"{save_path.stem}_{ann.stem}{save_path.suffix}")
-        jobs.append((ann.stem, ann, str(resolve(e["input_path"], base)) if e.get("input_path") else "", Path(out)))
+        video = str(resolve(e["input_path"], base)) if e.get("input_path") else ""
+        jobs.append(file_job(ann, video, out, c["data_root"]))
     return jobs
 
 
@@ -865,10 +866,10 @@ def setup(c):
 
 
 def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
-    """Roll out and write each (name, load() -> (frames [V,3,T,H,W], actions [T-1,A]), output path)."""
+    """Roll out and write each job (file_job)."""
     outputs = []
     for name, load, out in jobs:
-        frames, actions = load()
+        frames, actions = load(s)
         frames, actions = frames[:, :, start_frame:], actions[start_frame:][:c["max_actions"] or None]
         timings = []
         t0 = time.perf_counter()
@@ -1003,9 +1004,8 @@ def official_run(argv):
              seed=sfi, num_frames=int(p["chunk_size"]) + 1, max_actions=int(p["chunk_size"]) if single else 0)
     if str(p["resolution"]).lower() != "none":
         c["frame_size"] = tuple(int(x) for x in str(p["resolution"]).split(","))
-    defaults = OFFICIAL_FIELDS
     unhonoured = [f"{k}={p[k]!r}" for k in ("action_load_fn", "use_quat", "state_key", "gripper_key",
-                                            "num_latent_conditional_frames") if p[k] != defaults[k]]
+                                            "num_latent_conditional_frames") if p[k] != OFFICIAL_FIELDS[k]]
     if p["reverse"]:
         unhonoured.append("reverse=true (unused by the official loader too)")
     if p["seed"]:
@@ -1026,12 +1026,10 @@ def official_run(argv):
     outs = [save_root / f"{a.stem}_{'single_' if single else ''}chunk.mp4" for a in anns]
     check_outputs([Path(flags["output"], "nanocosmos_settings.json")] + outs, overwrite=True)
     net, s, tok, common = setup(c)
-    jobs = []
-    for a, o in zip(anns, outs):
+    for o in outs:
         if o.exists() and not c["overwrite"]:
             print(f"{o}: exists, skipped (as official; --overwrite replaces it)")
-        else:
-            jobs.append((a.stem, lambda a=a: load_files_episode(a, "", s, c["data_root"]), o))
+    jobs = [file_job(a, "", o, c["data_root"]) for a, o in zip(anns, outs) if c["overwrite"] or not o.exists()]
     Path(flags["output"], "nanocosmos_settings.json").write_text(json.dumps(
         dict(params=str(flags["input"]), checkpoint=flags["checkpoint"], not_honoured=unhonoured,
              settings={**s, "num_steps": c["num_steps"], "shift": c["shift"], "guidance": c["guidance"]}), indent=1))
@@ -1047,9 +1045,9 @@ def main(argv=None):
     if c["bench"]:
         return bench(c)
     save_path = Path(c["save_path"])
-    files = file_jobs(c, save_path) if c["input_path"] or c["annotation"] else None
+    jobs = file_jobs(c, save_path) if c["input_path"] or c["annotation"] else None
     if not c["eval"]:
-        check_outputs([out for *_, out in files] if files else [save_path], c["overwrite"])
+        check_outputs([out for *_, out in jobs] if jobs else [save_path], c["overwrite"])
     net, s, tok, common = setup(c)
     if c["eval"]:
         ds = dataset(s, c["split"] or s["split"])
@@ -1063,13 +1061,10 @@ def main(argv=None):
         path.write_text(json.dumps(report, indent=1))
         print(f"wrote {path}")
         return report
-    if files:
-        jobs = [(name, lambda a=ann, v=vid: load_files_episode(a, v, s, c["data_root"]), out)
-                for name, ann, vid, out in files]
-    else:
+    if not jobs:
         ds = dataset(s, c["split"] or s["split"])
         i = episode_index(ds, c["episode"])
-        jobs = [(ds.episodes[i].name, lambda: (ds.episode_frames(i), ds.episode_actions(i)), save_path)]
+        jobs = [(ds.episodes[i].name, lambda s: (ds.episode_frames(i), ds.episode_actions(i)), save_path)]
     return run_jobs(jobs, net, tok, common, c, s)
 
 

@@ -42,8 +42,9 @@ def test_train_bench_latents_skip_the_encode(train_globals, tmp_path, monkeypatc
     res = {}
     for mode in (False, True):
         encodes.clear()
-        res[mode] = train.main([str(ROOT / "config" / "tiny_cpu.py"), "--bench=True", f"--bench_latents={mode}",
-                                "--bench_steps=1", "--batch_size=2", f"--out_dir={tmp_path / 'out'}"])
+        with torch.enable_grad():   # sample.main, run earlier in this process, turns gradients off
+            res[mode] = train.main([str(ROOT / "config" / "tiny_cpu.py"), "--bench=True", f"--bench_latents={mode}",
+                                    "--bench_steps=1", "--batch_size=2", f"--out_dir={tmp_path / 'out'}"])
         assert len(encodes) == (0 if mode else 3)           # 2 warm-up steps + 1 timed
     assert shapes[False] == shapes[True] == {((2, 12, 2 * 4, 8, 10), torch.float32)}   # 2 views x 4 latent frames
     for r in res.values():
