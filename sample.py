@@ -11,6 +11,7 @@ video, or evaluate it.
         --num_conditional_frames 1 --save_path output/multiview_action_result.mp4
     python sample.py -i inference_params.json -o OUT --checkpoint-path model_ema_bf16.pt [--experiment NAME]
                                                        # the Cosmos-Predict2.5 action guide's command (official_run)
+    python sample.py --bench --model_size 2B           # seconds per 4-view chunk, random weights, no dataset
 
 Given the first frame of every camera and the episode's actions, the model predicts 12 frames at a time
 (13-frame models: 1 conditioning frame + 12 new ones); each chunk starts from the last frame it generated.
@@ -21,7 +22,7 @@ UniPC loop to the official one (tests/fixtures/sampler_*). The rectified-flow ma
 Precision: on CUDA the DiT runs under bf16 autocast and the tokenizer in bf16, TF32 on (--dtype float32 for full
 precision); on CPU float32. Known errors print one line `error: <file>: <problem>` and exit 1.
 Options are --key=value or --key value (configurator.py); a bare --eval / --compare / --disable_guardrail /
---overwrite / --compile means True.
+--overwrite / --compile / --bench means True.
 """
 
 import json
