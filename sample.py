@@ -50,7 +50,8 @@ from vae import latent_frames
 # default config. Empty / None / 0 = take it from the checkpoint's run config (what train.py was told).
 # what to load
 dit_path = "out/synthetic/checkpoints"  # training checkpoint dir (latest), iter_* dir, consolidated .pt / .safetensors
-model_size = ""                # accepted for the official command line; the checkpoint decides the size
+model_size = ""                # --bench: a random net of this size; else accepted for the official command line
+                               # (the checkpoint decides the size)
 ema = True                     # EMA weights when the checkpoint has both
 # what to roll out: a dataset episode (default) or files
 data_root = ""                 # "" -> run config data_root (train.py's default: datasets/synthetic)
@@ -746,6 +747,13 @@ def resolve(p, base):
     return p if p.exists() or p.is_absolute() else base / p
 
 
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def file_job(ann, video, out, data_root):
     """A rollout job: (name, load(settings) -> (frames [V,3,T,H,W], actions [T-1,A]), save path)."""
     return Path(ann).stem, lambda s: load_files_episode(ann, video, s, data_root), Path(out)
@@ -765,10 +773,7 @@ def file_jobs(c, save_path):
     elif not a.is_file():
         raise FileNotFoundError(f"{a}: annotation not found")
     else:
-        try:
-            d = json.loads(a.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{a}: not valid JSON ({e.msg} at line {e.lineno})") from e
+        d = read_json(a)
         if not isinstance(d, list):
             return [file_job(a, c["input_path"], save_path, c["data_root"])]
         entries, base = d, a.parent
@@ -840,10 +845,6 @@ def setup(c):
     if run is None and not c["bench"]:
         print(f"no run config beside the checkpoint: {fam} defaults assumed ({FAMILY[fam]['says']}; 13 frames, "
               f"4 fps, Wan2.1 tokenizer); command-line values win")
-    preset = model.PRESETS.get(c["model_size"]) if not c["bench"] else None
-    if preset and net.cfg.model_channels != preset["model_channels"]:
-        print(f"--model_size {c['model_size']}: the checkpoint is a {net.cfg.model_channels}-channel, "
-              f"{net.cfg.num_blocks}-block model; using it as it is")
     ctx, neg = (convert.load_text_embedding(c[k], net.cfg, dev) if c[k] else None
                 for k in ("text_embedding", "negative_text_embedding"))
     if fam == "predict2.5" and ctx is None:
@@ -967,10 +968,7 @@ def official_params(argv):
         if need not in flags:
             raise ConfigError(f"the official command needs {flag} (nanocosmos downloads no released checkpoint)")
     path = Path(flags["input"])
-    try:
-        p = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    p = read_json(path)
     unknown = sorted(set(p) - set(OFFICIAL_FIELDS)) if isinstance(p, dict) else None
     if unknown is None or unknown or p.get("input_root") is None or p.get("input_json_sub_folder") is None:
         raise ConfigError(f"{path}: an inference_params.json object needs input_root and input_json_sub_folder"
