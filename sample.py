@@ -847,7 +847,7 @@ def setup(c):
               f"4 fps, Wan2.1 tokenizer); command-line values win")
     ctx, neg = (convert.load_text_embedding(c[k], net.cfg, dev) if c[k] else None
                 for k in ("text_embedding", "negative_text_embedding"))
-    if fam == "predict2.5" and ctx is None:
+    if fam == "predict2.5" and ctx is None and not c["bench"]:
         print("warning: no --text_embedding: this Predict2.5 net gets an all-zero text input (GELU(bias) tokens after "
               "crossattn_proj), while the release was trained on Reason1 embeddings of the empty caption and official "
               "inference embeds the prompt (or \"\") and the negative prompt (recipe: convert.load_text_embedding)")
