@@ -1035,9 +1035,9 @@ def official_run(argv):
     return run_jobs(jobs, net, tok, common, c, s, start_frame=sfi)
 
 
+@torch.no_grad()   # (not set_grad_enabled: a caller in the same process keeps its gradients)
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    torch.set_grad_enabled(False)
     if "-i" in argv or any(a.split("=")[0] == "--input-file" for a in argv):
         return official_run(argv)
     c = parse_args(argv)
