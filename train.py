@@ -1098,10 +1098,14 @@ def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
 
 def known_error(e):
     """The one-line message of an error the user can fix, or None (configurator.known_error with train's errors)."""
+    return configurator.known_error(e, known_errors())
+
+
+def known_errors():
+    import convert
     import data
-    return configurator.known_error(e, (data.DataError, RunError, FloatingPointError))
+    return data.DataError, convert.CheckpointError, RunError, FloatingPointError
 
 
 if __name__ == "__main__":
-    import data
-    configurator.exit_on_known_errors(main, sys.argv[1:], (data.DataError, RunError, FloatingPointError))
+    configurator.exit_on_known_errors(main, sys.argv[1:], known_errors())
