@@ -18,6 +18,8 @@ An unknown key is an error that lists the closest valid keys, so a typo never tr
 import ast
 import difflib
 import os
+import re
+import sys
 
 
 class ConfigError(ValueError):
@@ -95,3 +97,30 @@ def configure(g, keys, argv):
             raise ConfigError(f"unknown config key {key!r}.{_suggest(key, keys)}")
         g[key] = _parse(key, text, g[key])
     return {k: g[k] for k in keys}
+
+
+def known_error(e, known=()):
+    """The one-line message of an error the user can fix, or None (unexpected: keep the traceback). Known: a
+    ConfigError, a FileNotFoundError (its file named), an instance of a class in `known` (each script's error classes,
+    whose str is '<file>: <problem>'), or one of these raised in a DataLoader worker, which reaches the main process
+    as a RuntimeError carrying the worker's traceback as text."""
+    if isinstance(e, (ConfigError, *known)):
+        return str(e)
+    if isinstance(e, FileNotFoundError):
+        return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    names = "|".join(k.__name__ for k in (ConfigError, *known))
+    m = re.search(rf"\n\S*(?:{names}): (.+)\s*$", str(e)) if "DataLoader worker" in str(e) else None
+    return m.group(1).strip() if m else None
+
+
+def exit_on_known_errors(main, argv=None, known=()):
+    """Run a script's main(argv): a known error (known_error) prints one line 'error: <file>: <problem>' on stderr
+    and exits 1; anything unexpected keeps its traceback. The one handler of every script but data.py's commands
+    (data.py, a leaf below the scripts, catches its own DataError)."""
+    try:
+        return main(argv)
+    except Exception as e:   # noqa: BLE001 (re-raised unless known)
+        msg = known_error(e, known)
+        if msg is None:
+            raise
+        sys.exit(f"error: {msg}")

@@ -55,15 +55,11 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
 
 
 def exit_on_known_errors(main, argv=None):
-    """Run main(argv) for a script: a known error (config, data, checkpoint, shape, missing file) is printed as
-    one line 'error: <file>: <problem>' and exits 1; anything unexpected keeps its traceback."""
+    """configurator.exit_on_known_errors with the checkpoint and data errors known: a known error is printed as one
+    line 'error: <file>: <problem>' and exits 1; anything unexpected keeps its traceback."""
     import configurator
     import data
-    try:
-        return main(argv)
-    except (CheckpointError, configurator.ConfigError, data.DataError, FileNotFoundError) as e:
-        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-        sys.exit(f"error: {msg}")
+    return configurator.exit_on_known_errors(main, argv, (CheckpointError, data.DataError))
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ video, or evaluate it.
         --num_conditional_frames 1 --save_path output/multiview_action_result.mp4
     python sample.py -i inference_params.json -o OUT --checkpoint-path model_ema_bf16.pt [--experiment NAME]
                                                        # the Cosmos-Predict2.5 action guide's command (official_run)
+    python sample.py --bench --model_size 2B           # seconds per 4-view chunk, random weights, no dataset
 
 Given the first frame of every camera and the episode's actions, the model predicts 12 frames at a time
 (13-frame models: 1 conditioning frame + 12 new ones); each chunk starts from the last frame it generated.
@@ -21,7 +22,7 @@ UniPC loop to the official one (tests/fixtures/sampler_*). The rectified-flow ma
 Precision: on CUDA the DiT runs under bf16 autocast and the tokenizer in bf16, TF32 on (--dtype float32 for full
 precision); on CPU float32. Known errors print one line `error: <file>: <problem>` and exit 1.
 Options are --key=value or --key value (configurator.py); a bare --eval / --compare / --disable_guardrail /
---overwrite / --compile means True.
+--overwrite / --compile / --bench means True.
 """
 
 import json
@@ -49,7 +50,8 @@ from vae import latent_frames
 # default config. Empty / None / 0 = take it from the checkpoint's run config (what train.py was told).
 # what to load
 dit_path = "out/synthetic/checkpoints"  # training checkpoint dir (latest), iter_* dir, consolidated .pt / .safetensors
-model_size = ""                # accepted for the official command line; the checkpoint decides the size
+model_size = ""                # --bench: a random net of this size; else accepted for the official command line
+                               # (the checkpoint decides the size)
 ema = True                     # EMA weights when the checkpoint has both
 # what to roll out: a dataset episode (default) or files
 data_root = ""                 # "" -> run config data_root (train.py's default: datasets/synthetic)
@@ -96,6 +98,8 @@ eval_episodes = 0              # 0: every episode of the split
 eval_json = ""                 # "" -> output/eval.json
 disable_guardrail = False      # accepted for the official command line: nanocosmos has no guardrail
 device = "auto"                # "auto" | "cpu" | "cuda"
+bench = False                  # time two chunks on random frames and actions (no dataset); with --model_size:
+                               # a random-weight Predict2.5 multi-view action net of that size, 4 cameras
 _KEYS = configurator.config_keys(globals())
 _DEFAULTS = {k: globals()[k] for k in _KEYS}
 _FLAGS = [k for k in _KEYS if isinstance(_DEFAULTS[k], bool)]
@@ -222,15 +226,10 @@ def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_fra
     if C3 != 3 or first_frames_B_V_3_H_W.dtype != torch.uint8:
         raise ValueError(f"first frames must be uint8 [B, V, 3, H, W], got {first_frames_B_V_3_H_W.dtype} "
                          f"{list(first_frames_B_V_3_H_W.shape)}")
-    check_actions(net, num_frames, tokenizer, actions_B_N_A.shape[2])
     s, p = tokenizer.spatial_factor, net.cfg.patch_spatial
     if H % (s * p) or W % (s * p):
         raise ConfigError(f"frame size {H}x{W} must be a multiple of {s * p} (tokenizer {s} x patch {p})")
-
-
-def check_actions(net, num_frames, tokenizer, A):
-    cfg = net.cfg
-    per_chunk = num_frames - 1
+    cfg, per_chunk, A = net.cfg, num_frames - 1, actions_B_N_A.shape[2]
     if cfg.action_mode == "global" and cfg.num_actions != per_chunk:
         raise ConfigError(f"the model takes {cfg.num_actions} actions per chunk but num_frames={num_frames} "
                           f"needs {per_chunk}")
@@ -686,14 +685,16 @@ def settings(c, run, fam):
     return s
 
 
-def load_tokenizer(s, dev):
+def load_tokenizer(s, dev, bench=False):
     import vae
     if s["tokenizer"] == "pixel":
         return vae.load_tokenizer("pixel", None, device=dev, spatial_factor=s["pixel_factor"])
     path = s["tokenizer_path"] or None
-    if path is None:
+    if path is None and bench:
+        print(f"bench: {s['tokenizer']} tokenizer with random weights")
+    elif path is None:
         raise ConfigError("the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
-    if not os.path.exists(path):
+    if path is not None and not os.path.exists(path):
         raise FileNotFoundError(2, "tokenizer weights not found (--tokenizer_path)", path)
     return vae.load_tokenizer(s["tokenizer"], path, device=dev)
 
@@ -752,9 +753,21 @@ def resolve(p, base):
     return p if p.exists() or p.is_absolute() else base / p
 
 
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def file_job(ann, video, out, data_root):
+    """A rollout job: (name, load(settings) -> (frames [V,3,T,H,W], actions [T-1,A]), save path)."""
+    return Path(ann).stem, lambda s: load_files_episode(ann, video, s, data_root), Path(out)
+
+
 def file_jobs(c, save_path):
-    """[(name, annotation, video or "", save path)] from --annotation (a JSON episode, a JSON list of episodes, or a
-    folder of episodes) and --input_path."""
+    """The jobs (file_job) of --annotation (a JSON episode, a JSON list of episodes, or a folder of episodes) and
+    --input_path."""
     if not c["annotation"]:
         raise ConfigError("--input_path needs --annotation (the episode's state and gripper, for the actions)")
     a = Path(c["annotation"])
@@ -766,12 +779,9 @@ def file_jobs(c, save_path):
     elif not a.is_file():
         raise FileNotFoundError(f"{a}: annotation not found")
     else:
-        try:
-            d = json.loads(a.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{a}: not valid JSON ({e.msg} at line {e.lineno})") from e
+        d = read_json(a)
         if not isinstance(d, list):
-            return [(a.stem, a, c["input_path"], save_path)]
+            return [file_job(a, c["input_path"], save_path, c["data_root"])]
         entries, base = d, a.parent
     jobs = []
     for e in entries:   # batch: each entry is an annotation path or {"annotation", "input_path", "save_path"}
@@ -780,7 +790,8 @@ def file_jobs(c, save_path):
             raise ConfigError(f"{a}: each entry must be an annotation path or a dict with 'annotation', got {e!r}")
         ann = resolve(e["annotation"], base)
         out = e.get("save_path") or save_path.with_name(f"{save_path.stem}_{ann.stem}{save_path.suffix}")
-        jobs.append((ann.stem, ann, str(resolve(e["input_path"], base)) if e.get("input_path") else "", Path(out)))
+        video = str(resolve(e["input_path"], base)) if e.get("input_path") else ""
+        jobs.append(file_job(ann, video, out, c["data_root"]))
     return jobs
 
 
@@ -837,22 +848,19 @@ def setup(c):
         print("--disable_guardrail: nanocosmos has no guardrail models, so there is nothing to disable")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    net, run = convert.load_dit(c["dit_path"], device=dev, ema=c["ema"])
+    net, run = bench_net(c, dev) if c["bench"] and c["model_size"] else convert.load_dit(c["dit_path"], dev, c["ema"])
     fam = convert.family(net.cfg)
     s = settings(c, run, fam)
-    if run is None:
+    if run is None and not c["bench"]:
         print(f"no run config beside the checkpoint: {fam} defaults assumed ({FAMILY[fam]['says']}; 13 frames, "
               f"4 fps, Wan2.1 tokenizer); command-line values win")
-    if c["model_size"] in model.PRESETS and net.cfg.model_channels != model.PRESETS[c["model_size"]]["model_channels"]:
-        print(f"--model_size {c['model_size']}: the checkpoint is a {net.cfg.model_channels}-channel, "
-              f"{net.cfg.num_blocks}-block model; using it as it is")
     ctx, neg = (convert.load_text_embedding(c[k], net.cfg, dev) if c[k] else None
                 for k in ("text_embedding", "negative_text_embedding"))
-    if fam == "predict2.5" and ctx is None:
+    if fam == "predict2.5" and ctx is None and not c["bench"]:
         print("warning: no --text_embedding: this Predict2.5 net gets an all-zero text input (GELU(bias) tokens after "
               "crossattn_proj), while the release was trained on Reason1 embeddings of the empty caption and official "
               "inference embeds the prompt (or \"\") and the negative prompt (recipe: convert.load_text_embedding)")
-    tok = load_tokenizer(s, dev)
+    tok = load_tokenizer(s, dev, bench=c["bench"])
     shift = f" shift {c['shift']:g}" if s["sampler"] == "unipc" else ""
     if dtype == "bfloat16" and dev.type == "cuda":
         tok = tok.to(torch.bfloat16)
@@ -869,10 +877,10 @@ def setup(c):
 
 
 def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
-    """Roll out and write each (name, load() -> (frames [V,3,T,H,W], actions [T-1,A]), output path)."""
+    """Roll out and write each job (file_job)."""
     outputs = []
     for name, load, out in jobs:
-        frames, actions = load()
+        frames, actions = load(s)
         frames, actions = frames[:, :, start_frame:], actions[start_frame:][:c["max_actions"] or None]
         timings = []
         t0 = time.perf_counter()
@@ -890,6 +898,48 @@ def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
         print(f"wrote {out} ({c['save_fps'] or s['fps']} fps) and {strip} (time steps {times})")
         outputs.append((out, video))
     return outputs
+
+
+def bench_net(c, dev):
+    """(a random-weight DiT, no run config): the Predict2.5 multi-view action net of --model_size, the shape
+    config/multiview_action.py trains (tests/test_bench.py holds the two equal)."""
+    if c["model_size"] not in model.PRESETS:
+        raise ConfigError(f"--bench --model_size must be one of {sorted(model.PRESETS)}, got {c['model_size']!r} "
+                          f"(or no --model_size: the checkpoint --dit_path)")
+    cfg = model.DiTConfig(**model.PRESETS[c["model_size"]], action_mode="per_frame", action_dim=7, num_actions=12,
+                          n_views_emb=7, crossattn_proj_in_channels=100352, timestep_scale=0.001)
+    with torch.device("meta"):
+        net = model.DiT(cfg)
+    net.to_empty(device=dev)
+    torch.manual_seed(c["seed"])
+    net.init_weights()
+    return net.eval(), None
+
+
+def bench(c):
+    """Seconds per chunk of a rollout on random first frames and actions (no dataset is read), at the net's
+    settings (setup); two chunks: the first includes warm-up (kernel selection, compile), the second is the
+    figure. Prints the timings and the peak CUDA memory; returns the per-chunk timing dicts of rollout."""
+    if c["model_size"]:
+        c = {**c, "cameras": c["cameras"] or (0, 1, 2, 3)}
+    net, s, tok, common = setup(c)
+    H, W = s["frame_size"]
+    V = len(s["cameras"])
+    g = torch.Generator().manual_seed(c["seed"])
+    frames = torch.randint(0, 256, (1, V, 3, H, W), generator=g, dtype=torch.uint8)
+    actions = torch.randn(1, 2 * (s["num_frames"] - 1), net.cfg.action_dim, generator=g) * 0.1
+    dev = next(net.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    timings = []
+    rollout(net, tok, frames, actions, timings=timings, progress=False, **common)
+    peak = f", peak CUDA memory {torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GB" if dev.type == "cuda" else ""
+    for r in timings:
+        print(f"bench chunk {r['chunk']}: {r['seconds']:.3f} s = encode {r['encode_seconds']:.3f} + sample "
+              f"{r['sample_seconds']:.3f} ({r['net_calls']} net calls) + decode {r['decode_seconds']:.3f}")
+    print(f"bench: {timings[-1]['seconds']:.3f} s per {V}-view chunk ({s['num_frames'] - 1} new frames at {H}x{W}, "
+          f"{common['sampler']} {common['num_steps']} steps, {'bf16' if common['amp'] else 'fp32'}){peak}")
+    return timings
 
 
 # -----------------------------------------------------------------------------
@@ -927,10 +977,7 @@ def official_params(argv):
         if need not in flags:
             raise ConfigError(f"the official command needs {flag} (nanocosmos downloads no released checkpoint)")
     path = Path(flags["input"])
-    try:
-        p = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    p = read_json(path)
     unknown = sorted(set(p) - set(OFFICIAL_FIELDS)) if isinstance(p, dict) else None
     if unknown is None or unknown or p.get("input_root") is None or p.get("input_json_sub_folder") is None:
         raise ConfigError(f"{path}: an inference_params.json object needs input_root and input_json_sub_folder"
@@ -965,9 +1012,8 @@ def official_run(argv):
              seed=sfi, num_frames=int(p["chunk_size"]) + 1, max_actions=int(p["chunk_size"]) if single else 0)
     if str(p["resolution"]).lower() != "none":
         c["frame_size"] = tuple(int(x) for x in str(p["resolution"]).split(","))
-    defaults = OFFICIAL_FIELDS
     unhonoured = [f"{k}={p[k]!r}" for k in ("action_load_fn", "use_quat", "state_key", "gripper_key",
-                                            "num_latent_conditional_frames") if p[k] != defaults[k]]
+                                            "num_latent_conditional_frames") if p[k] != OFFICIAL_FIELDS[k]]
     if p["reverse"]:
         unhonoured.append("reverse=true (unused by the official loader too)")
     if p["seed"]:
@@ -988,28 +1034,28 @@ def official_run(argv):
     outs = [save_root / f"{a.stem}_{'single_' if single else ''}chunk.mp4" for a in anns]
     check_outputs([Path(flags["output"], "nanocosmos_settings.json")] + outs, overwrite=True)
     net, s, tok, common = setup(c)
-    jobs = []
-    for a, o in zip(anns, outs):
+    for o in outs:
         if o.exists() and not c["overwrite"]:
             print(f"{o}: exists, skipped (as official; --overwrite replaces it)")
-        else:
-            jobs.append((a.stem, lambda a=a: load_files_episode(a, "", s, c["data_root"]), o))
+    jobs = [file_job(a, "", o, c["data_root"]) for a, o in zip(anns, outs) if c["overwrite"] or not o.exists()]
     Path(flags["output"], "nanocosmos_settings.json").write_text(json.dumps(
         dict(params=str(flags["input"]), checkpoint=flags["checkpoint"], not_honoured=unhonoured,
              settings={**s, "num_steps": c["num_steps"], "shift": c["shift"], "guidance": c["guidance"]}), indent=1))
     return run_jobs(jobs, net, tok, common, c, s, start_frame=sfi)
 
 
+@torch.no_grad()   # (not set_grad_enabled: a caller in the same process keeps its gradients)
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    torch.set_grad_enabled(False)
     if "-i" in argv or any(a.split("=")[0] == "--input-file" for a in argv):
         return official_run(argv)
     c = parse_args(argv)
+    if c["bench"]:
+        return bench(c)
     save_path = Path(c["save_path"])
-    files = file_jobs(c, save_path) if c["input_path"] or c["annotation"] else None
+    jobs = file_jobs(c, save_path) if c["input_path"] or c["annotation"] else None
     if not c["eval"]:
-        check_outputs([out for *_, out in files] if files else [save_path], c["overwrite"])
+        check_outputs([out for *_, out in jobs] if jobs else [save_path], c["overwrite"])
     net, s, tok, common = setup(c)
     if c["eval"]:
         ds = dataset(s, c["split"] or s["split"])
@@ -1023,13 +1069,10 @@ def main(argv=None):
         path.write_text(json.dumps(report, indent=1))
         print(f"wrote {path}")
         return report
-    if files:
-        jobs = [(name, lambda a=ann, v=vid: load_files_episode(a, v, s, c["data_root"]), out)
-                for name, ann, vid, out in files]
-    else:
+    if not jobs:
         ds = dataset(s, c["split"] or s["split"])
         i = episode_index(ds, c["episode"])
-        jobs = [(ds.episodes[i].name, lambda: (ds.episode_frames(i), ds.episode_actions(i)), save_path)]
+        jobs = [(ds.episodes[i].name, lambda s: (ds.episode_frames(i), ds.episode_actions(i)), save_path)]
     return run_jobs(jobs, net, tok, common, c, s)
 
 

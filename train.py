@@ -129,7 +129,8 @@ compile = False
 activation_checkpointing = False
 seed = 0
 bench = False                  # time bench_steps steps on random inputs at the configured shapes, then exit
-bench_steps = 10
+bench_steps = 5                # timed steps, after 2 warm-up steps
+bench_latents = False          # bench: random latents instead of video (no tokenizer encode: a latent-cache step)
 dry_run = False                # build on the meta device, print the plan (memory, FLOPs), read nothing, exit
 plan_gpus = 8                  # dry run: processes to plan for (torchrun's WORLD_SIZE when launched by it)
 _CONFIG_KEYS = configurator.config_keys(globals())
@@ -1083,32 +1084,40 @@ def plan_run(c, env):
 # bench
 
 def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
-    """Training steps on random inputs at the configured shapes (tokenizer encode included)."""
-    g = torch.Generator(device=env.device).manual_seed(0)
+    """Training steps on random inputs at the configured shapes: uint8 video through the tokenizer (the online
+    path), or with bench_latents random latents straight into the loss (what a latent-cache run does per step;
+    reading the cache is the loader's work, not timed here). The data loader is not timed in either mode. Steps
+    0-1 warm up (kernel selection, compile); the next bench_steps are timed. Under torchrun every rank runs and
+    rank 0 prints; steps/s is per step of the whole job, tokens/s and samples/s are summed over ranks, MFU is per
+    GPU (bf16 dense peak of the GPU, PEAK_BF16_FLOPS) with the FLOPs of flops_per_sample (no recomputation)."""
+    g = torch.Generator(device=env.device).manual_seed(c["seed"] + env.rank)
     B, dev = c["batch_size"], env.device
-    video = torch.randint(0, 256, (B, shapes.V, 3, shapes.T, shapes.H, shapes.W), generator=g, device=dev,
-                          dtype=torch.uint8)
+    lat_shape = (B, tok.latent_channels, shapes.V * shapes.t, shapes.h, shapes.w)
+    video = (None if c["bench_latents"] else
+             torch.randint(0, 256, (B, shapes.V, 3, shapes.T, shapes.H, shapes.W), generator=g, device=dev,
+                           dtype=torch.uint8))
     action = (torch.randn(B, shapes.T - 1, c["action_dim"], generator=g, device=dev)
               if raw.cfg.action_mode != "none" else None)
-    times = []
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    times = []
     for i in range(c["bench_steps"] + 2):
         sync()
-        t0 = time.time()
+        t0 = time.perf_counter()
         with torch.no_grad():
-            x0 = encode_views(tok, video, tok_dtype)
+            x0 = (torch.randn(lat_shape, generator=g, device=dev) if c["bench_latents"]
+                  else encode_views(tok, video, tok_dtype))
         with env.autocast():
             loss, _, _ = diffusion_loss(net, x0, action, shapes.V, c, g)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        times.append(time.time() - t0)
-    dt = sum(times[2:]) / len(times[2:])                 # the first two steps warm up (and compile)
-    res = {"steps_per_s": 1 / dt, "samples_per_s": B * env.world / dt, "tokens_per_s": B * env.world * shapes.tokens / dt,
-           "step_s": dt}
+        times.append(time.perf_counter() - t0)
+    dt = sum(times[2:]) / len(times[2:])
+    res = {"steps_per_s": 1 / dt, "samples_per_s": B * env.world / dt,
+           "tokens_per_s": B * env.world * shapes.tokens / dt, "step_s": dt}
     peak = peak_flops(dev)
     if peak:
         res["mfu"] = B * flops_per_sample(raw.cfg, shapes.tokens) / dt / peak
@@ -1117,29 +1126,27 @@ def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
     else:
         import resource
         res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    env.say("bench: " + " | ".join(f"{k} {v:.4g}" for k, v in res.items()))
+    mode = "latents (encode skipped)" if c["bench_latents"] else f"video ({c['tokenizer']} encode included)"
+    env.say(f"bench {c['model_size']}, {mode}, activation ckpt {c['activation_checkpointing']}, "
+            f"{c['bench_steps']} steps x {B * env.world} samples: "
+            + " | ".join(f"{k} {v:.4g}" for k, v in res.items()))
+    if env.ddp:
+        dist.destroy_process_group()
     return res
 
 
 # -----------------------------------------------------------------------------
 
 def known_error(e):
-    """The one-line message of an error the user can fix, or None (unexpected: keep the traceback). A
-    DataLoader worker's DataError reaches here as a RuntimeError carrying the worker's traceback as text."""
+    """The one-line message of an error the user can fix, or None (configurator.known_error with train's errors)."""
+    return configurator.known_error(e, known_errors())
+
+
+def known_errors():
     import convert
     import data
-    if isinstance(e, (configurator.ConfigError, data.DataError, convert.CheckpointError, RunError, FloatingPointError)):
-        return str(e)
-    m = re.search(r"\n\S*DataError: (.+)\s*$", str(e)) if "DataLoader worker" in str(e) else None
-    return m.group(1).strip() if m else None
+    return data.DataError, convert.CheckpointError, RunError, FloatingPointError
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except Exception as e:   # noqa: BLE001 (re-raised unless known)
-        msg = known_error(e)
-        if msg is None:
-            raise
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
+    configurator.exit_on_known_errors(main, sys.argv[1:], known_errors())

@@ -448,7 +448,7 @@ def encode_batched(tok, video_N_3_T_H_W, max_batch=None, dtype=None):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: python vae.py bench [--size 256x320] [--frames 13] [--views 1] [--dtype fp32|bf16|both] [--device cpu]
+# Benchmark: python vae.py bench [--size 256x320[,480x640]] [--frames 13] [--views 4] [--dtype bf16] [--device cpu]
 
 class PeakRSS:
     """Peak growth of this process's resident memory while the block runs, sampled every millisecond from
@@ -501,35 +501,36 @@ def measure(fn, device):
 
 
 def bench(args):
-    H, W = (int(v) for v in args.size.lower().split("x"))
+    """Encode and decode of random video at each --size (comma-separated HxW), every --dtype, random weights."""
     device = torch.device(args.device)
     dtypes = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "both": [torch.float32, torch.bfloat16]}[args.dtype]
-    torch.manual_seed(0)
-    video = torch.rand(args.views, 3, args.frames, H, W, device=device) * 2 - 1
-    print(f"Wan2.1 VAE, random weights, {args.views} view(s) x {args.frames} frames x {H}x{W} on {device} "
-          f"({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}); "
-          f"latent (16, {latent_frames(args.frames)}, {H // 8}, {W // 8})")
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.size.split(",")]
+    what = "peak CUDA alloc" if device.type == "cuda" else "peak RSS growth"
     for dtype in dtypes:
         vae = load_tokenizer("wan2.1", None, device=device, dtype=dtype, micro_batch=args.micro_batch)
         n = sum(p.numel() for p in vae.parameters())
-        print(f"{str(dtype):15s} params {n:,} ({n * dtype.itemsize / 2**20:.0f} MiB)")
-        x = video.to(dtype)
-        if args.warmup:
-            vae.decode(vae.encode(x[:, :, :1]))
-        what = "peak CUDA alloc" if device.type == "cuda" else "peak RSS growth"
-        z, *enc = measure(lambda: vae.encode(x), device)
-        _, *dec = measure(lambda: vae.decode(z), device)
-        for name, (seconds, cpu_seconds, peak) in [("encode", enc), ("decode", dec)]:
-            print(f"{str(dtype):15s} {name} {seconds:8.2f} s (process CPU {cpu_seconds:8.1f} s)  "
-                  f"{what} {peak / 2**20:6.0f} MiB")
-        del vae, x, z
+        print(f"Wan2.1 VAE {str(dtype)}, random weights, params {n:,} ({n * dtype.itemsize / 2**20:.0f} MiB) on "
+              f"{device} ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}), micro_batch "
+              f"{args.micro_batch}")
+        for H, W in sizes:
+            torch.manual_seed(0)
+            x = (torch.rand(args.views, 3, args.frames, H, W, device=device) * 2 - 1).to(dtype)
+            if args.warmup:
+                vae.decode(vae.encode(x[:, :, :1]))
+            z, *enc = measure(lambda: vae.encode(x), device)
+            _, *dec = measure(lambda: vae.decode(z), device)
+            for name, (seconds, cpu_seconds, peak) in [("encode", enc), ("decode", dec)]:
+                print(f"{str(dtype):15s} {args.views} view(s) x {args.frames} x {H}x{W} {name} {seconds:8.2f} s "
+                      f"(process CPU {cpu_seconds:8.1f} s)  {what} {peak / 2**20:6.0f} MiB")
+            del x, z
+        del vae
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Wan2.1 VAE utilities")
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time and peak memory of encode/decode, real configuration, random weights")
-    b.add_argument("--size", default="256x320", help="HxW")
+    b.add_argument("--size", default="256x320", help="HxW, or several: 256x320,480x640")
     b.add_argument("--frames", type=int, default=13)
     b.add_argument("--views", type=int, default=1, help="views folded into the batch")
     b.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"])
