@@ -59,6 +59,7 @@ max_iters = 20000
 batch_size = 1
 grad_accum = 8
 parallel = "ddp"                                  # one process: no wrapper; several GPUs: DDP of the trainable part
+plan_gpus = 1                                     # --dry_run=True plans for this one GPU
 dtype = "bfloat16"                                # bf16 autocast (a bf16 base needs it)
 activation_checkpointing = True
 num_workers = 4
