@@ -10,6 +10,11 @@ Rectified flow as the released models were trained (shared/spec/dit.md 7): condi
 fed clean, the network predicts the velocity eps - x0 of the rest at a logit-normal t, velocity MSE.
 Checkpoints: torch.distributed.checkpoint under out_dir/checkpoints/iter_XXXXXXXXX (atomic, resumable
 with any process count); `python convert.py` turns them into the official files.
+LoRA (lora_rank > 0, config/multiview_action_lora.py: one GPU): init_from's weights stay frozen (base_dtype
+bfloat16 halves them; needs dtype=bfloat16), low-rank factors and the new heads train in fp32, the EMA covers only
+those. Checkpoints and the consolidated checkpoints/model/iter_X.safetensors (an adapter) hold only the trainable
+tensors plus the base's path and fingerprint: a resume onto another base is an error, and load_weights / sample.py
+merge them onto the base. `convert.py export` writes merged official files, `--lora-only` the adapter alone.
 
 Layout: the config keys; setup (processes, tokenizer, model, optimizer, resume); the data; the objective;
 the loop (`main`); the periodic work (log, eval, save, sample: class Periodic); the plan (`memory_plan`).

@@ -62,7 +62,7 @@ def run_variant(name, steps=3):
     raw.gradient_checkpointing = ac
     trainable = [p for p in raw.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
-    ema = [p.detach().float().clone() for p in (trainable if rank else raw.parameters())]   # train.py: EMA of all
+    ema = [p.detach().float().clone() for p in (trainable if rank else raw.parameters())]   # as train.ema_tracked
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     for step in range(steps):
         with autocast:
@@ -76,7 +76,13 @@ def run_variant(name, steps=3):
     weights = sum(p.numel() * p.element_size() for p in raw.parameters())
     state = weights + n_train * 4 + sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                                         if torch.is_tensor(t) and t.ndim) + sum(e.numel() * 4 for e in ema)
+    # what train.py's plan predicts for this run (fp32 activations unless autocast): model state + activations
+    plan = train.memory_plan(cfg, n_all, n_train, tokens=V * 4 * (lat[1] // 2) * (lat[2] // 2), batch_size=B,
+                             ema_params=sum(e.numel() for e in ema), frozen_bytes=2 if base_dtype == "bfloat16" else 4,
+                             act_bytes=2 if bf16 else 4)
+    predicted = plan["model_state"] + plan["activations_checkpointed" if ac else "activations"]
     return {"variant": name, "params": n_all, "trainable": n_train, "state_gib": state / 2 ** 30,
+            "plan_gib": predicted / 2 ** 30,
             "baseline_gib": base, "peak_gib": rss_gib(), "peak_minus_baseline_gib": rss_gib() - base,
             "loss": loss.item()}
 
@@ -85,12 +91,13 @@ def main():
     if len(sys.argv) > 1:
         print(json.dumps(run_variant(sys.argv[1])))
         return
-    print(f"{'variant':<18}{'params':>8}{'trainable':>11}{'state GiB':>11}{'peak-base GiB':>15}{'peak GiB':>10}")
+    print(f"{'variant':<18}{'params':>8}{'trainable':>11}{'state GiB':>11}{'plan GiB':>10}{'peak-base GiB':>15}"
+          f"{'peak GiB':>10}")
     for name in VARIANTS:
         out = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         print(f"{name:<18}{r['params'] / 1e6:>7.1f}M{r['trainable'] / 1e6:>10.2f}M{r['state_gib']:>11.3f}"
-              f"{r['peak_minus_baseline_gib']:>15.3f}{r['peak_gib']:>10.3f}")
+              f"{r['plan_gib']:>10.3f}{r['peak_minus_baseline_gib']:>15.3f}{r['peak_gib']:>10.3f}", flush=True)
 
 
 if __name__ == "__main__":
