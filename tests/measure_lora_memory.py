@@ -5,19 +5,24 @@ for the memory plan. Each variant runs in its own process, since ru_maxrss is a 
     python tests/measure_lora_memory.py            # all variants, one table
     python tests/measure_lora_memory.py VARIANT    # one variant (what the table runs), prints one JSON line
 
-Measured (2-core shared CPU, torch 2.13, 3 AdamW steps; GiB of peak RSS above the 0.23 GiB after imports;
-"state" = weights + grads + AdamW + EMA, counted from the tensors, = the memory plan's formula):
-    variant                 params  trainable  state  peak-baseline
-    full (fp32, act. ckpt)   40.1M    32.79M   0.666  1.64 / 2.07 (two identical runs: the allocator's spread)
-    full, bf16 autocast      40.1M    32.79M   0.666  1.33
-    LoRA r32 fp32            42.5M     6.72M   0.258  2.44 / 2.55
-    LoRA r32, bf16 base      42.5M     6.72M   0.192  0.87 / 0.88
-    full fp32, no ckpt       40.1M    32.79M   0.666  4.40
-    LoRA r32 fp32, no ckpt   42.5M     6.72M   0.258  4.05
-With bf16 (the GPU setting) LoRA saves 0.46 GiB against 0.47 GiB of predicted state; without checkpointing 0.36 vs
-0.41. In fp32 with checkpointing the peak is set by transient backward buffers (the LoRA layers' extra matmuls
-allocate ~1 GiB more in all; the saved activations are equal, 596 vs 626 MiB), and run-to-run spread of glibc's
-heap (0.4 GiB) hides the state difference there.
+Measured (2-core shared CPU, torch 2.13, 3 AdamW steps; GiB; "state" = weights + grads + AdamW + EMA counted from
+the tensors; "plan" = train.memory_plan's model state + activations for the run, what --dry_run prints;
+"peak" = peak RSS above the 0.23 GiB after imports):
+    variant                 params  trainable  state   plan   peak   peak - plan
+    full (fp32, act. ckpt)   40.1M    32.79M   0.666  0.910  1.991  +1.08
+    full, bf16 autocast      40.1M    32.79M   0.666  0.788  1.328  +0.54
+    LoRA r32 fp32            42.5M     6.72M   0.258  0.503  2.731  +2.23
+    LoRA r32, bf16 base      42.5M     6.72M   0.192  0.314  0.878  +0.56
+    full fp32, no ckpt       40.1M    32.79M   0.666  1.994  4.753  +2.76
+    LoRA r32 fp32, no ckpt   42.5M     6.72M   0.258  1.587  4.416  +2.83
+In bf16 (the GPU setting) the plan's saving is right: LoRA saves 0.474 GiB by the plan and 0.450 measured (5%).
+The absolute plan is low by a constant 0.55 GiB in bf16 (1.08 in fp32, twice as much): one block's transient
+backward buffers, mostly the attention score matrices (B 4 x 8 heads x 1,280^2 tokens), which CPU attention
+materialises and GPU flash / cuDNN attention does not; so the CPU error is 41% of the full run's peak and 64% of
+LoRA's, and an upper bound for what the plan misses on a GPU (not measured there yet). Without checkpointing the
+estimate is low by 2.8 GiB (the Korthikanti 34 bytes/token/block assumes a flash kernel). LoRA in fp32 allocates
+~1 GiB more transient memory in its extra matmuls, and glibc's heap varies by 0.4 GiB run to run (phase 1: full
+fp32 1.64 / 2.07 in two identical runs), which hides the state difference there.
 """
 
 import json
