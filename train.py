@@ -920,7 +920,7 @@ def write_sample_video(raw, tok, val_ds, c, step, env, text=None):
         video = sample.rollout(raw.eval(), tok, frames[:, :, 0][None].to(env.device), actions[None].to(env.device),
                                num_frames=c["num_frames"], num_steps=20, seed=0,
                                cond_t=None if c["cond_t"] < 0 else c["cond_t"], fps=c["fps"], crossattn_emb=text,
-                               progress=False)
+                               amp=torch.bfloat16 if env.bf16 else None, progress=False)   # rollout sets its own
     raw.train()
     if env.master:
         path = os.path.join(c["out_dir"], "samples", f"iter_{step:09d}.mp4")
