@@ -9,7 +9,7 @@ model from its consolidated EMA file, full fine-tuning vs LoRA (the same data, s
 action gain = val loss with shuffled actions - val loss, at step 300):
     full, lr 1e-3 (1.31M trained)    0.161  +0.0058        full, lr 3e-3    0.135  +0.0146
     LoRA r16, lr 1e-3 (0.45M)        0.186  +0.0027        LoRA r16, 3e-3   0.174  +0.0046    LoRA r16, 1e-2  0.158  +0.0082
-    LoRA r64, lr 3e-3 (1.0M)         0.156  +0.0075
+    LoRA r64, lr 3e-3 (0.89M)        0.156  +0.0075
 LoRA wants a higher lr (as usual); at its best here it reaches full fine-tuning's val loss at lr 1e-3 but not at 3e-3,
 with about half the action gain. The base was not converged (400 of the default 1200 steps), so part of the gap
 is full fine-tuning still improving the video model, which LoRA's rank limits; a released base is far closer to
