@@ -10,6 +10,11 @@ Rectified flow as the released models were trained (shared/spec/dit.md 7): condi
 fed clean, the network predicts the velocity eps - x0 of the rest at a logit-normal t, velocity MSE.
 Checkpoints: torch.distributed.checkpoint under out_dir/checkpoints/iter_XXXXXXXXX (atomic, resumable
 with any process count); `python convert.py` turns them into the official files.
+LoRA (lora_rank > 0, config/multiview_action_lora.py: one GPU): init_from's weights stay frozen (base_dtype
+bfloat16 halves them; needs dtype=bfloat16), low-rank factors and the new heads train in fp32, the EMA covers only
+those. Checkpoints and the consolidated checkpoints/model/iter_X.safetensors (an adapter) hold only the trainable
+tensors plus the base's path and fingerprint: a resume onto another base is an error, and load_weights / sample.py
+merge them onto the base. `convert.py export` writes merged official files, `--lora-only` the adapter alone.
 
 Layout: the config keys; setup (processes, tokenizer, model, optimizer, resume); the data; the objective;
 the loop (`main`); the periodic work (log, eval, save, sample: class Periodic); the plan (`memory_plan`).
@@ -133,6 +138,11 @@ bench_steps = 5                # timed steps, after 2 warm-up steps
 bench_latents = False          # bench: random latents instead of video (no tokenizer encode: a latent-cache step)
 dry_run = False                # build on the meta device, print the plan (memory, FLOPs), read nothing, exit
 plan_gpus = 8                  # dry run: processes to plan for (torchrun's WORLD_SIZE when launched by it)
+# LoRA (model.apply_lora): post-train init_from's weights frozen, low-rank factors + the new heads trained in fp32
+lora_rank = 0                  # 0: full fine-tuning | >0: LoRA of this rank (needs init_from: the frozen base)
+lora_alpha = 0.0               # factor scale alpha / rank; 0: alpha = rank (scale 1, the official recipe)
+lora_targets = ()              # layer-name patterns (model._matches); empty: model.default_lora_targets(text)
+base_dtype = "float32"         # LoRA: storage dtype of the frozen base ("bfloat16" halves it; needs dtype bfloat16)
 _CONFIG_KEYS = configurator.config_keys(globals())
 # -----------------------------------------------------------------------------
 
@@ -182,7 +192,30 @@ def configure(argv):
         raise bad("lr_cycle_iters", f"must exceed warmup_iters ({c['warmup_iters']})")
     if c["init_from"] and not c["dry_run"] and not os.path.exists(c["init_from"]):
         raise RunError(c["init_from"], "init_from not found")
+    check_lora(c, bad)
     return c
+
+
+def check_lora(c, bad):
+    """LoRA settings that cannot work, as one line before any work."""
+    if c["lora_rank"] < 0 or c["lora_alpha"] < 0:
+        raise bad("lora_rank" if c["lora_rank"] < 0 else "lora_alpha", "must be >= 0")
+    if c["base_dtype"] not in ("float32", "bfloat16"):
+        raise bad("base_dtype", "must be one of float32, bfloat16")
+    if not c["lora_rank"]:
+        return
+    if not c["init_from"]:
+        raise bad("lora_rank", "LoRA post-trains a model: set init_from to the base weights")
+    if c["base_dtype"] == "bfloat16":
+        cuda = c["device"] == "cuda" or (c["device"] == "auto" and (torch.cuda.is_available() or c["dry_run"]))
+        if c["dtype"] == "float32" or (c["dtype"] == "auto" and not cuda):
+            raise bad("base_dtype", "a bfloat16 base needs bf16 autocast: set dtype=bfloat16 (or base_dtype=float32)")
+    cross = [t for t in c["lora_targets"] if "cross_attn" in t]
+    if cross and not c["text_embedding"]:
+        # with an all-zero text the query side never reaches the loss (zero_gradient_params): DDP would stop on
+        # parameters without a gradient, and the factors of the rest would only learn a constant
+        raise bad("lora_targets", f"{cross[0]}: cross-attention sees an all-zero text here (no text_embedding); "
+                                  "drop the cross_attn targets")
 
 
 # -----------------------------------------------------------------------------
@@ -306,12 +339,27 @@ def build_model(c, cfg, device, init=True, say=print):
         raw.to_empty(device=device)
         torch.manual_seed(c["seed"])
         raw.init_weights()
-        if c["init_from"] and init:
+        if c["init_from"] and (init or c["lora_rank"]):      # a LoRA checkpoint does not hold the frozen base
             load_init(raw, c, say)
     raw.gradient_checkpointing = c["activation_checkpointing"]
     for n, p in raw.named_parameters():
         p.requires_grad_(n not in zero_gradient_params(raw, text=bool(c["text_embedding"])))
+    if c["lora_rank"]:       # after loading, before DDP / FSDP / compile (they must see the factors)
+        import convert
+        model.apply_lora(raw, c["lora_rank"], c["lora_alpha"] or None,
+                         list(c["lora_targets"]) or model.default_lora_targets(text=bool(c["text_embedding"])),
+                         base_dtype=convert.DTYPES[c["base_dtype"]], seed=c["seed"])
+        if str(device) != "meta":   # what the checkpoints record: the base's path and fingerprint (resume checks it)
+            raw.lora_base = convert.lora_record(raw, c["init_from"], c["init_ema"])
     return raw
+
+
+def ema_tracked(raw):
+    """(names, parameters) the EMA covers: all of them, or under LoRA the trainable ones (the frozen base is its
+    own EMA, and an fp32 copy of it would cost 4 bytes a parameter)."""
+    lora = bool(getattr(raw, "lora", None))
+    named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad or not lora]
+    return [n for n, _ in named], [p for _, p in named]
 
 
 def zero_gradient_params(raw, text):
@@ -407,7 +455,7 @@ def make_optimizer(raw, c, device):
     opt = torch.optim.AdamW(trainable, lr=c["lr"], betas=tuple(c["betas"]), weight_decay=c["weight_decay"],
                             fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c))
-    ema_params = [p.detach().float().clone() for p in raw.parameters()] if c["ema"] else []
+    ema_params = [p.detach().float().clone() for p in ema_tracked(raw)[1]] if c["ema"] else []
     return trainable, opt, sched, ema_params
 
 
@@ -436,6 +484,7 @@ def resume_state(path, raw, opt, sched, ema_params, c, env, G):
     """(step, data position in steps of the current global batch G) from the checkpoint at path (or 0, 0)."""
     if not path:
         return 0, 0
+    check_lora_resume(path, raw)
     step, saved_G = load_checkpoint(path, raw, opt, sched, ema_params, env.rank, env.world)
     env.say(f"resumed from {path} at step {step}")
     if sched.base_lrs[0] != c["lr"]:      # the config wins over the saved optimizer's lr
@@ -447,6 +496,25 @@ def resume_state(path, raw, opt, sched, ema_params, c, env, G):
         env.say(f"warning: global batch changed {saved_G} -> {G}: the data position is kept in samples, not steps")
         return step, step * saved_G // G
     return step, step
+
+
+def check_lora_resume(path, raw):
+    """A LoRA checkpoint resumes only onto the very base and LoRA layout it was trained with (its factors are
+    fitted to those weights); a full checkpoint only without LoRA, and the other way round."""
+    saved = json.load(open(os.path.join(path, "config.json"))).get("lora")
+    now = getattr(raw, "lora_base", None)
+    if (saved is None) != (now is None):
+        raise RunError(path, f"{'a LoRA' if saved else 'a full fine-tuning'} checkpoint, but lora_rank="
+                             f"{now['rank'] if now else 0} now: resume with the run's settings or use another out_dir")
+    if saved is None:
+        return
+    if saved["base_fingerprint"] != now["base_fingerprint"]:
+        raise RunError(path, f"its LoRA base {saved['base']} is not the file init_from={now['base']} names now "
+                             f"(fingerprint {now['base_fingerprint'][:19]} != {saved['base_fingerprint'][:19]}): "
+                             "LoRA factors only fit their exact base weights")
+    for k in ("rank", "alpha", "targets", "train_full", "base_ema"):
+        if saved[k] != now[k]:
+            raise RunError(path, f"trained with LoRA {k} {saved[k]!r}, configured {now[k]!r} now")
 
 
 def load_text(c, cfg, env):
@@ -697,7 +765,7 @@ def main(argv):
         sched.step()
         opt.zero_grad(set_to_none=True)
         if ema_params:
-            ema_update(ema_params, list(raw.parameters()), step, gamma)
+            ema_update(ema_params, ema_tracked(raw)[1], step, gamma)
         step += 1
         periodic(step)
     periodic.finish()
@@ -785,6 +853,8 @@ class Periodic:
         self.meter = Meter(env.device)
         self.log_path = os.path.join(c["out_dir"], "log.jsonl")
         self.run_cfg = {"model": model.config_dict(raw.cfg), "train": c}
+        if getattr(raw, "lora_base", None):
+            self.run_cfg["lora"] = raw.lora_base
         self.fl = flops_per_sample(raw.cfg, shapes.tokens)
         self.peak = peak_flops(env.device)
         self.t0, self.last_step, self.last_good = time.time(), step, last_good
@@ -853,8 +923,10 @@ class Periodic:
         model_dir = os.path.join(ckpt_dir, "model")
         print(f"done. log: {self.log_path} | checkpoints: {ckpt_dir} (latest: {self.last_good})"
               + (f" | consolidated EMA weights: {model_dir}" if self.c["save_consolidated"] else ""))
-        weights = os.path.join(model_dir, os.path.basename(self.last_good) + ".pt")
-        print(f"next: python sample.py --dit_path {weights if os.path.exists(weights) else self.last_good}")
+        weights = os.path.join(model_dir, os.path.basename(self.last_good) + consolidated_suffix(self.raw))
+        print(f"next: python sample.py --dit_path {weights if os.path.exists(weights) else self.last_good}"
+              + (f" | merged official files: python convert.py export {self.last_good} DEST"
+                 if getattr(self.raw, "lora", None) else ""))
 
 
 @torch.no_grad()
@@ -890,7 +962,7 @@ def write_sample_video(raw, tok, val_ds, c, step, env, text=None):
         video = sample.rollout(raw.eval(), tok, frames[:, :, 0][None].to(env.device), actions[None].to(env.device),
                                num_frames=c["num_frames"], num_steps=20, seed=0,
                                cond_t=None if c["cond_t"] < 0 else c["cond_t"], fps=c["fps"], crossattn_emb=text,
-                               progress=False)
+                               amp=torch.bfloat16 if env.bf16 else None, progress=False)   # rollout sets its own
     raw.train()
     if env.master:
         path = os.path.join(c["out_dir"], "samples", f"iter_{step:09d}.mp4")
@@ -912,10 +984,23 @@ def latest_checkpoint(ckpt_dir):
     return path
 
 
+def state_options(raw, load=False):
+    """LoRA: the checkpoints hold the trainable tensors only (the frozen base is init_from, fingerprinted)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    lora = bool(getattr(raw, "lora", None))
+    return StateDictOptions(ignore_frozen_params=lora, strict=not (lora and load))
+
+
+def consolidated_suffix(raw):
+    """The consolidated file of a step: the full EMA weights (.pt), or under LoRA the EMA adapter (.safetensors
+    with its LoRA record, which load_weights merges onto the base)."""
+    return ".safetensors" if getattr(raw, "lora", None) else ".pt"
+
+
 def train_state(raw, opt, sched, ema_params, step, G):
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_sd, optim_sd = get_state_dict(raw, opt)
-    names = [n for n, _ in raw.named_parameters()]
+    model_sd, optim_sd = get_state_dict(raw, opt, options=state_options(raw))
+    names = ema_tracked(raw)[0]
     return {"model": model_sd, "optim": optim_sd, "ema": dict(zip(names, ema_params)),
             "scheduler": sched.state_dict(), "trainer": {"step": step, "global_batch": G}}
 
@@ -950,8 +1035,13 @@ def save_checkpoint(c, run_cfg, raw, opt, sched, ema_params, step, G, rank, worl
         if c["save_consolidated"]:
             mdir = os.path.join(ckpt_dir, "model")
             os.makedirs(mdir, exist_ok=True)
-            torch.save({"net." + k: v for k, v in full.items()}, os.path.join(mdir, name + ".pt.tmp"))
-            os.replace(os.path.join(mdir, name + ".pt.tmp"), os.path.join(mdir, name + ".pt"))
+            if getattr(raw, "lora", None):
+                import convert
+                convert.save_weights(convert.prefixed(full), os.path.join(mdir, name + ".safetensors"),
+                                     metadata=convert.adapter_metadata(cfg_json))
+            else:
+                torch.save({"net." + k: v for k, v in full.items()}, os.path.join(mdir, name + ".pt.tmp"))
+                os.replace(os.path.join(mdir, name + ".pt.tmp"), os.path.join(mdir, name + ".pt"))
             with open(os.path.join(mdir, name + ".json"), "w") as f:
                 json.dump(cfg_json, f, indent=1)
         old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("iter_") and not d.endswith(".tmp"))
@@ -977,7 +1067,8 @@ def load_checkpoint(path, raw, opt, sched, ema_params, rank, world):
     from torch.distributed.checkpoint.state_dict import set_state_dict
     state = train_state(raw, opt, sched, ema_params, 0, 0)
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    set_state_dict(raw, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(raw, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=state_options(raw, load=True))
     sched.load_state_dict(state["scheduler"])
     # state["ema"] holds the very tensors of ema_params: dcp.load filled them in place
     rng = os.path.join(path, f"rng_rank{rank:05d}.pt")
@@ -1047,7 +1138,13 @@ def print_plan(c, raw, shapes, tok, env, world):
     say(f"model {c['model_size']}: {n_all / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable, "
         f"{(n_all - n_train) / 1e6:.2f}M frozen) | action {cfg.action_mode} ({cfg.action_in_features} in) | "
         f"view emb {cfg.n_views_emb} | activation ckpt {c['activation_checkpointing']} | compile {c['compile']}")
-    if frozen:   # the same names in every block are listed once as blocks.*.
+    lora = getattr(raw, "lora", None)
+    if lora:
+        n_fac = sum(p.numel() for n, p in raw.named_parameters() if n.endswith((".lora_A", ".lora_B")))
+        say(f"LoRA rank {lora['rank']} alpha {lora['alpha']:g} on {', '.join(lora['targets'])}: {n_fac / 1e6:.2f}M "
+            f"factors + {(n_train - n_fac) / 1e6:.2f}M in full ({', '.join(lora['train_full'])}) | frozen base "
+            f"{lora['base_dtype']} ({len(frozen)} tensors) from {c['init_from']}")
+    elif frozen:   # the same names in every block are listed once as blocks.*.
         names = sorted({re.sub(r"^blocks\.\d+\.", "blocks.*.", n) for n in frozen})
         say(f"frozen (zero gradient with the all-zero text): {len(frozen)} tensors: {', '.join(names)}")
     fl = flops_per_sample(cfg, shapes.tokens)
@@ -1055,8 +1152,10 @@ def print_plan(c, raw, shapes, tok, env, world):
         f"x{shapes.h}x{shapes.w} per view ({c['tokenizer']} tokenizer) | {shapes.tokens} tokens/sample | batch "
         f"{c['batch_size']} x accum {c['grad_accum']} x world {world} = {G} samples, {G * shapes.tokens} tokens/step")
     say(f"compute: {fl / 1e9:.4g} GFLOP/sample, {fl * G / 1e12:.4g} TFLOP/step (fwd + bwd, no recomputation)")
+    n_ema = sum(p.numel() for p in ema_tracked(raw)[1]) if c["ema"] else 0
     m = memory_plan(cfg, n_all, n_train, shapes.tokens, c["batch_size"], shards=world if fsdp else 1,
-                    ema_params=n_all if c["ema"] else 0, act_bytes=2 if bf16 else 4, fsdp=fsdp)
+                    ema_params=n_ema, frozen_bytes=2 if lora and lora["base_dtype"] == "bfloat16" else 4,
+                    act_bytes=2 if bf16 else 4, fsdp=fsdp)
     gb = lambda b: f"{b / 2 ** 30:.2f}"  # noqa: E731
     say(f"memory per GPU: model state {gb(m['model_state'])} GB = weights {gb(m['weights'])} + grads {gb(m['grads'])}"
         f" + AdamW {gb(m['optimizer'])} + EMA {gb(m['ema'])}"
@@ -1065,9 +1164,22 @@ def print_plan(c, raw, shapes, tok, env, world):
         + f" | activations ~{gb(m['activations'])} GB, ~{gb(m['activations_checkpointed'])} GB with checkpointing"
         + (" (on)" if c["activation_checkpointing"] else " (off)"))
     n_tok = sum(p.numel() for p in tok.parameters())
-    say(f"tokenizer {c['tokenizer']}: {n_tok / 1e6:.1f}M params, {gb(n_tok * (2 if bf16 and n_tok else 4))} GB, frozen"
+    tok_bytes = n_tok * (2 if bf16 and n_tok else 4)
+    say(f"tokenizer {c['tokenizer']}: {n_tok / 1e6:.1f}M params, {gb(tok_bytes)} GB, frozen"
         + (f" | {torch.cuda.memory_allocated(env.device) / 2 ** 30:.2f} GB allocated now"
            if env.device.type == "cuda" and not c["dry_run"] else ""))
+    act = m["activations_checkpointed" if c["activation_checkpointing"] else "activations"]
+    est = m["model_state"] + act + tok_bytes
+    say(f"plan: ~{gb(est)} GB per GPU (model state + activations + tokenizer; plus the CUDA context and the "
+        f"tokenizer's encode, ~1-3 GB) | " + fits_verdict(est))
+
+
+def fits_verdict(est_bytes, cards=(24, 48, 80), reserve_gb=3.0):
+    """Which card sizes the estimate fits, keeping reserve_gb for the CUDA context (~0.5-1 GB), the tokenizer's
+    encode buffers and allocator fragmentation: the activation term is an estimate, and a plan that needs the
+    last gigabyte of a card will not run."""
+    return ", ".join(f"{gb} GB: {'fits' if est_bytes / 2 ** 30 + reserve_gb <= gb else 'does not fit'}"
+                     for gb in cards)
 
 
 def plan_run(c, env):

@@ -13,11 +13,17 @@
 #   (33.0M LoRA: per block 4 x 32 x (2048 + 2048) + 32 x (2048 + 8192) x 2 = 1.18M, x 28; 67.8M heads, almost all
 #   the two action MLPs 28 -> 8192 -> 2048 / 6144; 0.2M x_embedder + view embedding).
 # Memory per GPU: frozen bf16 2,059.0M x 2 B = 4.1 GB; trainable 100.8M x (4 weights + 4 grads + 8 AdamW + 4 EMA)
-#   = 20 B/param = 2.0 GB; model state 6.1 GB (full fine-tuning: 2.13B x 20 B = 42.6 GB, hence 8-way FSDP there).
+#   = 20 B/param = 2.0 GB; model state 6.1 GB (full fine-tuning: 2.13B weights + EMA, 1.85B of them trained with
+#   grads and AdamW = 39.2 GB, hence 8-way FSDP there).
 #   Plus activations with per-block checkpointing (bf16: 28 saved block inputs of 5,120 x 2048 = 0.6 GB and one
-#   block recomputed at a time, about as much again), the bf16 Wan2.1 VAE encoding 4 x 13 frames at 256x320, and
-#   the CUDA context: an estimate of 9-12 GB in all, for 24 GB cards; `train.py --dry_run=True` prints the plan.
-#   Rank 16 saves 0.3 GB, rank 64 costs 0.7 GB more: the frozen base dominates.
+#   block recomputed at a time, about as much again), the bf16 Wan2.1 VAE (0.25 GB) and its encode of 4 x 13 frames
+#   at 256x320, and the CUDA context. `python train.py config/multiview_action_lora.py --dry_run=True` prints (GiB):
+#     model state 5.71 = weights 4.21 + grads 0.38 + AdamW 0.75 + EMA 0.38 | activations ~0.88 with checkpointing
+#     plan: ~6.83 GiB per GPU | 24 GB: fits, 48 GB: fits, 80 GB: fits       (the verdict keeps 3 GiB in reserve)
+#   Without checkpointing ~15.3 GiB (still 24 GB); base_dtype=float32 ~10.7; batch_size=4 ~9.5; full fine-tuning
+#   (lora_rank=0) on one GPU ~37.6 GiB: 48 GB cards and up. Rank 16 saves 0.3 GB, rank 64 costs 0.7 GB more.
+#   Not yet measured on a GPU: the activation term is the Korthikanti estimate (train.memory_plan), validated on
+#   CPU (tests/measure_lora_memory.py).
 out_dir = "checkpoints/posttraining/multiview_action_lora/2b"
 synth_if_missing = False                          # a real dataset: missing is an error
 data_root = "datasets/multiview_action"          # annotations/{train,val}/<name>.json + videos/cam0..cam3/<name>.mp4
@@ -59,6 +65,7 @@ max_iters = 20000
 batch_size = 1
 grad_accum = 8
 parallel = "ddp"                                  # one process: no wrapper; several GPUs: DDP of the trainable part
+plan_gpus = 1                                     # --dry_run=True plans for this one GPU
 dtype = "bfloat16"                                # bf16 autocast (a bf16 base needs it)
 activation_checkpointing = True
 num_workers = 4
