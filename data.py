@@ -554,8 +554,9 @@ def tokenizer_fingerprint(tok):
 def cache_settings(ds, tok, tokenizer_name):
     """Everything a cached latent depends on, as a JSON-able dict: what encode writes and what a run expects."""
     files = sorted({p for ep in ds.episodes for p in [ep.annotation, *ep.videos]})
-    return dict(tokenizer=tokenizer_name, tokenizer_sha256=tokenizer_fingerprint(tok),
-                tokenizer_dtype=str(vae.tokenizer_dtype(tok)).replace("torch.", ""),
+    # the dtype before the weights' hash: a bf16 cache read by an fp32 run is reported as a dtype difference
+    return dict(tokenizer=tokenizer_name, tokenizer_dtype=str(vae.tokenizer_dtype(tok)).replace("torch.", ""),
+                tokenizer_sha256=tokenizer_fingerprint(tok),
                 pixel_factor=tok.spatial_factor if isinstance(tok, vae.PixelTokenizer) else None,
                 pixel_scale=float(tok.scale) if isinstance(tok, vae.PixelTokenizer) else None,
                 cameras=list(ds.cameras), size=list(ds.size), num_frames=ds.num_frames, frame_stride=ds.frame_stride,
@@ -1019,6 +1020,8 @@ def encode_command(args, parser):
         parser.error(f"--size must be a multiple of {factor} for the {args.tokenizer} tokenizer, got {args.size}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":   # what train.py runs the tokenizer in: the VAE in bf16 on CUDA, else fp32
+        args.dtype = "bf16" if device.startswith("cuda") and args.tokenizer != "pixel" else "fp32"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     kw = dict(spatial_factor=args.pixel_factor) if args.tokenizer == "pixel" else {}
     tok = vae.load_tokenizer(args.tokenizer, args.tokenizer_path, device=device, dtype=dtype, **kw)
@@ -1071,7 +1074,8 @@ def main(argv):
     p.add_argument("--start_stride", "--start-stride", type=int, default=1)
     p.add_argument("--split", default="train")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="tokenizer dtype (as in training)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="tokenizer dtype; auto = as train.py: bf16 for wan2.1 on CUDA, else fp32")
     p.add_argument("--batch_windows", "--batch-windows", type=int, default=8, help="windows per loader batch")
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     args = parser.parse_args(argv)

@@ -178,7 +178,8 @@ def model_config(c, latent_channels):
 
 def configure(argv):
     """The config after files and overrides, checked before any work starts."""
-    c = configurator.configure(globals(), _CONFIG_KEYS, argv)
+    # on a copy: the module's defaults stay the defaults when main runs twice in one process (tests, notebooks)
+    c = configurator.configure({k: globals()[k] for k in _CONFIG_KEYS}, _CONFIG_KEYS, argv)
     bad = lambda key, problem: configurator.ConfigError(f"--{key}={c[key]!r}: {problem}")  # noqa: E731
     for k in ("batch_size", "grad_accum", "max_iters", "log_interval", "save_interval", "num_frames"):
         if c[k] < 1:
