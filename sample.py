@@ -336,7 +336,8 @@ def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames
     out[:, :, :, 0] = first_frames_B_V_3_H_W.cpu()
     frame = first_frames_B_V_3_H_W
     starts = list(range(0, N, per_chunk))
-    bar = tqdm(starts, desc="chunks", unit="chunk", disable=not progress, leave=False)
+    # a bar on a terminal only: in a log file the summary line below says the same
+    bar = tqdm(starts, desc="chunks", unit="chunk", disable=not (progress and sys.stderr.isatty()), leave=False)
     for k, start in enumerate(bar):
         t0 = time.perf_counter()
         a = actions_B_N_A[:, start:start + per_chunk].float()
@@ -549,11 +550,12 @@ def evaluate(net, tokenizer, dataset, *, episodes=0, max_actions=0, progress=Tru
     the ground truth through the tokenizer alone (the ceiling). Returns a JSON-able dict."""
     num_frames = kw.get("num_frames", 13)
     per_chunk = num_frames - 1
+    import data
     n_eps = len(dataset.episodes) if not episodes else min(episodes, len(dataset.episodes))
     m = {k: [] for k in ("true", "shuf", "copy", "still", "rec", "lat", "lat_still")}
     chunk_p, chunk_s = {}, {}
     per_episode, timings, how = [], [], ""
-    for i in tqdm(range(n_eps), desc="episodes", disable=not progress):
+    for i in data.progress(range(n_eps), n_eps, "episodes", min_total=1 if progress else n_eps + 1):
         gt = dataset.episode_frames(i)                      # [V,3,T,H,W]
         act = dataset.episode_actions(i)[:max_actions or None]
         N = act.shape[0]
