@@ -632,7 +632,7 @@ def encode_shard(ds, tok, path, windows, digest, batch_windows, max_batch, worke
     """Encode some windows into one shard file, through a temporary name (never read half-written)."""
     device = next(iter([*tok.parameters(), *tok.buffers()])).device
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(windows)), batch_size=batch_windows,
-                                         num_workers=workers, worker_init_fn=_single_threaded if workers else None)
+                                         num_workers=workers, worker_init_fn=single_threaded_worker if workers else None)
     latents, actions, keys = [], [], []
     for batch in loader:
         video_B_V_3_T_H_W = batch["video"].to(device)
@@ -906,8 +906,10 @@ def report_check(root, layout, entries, results, cameras, num_frames, splits, pr
     return problems
 
 
-def _single_threaded(_):
-    torch.set_num_threads(1)  # a worker decodes whole clips on its own: intra-op threads would oversubscribe the cores
+def single_threaded_worker(_):
+    """worker_init_fn of every loader: a worker decodes whole clips on its own, so intra-op threads would only
+    oversubscribe the cores."""
+    torch.set_num_threads(1)
 
 
 def raw_decode(paths, indices, size=None):
@@ -987,7 +989,7 @@ def bench(root, split=None, cameras=(0,), size=(256, 320), num_frames=13, worker
 def loader_rate(ds, order, workers, batch_size):
     """Clips/s through a DataLoader over the windows `order`, timed after the first batch (worker start-up)."""
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers,
-                                         worker_init_fn=_single_threaded if workers else None,
+                                         worker_init_fn=single_threaded_worker if workers else None,
                                          prefetch_factor=4 if workers else None)
     it = iter(loader)
     next(it)

@@ -53,7 +53,7 @@ from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
-from data import DataError, MissingFileError, is_held_out, resize_frames
+from data import DataError, MissingFileError, is_held_out, resize_frames, single_threaded_worker
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
 ACTION_TYPES = ("absolute", "delta", "delta_state")
@@ -615,10 +615,6 @@ def check_lerobot(root, cameras=None, num_frames=13, fps=None, fast=False, actio
     return problems
 
 
-def _one_thread(_):
-    torch.set_num_threads(1)  # a loader worker decodes whole clips: intra-op threads would oversubscribe the cores
-
-
 def bench_lerobot(root, split="train", cameras=None, size=(256, 320), num_frames=13, fps=None, workers=2,
                   batch_size=4, batches=20, **dataset_kw):
     """Clips/s of dataset[i] in one process (and frames decoded per clip, which shows what seeking saves) and
@@ -640,7 +636,7 @@ def bench_lerobot(root, split="train", cameras=None, size=(256, 320), num_frames
     sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=batches * batch_size,
                                              generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                         worker_init_fn=_one_thread if workers else None,
+                                         worker_init_fn=single_threaded_worker if workers else None,
                                          prefetch_factor=4 if workers else None)
     it = iter(loader)
     next(it)  # worker start-up is not throughput

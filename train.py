@@ -623,17 +623,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return 2 ** 62
 
 
-def single_threaded_worker(_):
-    # each loader worker decodes whole clips on its own: torch's intra-op threads would only oversubscribe cores
-    torch.set_num_threads(1)
-
-
 def make_loader(train_ds, c, env, step_pos):
+    import data
     sampler = StepBatchSampler(len(train_ds), c["batch_size"], c["grad_accum"], env.rank, env.world, c["seed"], step_pos)
     workers = c["num_workers"]
     return torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=workers,
                                        pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
-                                       worker_init_fn=single_threaded_worker, prefetch_factor=4 if workers else None)
+                                       worker_init_fn=data.single_threaded_worker, prefetch_factor=4 if workers else None)
 
 
 def val_batches(val_ds, c, rank, world):
