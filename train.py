@@ -767,7 +767,17 @@ def main(argv):
         periodic(step)
     periodic.finish()
     if env.ddp:
-        dist.destroy_process_group()
+        del net, periodic     # DDP's reducer holds the process group: drop it while the group is alive
+        shutdown()
+
+
+def shutdown():
+    """End the process group with every rank present: when one rank had already left, gloo's destructor (run by
+    DDP's reducer after the group ended) waited forever for it (seen on a 2-core CPU)."""
+    import gc
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def gradient_sync(net, raw, env, sync):
@@ -1240,7 +1250,8 @@ def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
             f"{c['bench_steps']} steps x {B * env.world} samples: "
             + " | ".join(f"{k} {v:.4g}" for k, v in res.items()))
     if env.ddp:
-        dist.destroy_process_group()
+        del net
+        shutdown()
     return res
 
 
