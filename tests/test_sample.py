@@ -609,6 +609,7 @@ def test_family_defaults_for_official_files(fixture, tmp_path, capsys):
     assert common["amp"] is None                                           # CPU: float32
 
 
+@pytest.mark.skipif(not BRIDGE.is_dir(), reason="shared/bridge_samples not available")
 def test_p25_net_samples_with_unipc_by_default(tok, tmp_path, capsys):
     net = tiny_p25()
     torch.save({"net." + k: v for k, v in net.state_dict().items()}, tmp_path / "p25.pt")
