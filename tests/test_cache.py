@@ -150,16 +150,8 @@ def test_encode_command_and_one_line_errors(world, tmp_path):
 # train.py --latent_cache: the same run as online encoding, resumable, and one-line errors
 
 def train_main(args):
-    """train.main in this process; configurator writes the overrides into train's globals, so they are put back
-    (and sample.main, run earlier in this process by other tests, turns autograd off process-wide)."""
     import train
-    saved = {k: getattr(train, k) for k in train._CONFIG_KEYS}
-    try:
-        with torch.enable_grad():
-            return train.main(args)
-    finally:
-        for k, v in saved.items():
-            setattr(train, k, v)
+    return train.main(args)
 
 
 @pytest.fixture(scope="module")

@@ -306,22 +306,15 @@ def test_tiny_training_and_eval_on_a_lerobot_folder(folders, tmp_path):
     import sample
     import train
     out = tmp_path / "run"
-    saved = {k: getattr(train, k) for k in train._CONFIG_KEYS}   # configurator writes the overrides into train's globals
-    try:
-        torch.set_grad_enabled(True)   # sample.main, run earlier in this process by other tests, turns it off
-        train.main([str(Path(__file__).resolve().parents[1] / "config" / "tiny_cpu.py"), f"--data_root={folders['v3.0']}",
-                    f"--out_dir={out}", "--synth_if_missing=False", "--cameras=('observation.images.top', 'wrist', 2)",
-                    "--action_dim=10", "--fps=10", "--action_type=delta_state", "--model_channels=32", "--num_blocks=2",
-                    "--num_heads=2", "--frame_size=(32, 48)", "--batch_size=2", "--num_workers=0", "--eval_interval=0",
-                    "--log_interval=1", "--warmup_iters=1", "--max_iters=3", "--save_interval=3"])
-    finally:
-        for k, v in saved.items():
-            setattr(train, k, v)
+    train.main([str(Path(__file__).resolve().parents[1] / "config" / "tiny_cpu.py"), f"--data_root={folders['v3.0']}",
+                f"--out_dir={out}", "--synth_if_missing=False", "--cameras=('observation.images.top', 'wrist', 2)",
+                "--action_dim=10", "--fps=10", "--action_type=delta_state", "--model_channels=32", "--num_blocks=2",
+                "--num_heads=2", "--frame_size=(32, 48)", "--batch_size=2", "--num_workers=0", "--eval_interval=0",
+                "--log_interval=1", "--warmup_iters=1", "--max_iters=3", "--save_interval=3"])
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert log[-1]["step"] == 3 and np.isfinite(log[-1]["loss"])
-    with torch.enable_grad():   # sample.main turns autograd off process-wide; later tests in this process train
-        report = sample.main(["--eval", f"--dit_path={out}", "--eval_episodes=1", "--num_steps=2", "--tokenizer=pixel",
-                              f"--eval_json={tmp_path / 'eval.json'}"])
+    report = sample.main(["--eval", f"--dit_path={out}", "--eval_episodes=1", "--num_steps=2", "--tokenizer=pixel",
+                          f"--eval_json={tmp_path / 'eval.json'}"])
     assert report["episodes"] and np.isfinite(report["psnr"])
 
 

@@ -15,15 +15,8 @@ TOKENS = 2 * 512        # multi-view nets take 512 text tokens per view
 
 
 def train_main(args):
-    """train.main in this process; configurator writes the overrides into train's globals, so they are put back
-    (and sample.main, run earlier in this process by other tests, turns autograd off process-wide)."""
-    saved = {k: getattr(train, k) for k in train._CONFIG_KEYS}
-    try:
-        with torch.enable_grad():
-            return train.main(args)
-    finally:
-        for k, v in saved.items():
-            setattr(train, k, v)
+    import train
+    return train.main(args)
 
 
 @pytest.fixture(scope="module")

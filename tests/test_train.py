@@ -445,3 +445,10 @@ def test_dataloader_worker_errors_are_unwrapped_to_one_line():
 
 def test_no_config_key_is_shadowed_by_a_function():
     assert all(not callable(getattr(train, k)) for k in train._CONFIG_KEYS)
+
+
+def test_configure_leaves_the_module_defaults_alone():
+    """train.main may run twice in one process (tests, notebooks): overrides never become the next run's defaults."""
+    before = train.lr
+    c = train.configure(["--lr=0.5", f"--max_iters={train.max_iters + 1}"])
+    assert c["lr"] == 0.5 and train.lr == before and train.configure([])["max_iters"] == train.max_iters
