@@ -22,8 +22,26 @@ import re
 import sys
 
 
-class ConfigError(ValueError):
-    pass
+class UserError(ValueError):
+    """The one error type of every command: a problem the user can fix, with the file, folder or setting it is
+    about. str(e) is '<path>: <problem>'; the handler (exit_on_known_errors) prints it as one line."""
+
+    def __init__(self, path, problem):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+class ConfigError(UserError):
+    """A bad setting; path is the setting as given (--key=value) or the config file."""
+
+    def __init__(self, message, problem=None):
+        if problem is None:           # ConfigError("--key: problem") from older call sites
+            path, _, problem = message.partition(": ")
+            if not problem:
+                path, problem = "config", message
+        else:
+            path = message
+        super().__init__(path, problem)
 
 
 def config_keys(g):
