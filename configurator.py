@@ -142,3 +142,58 @@ def exit_on_known_errors(main, argv=None, known=()):
         if msg is None:
             raise
         sys.exit(f"error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# what every command resolves the same way: device and precision, CPU threads and loader workers, and the
+# defaults of another script's config block (read as text, so no script imports another for its defaults)
+
+def resolve_device(device="auto", dtype="auto", local_rank=0):
+    """(torch.device, bf16) for --device auto|cpu|cuda and --dtype auto|bfloat16|float32 ("" = auto): bf16
+    autocast by default on CUDA, fp32 on CPU. TF32 is switched on for CUDA matmuls and convolutions."""
+    import torch
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device={device!r}", "must be one of auto, cpu, cuda")
+    if (dtype or "auto") not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"--dtype={dtype!r}", "must be one of auto, bfloat16, float32")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda", "no CUDA device is visible to this process")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return dev, dtype == "bfloat16" or ((dtype or "auto") == "auto" and cuda)
+
+
+def cpu_budget(device_type, num_workers=-1, cpu_threads=0, tiny=False, local_world=1):
+    """(loader workers, intra-op threads) from the cores this process may use (os.sched_getaffinity), so the
+    loader and the maths never ask for more cores than there are, and sets torch's intra-op threads on CPU.
+    num_workers < 0 and cpu_threads == 0 mean "choose". Tiny CPU models get one thread: their kernels are
+    dominated by thread synchronisation (README, Performance)."""
+    import torch
+    cores = max(1, len(os.sched_getaffinity(0)) // max(1, local_world))
+    if device_type == "cuda":
+        workers = min(8, cores) if num_workers < 0 else num_workers
+        return workers, cpu_threads or max(1, cores - workers)
+    threads = cpu_threads or (1 if tiny else max(1, cores - 1))
+    workers = max(0, min(4, cores - threads)) if num_workers < 0 else num_workers
+    torch.set_num_threads(threads)
+    return workers, threads
+
+
+def script_defaults(path):
+    """The config block of a script (train.py's, say) as {key: value}: its module-level assignments of literal
+    values, read from the file's text without importing it (a script that needs another's defaults must not
+    import it: the scripts import each other in one direction only)."""
+    tree = ast.parse(open(path).read(), path)
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.startswith("_"):
+                continue
+            try:
+                out[name] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    return out
