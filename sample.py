@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import runpy
 import struct
 import sys
 import time
@@ -458,189 +459,6 @@ def save_strip(path, video_V_3_T_H_W, gt=None, count=8):
 
 
 # -----------------------------------------------------------------------------
-# metrics: PSNR (data range 255) and SSIM (Wang et al. 2004: gaussian window 11, sigma 1.5, grayscale,
-# K1 0.01, K2 0.03, 'valid' filtering as the reference MATLAB code), per frame
-
-def psnr(pred_N_3_H_W, gt_N_3_H_W):
-    mse = (pred_N_3_H_W.double() - gt_N_3_H_W.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0 ** 2 / mse.clamp(min=1e-10))    # identical frames: ~148 dB, never inf
-
-
-def ssim(pred_N_3_H_W, gt_N_3_H_W, window=11, sigma=1.5):
-    def gray(x):  # ITU-R BT.601 luma, as skimage's rgb2gray up to scaling
-        luma = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)[:, None, None]
-        return (x.double() * luma).sum(1, keepdim=True)
-
-    x, y = gray(pred_N_3_H_W), gray(gt_N_3_H_W)
-    window = min(window, *x.shape[-2:])   # frames smaller than the window: the window shrinks to the frame
-    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    k = (g[:, None] * g[None, :])[None, None]
-
-    def blur(z):
-        return F.conv2d(z, k)
-
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
-
-
-def frame_metrics(pred_V_3_T_H_W, gt_V_3_T_H_W):
-    """(psnr [V, T], ssim [V, T]) frame by frame."""
-    p, g = (rearrange(x, "v c t h w -> (v t) c h w") for x in (pred_V_3_T_H_W, gt_V_3_T_H_W))
-    V = pred_V_3_T_H_W.shape[0]
-    return psnr(p, g).view(V, -1), ssim(p, g).view(V, -1)
-
-
-def windows(video_V_3_T_H_W, num_frames=13):
-    """The rollout's windows of a video: (start, real frames k, clip [V,3,num_frames,H,W]) for time steps
-    12c..12c+12, a short last window padded with its last frame."""
-    T = video_V_3_T_H_W.shape[2]
-    for start in range(0, T - 1, num_frames - 1):
-        clip = video_V_3_T_H_W[:, :, start:start + num_frames]
-        k = clip.shape[2]
-        yield start, k, torch.cat([clip, clip[:, :, -1:].expand(-1, -1, num_frames - k, -1, -1)], dim=2)
-
-
-def reconstruct(tokenizer, video_V_3_T_H_W, num_frames=13):
-    """The ground truth through the tokenizer alone, window by window as a rollout sees it: the best any model can
-    score with this tokenizer."""
-    out = video_V_3_T_H_W.clone()
-    for start, k, clip in windows(video_V_3_T_H_W, num_frames):
-        out[:, :, start + 1:start + k] = decode(tokenizer, encode(tokenizer, clip))[:, :, 1:k]
-    return out
-
-
-def no_motion(tokenizer, first_V_3_H_W, T, num_frames=13):
-    """A model that predicts a still robot, through the tokenizer like every model's output: latent 0 of the first
-    frame held for every latent frame of a chunk, decoded; every chunk decodes that same clip. [V,3,T,H,W]."""
-    z = encode(tokenizer, first_V_3_H_W[:, :, None])
-    clip = decode(tokenizer, z.repeat(1, 1, latent_frames(num_frames, tokenizer.temporal_factor), 1, 1))
-    idx = [0] + [1 + (k - 1) % (num_frames - 1) for k in range(1, T)]
-    return torch.cat([first_V_3_H_W[:, :, None], clip[:, :, idx[1:]]], dim=2)
-
-
-def latent_l2(tokenizer, pred_V_3_T_H_W, gt_V_3_T_H_W, num_frames=13):
-    """Latent-space L2 as in the Cosmos Bridge evaluation (prediction vs ground-truth latents): each rollout window
-    of both videos encoded, then the root-mean-square latent difference over the predicted latent frames (1..),
-    averaged over windows. Lower is better; unlike PSNR it does not reward blur."""
-    errs = [(encode(tokenizer, p)[:, :, 1:] - encode(tokenizer, g)[:, :, 1:]).pow(2).mean().sqrt().item()
-            for (_, _, p), (_, _, g) in zip(windows(pred_V_3_T_H_W, num_frames), windows(gt_V_3_T_H_W, num_frames))]
-    return sum(errs) / len(errs)
-
-
-def shuffled_actions(dataset, i):
-    """Actions that do not belong to episode i: the next episode's (rolled by one). With a single episode, its own
-    actions time-reversed. Returns (actions [n, A], how)."""
-    n = len(dataset.episodes)
-    if n > 1:
-        return dataset.episode_actions((i + 1) % n), "actions of the next episode (rolled by one)"
-    return dataset.episode_actions(i).flip(0), "the episode's own actions time-reversed (single episode)"
-
-
-@torch.no_grad()
-def evaluate(net, tokenizer, dataset, *, episodes=0, max_actions=0, progress=True, **kw):
-    """Roll out every episode of a data.RobotVideoDataset from its first frame (rollout settings in kw) and compare
-    to the ground truth (time steps 1..N; step 0 is given). Reports PSNR / SSIM overall, per view, per chunk (the
-    drift over the rollout), the same with shuffled actions (action sensitivity = true minus shuffled: > 0 means
-    the model follows the actions), the latent L2, and references: the no-motion model through the tokenizer (the
-    baseline a world model must beat), the sharp first frame copied (no tokenizer: not reachable by any model) and
-    the ground truth through the tokenizer alone (the ceiling). Returns a JSON-able dict."""
-    num_frames = kw.get("num_frames", 13)
-    per_chunk = num_frames - 1
-    import data
-    n_eps = len(dataset.episodes) if not episodes else min(episodes, len(dataset.episodes))
-    m = {k: [] for k in ("true", "shuf", "copy", "still", "rec", "lat", "lat_still")}
-    chunk_p, chunk_s = {}, {}
-    per_episode, timings, how = [], [], ""
-    for i in data.progress(range(n_eps), n_eps, "episodes", min_total=1 if progress else n_eps + 1):
-        gt = dataset.episode_frames(i)                      # [V,3,T,H,W]
-        act = dataset.episode_actions(i)[:max_actions or None]
-        N = act.shape[0]
-        gt = gt[:, :, :N + 1]
-        first = gt[None, :, :, 0]
-        pred = rollout(net, tokenizer, first, act[None], timings=timings, progress=False, **kw)[0]
-        p, s = frame_metrics(pred[:, :, 1:], gt[:, :, 1:])       # [V, N]
-        wrong, how = shuffled_actions(dataset, i)
-        L = min(N, wrong.shape[0])
-        pw, sw = frame_metrics(rollout(net, tokenizer, first, wrong[None, :L], progress=False, **kw)[0][:, :, 1:],
-                               gt[:, :, 1:L + 1])
-        still = no_motion(tokenizer, gt[:, :, 0], N + 1, num_frames)
-        m["true"].append((p, s)), m["shuf"].append((p[:, :L], s[:, :L], pw, sw))
-        m["copy"].append(frame_metrics(gt[:, :, :1].expand(-1, -1, N, -1, -1), gt[:, :, 1:]))
-        m["still"].append(frame_metrics(still[:, :, 1:], gt[:, :, 1:]))
-        m["rec"].append(frame_metrics(reconstruct(tokenizer, gt, num_frames)[:, :, 1:], gt[:, :, 1:]))
-        m["lat"].append(latent_l2(tokenizer, pred, gt, num_frames))
-        m["lat_still"].append(latent_l2(tokenizer, still, gt, num_frames))
-        for k in range(math.ceil(N / per_chunk)):
-            sl = slice(k * per_chunk, (k + 1) * per_chunk)
-            chunk_p.setdefault(k, []).append(p[:, sl].flatten())
-            chunk_s.setdefault(k, []).append(s[:, sl].flatten())
-        per_episode.append(dict(name=dataset.episodes[i].name, frames=N + 1, psnr=p.mean().item(),
-                                ssim=s.mean().item(), psnr_shuffled=pw.mean().item(), ssim_shuffled=sw.mean().item(),
-                                latent_l2=m["lat"][-1], latent_l2_no_motion=m["lat_still"][-1]))
-
-    def mean(xs):
-        return torch.cat([x.flatten() for x in xs]).mean().item()
-
-    def ps(key, a=0, b=1):
-        return {"psnr": mean([x[a] for x in m[key]]), "ssim": mean([x[b] for x in m[key]])}
-
-    V = m["true"][0][0].shape[0]
-    longest = max(p.shape[1] for p, _ in m["true"])
-    lat, lat_still = sum(m["lat"]) / n_eps, sum(m["lat_still"]) / n_eps
-    report = {
-        "episodes": n_eps, "views": V, "chunk_size": per_chunk, "num_steps": kw.get("num_steps", 35),
-        "sampler": kw.get("sampler", "ab2"), "seed": kw.get("seed", 0), **ps("true"), "latent_l2": lat,
-        "per_view": {"psnr": [mean([p[v] for p, _ in m["true"]]) for v in range(V)],
-                     "ssim": [mean([s[v] for _, s in m["true"]]) for v in range(V)]},
-        "per_chunk": {"psnr": [mean(chunk_p[k]) for k in sorted(chunk_p)],
-                      "ssim": [mean(chunk_s[k]) for k in sorted(chunk_s)],
-                      "frames": [sum(x.numel() for x in chunk_p[k]) for k in sorted(chunk_p)],
-                      "time_steps": [[k * per_chunk + 1, min((k + 1) * per_chunk, longest)] for k in sorted(chunk_p)]},
-        "shuffled_actions": {"how": how, **ps("shuf", 2, 3)},
-        "action_sensitivity": {k: ps("shuf")[k] - ps("shuf", 2, 3)[k] for k in ("psnr", "ssim")},
-        "no_motion": {**ps("still"), "latent_l2": lat_still},
-        "copy_first_frame": ps("copy"),
-        "tokenizer_round_trip": ps("rec"),
-        "seconds_per_chunk": sum(r["seconds"] for r in timings) / len(timings),
-        "seconds_per_step": sum(r["sample_seconds"] for r in timings) / sum(r["net_calls"] for r in timings),
-        "per_episode": per_episode,
-    }
-    report["beats_no_motion"] = {"psnr": report["psnr"] > report["no_motion"]["psnr"], "latent_l2": lat < lat_still}
-    return report
-
-
-def format_table(report, camera_names=None):
-    """The eval report as a plain-text table, ending with whether the model beats standing still."""
-    names = camera_names or [f"view {v}" for v in range(report["views"])]
-    rows = [("all frames", report["psnr"], report["ssim"])]
-    rows += [(f"  {name}", p, s) for name, p, s in zip(names, report["per_view"]["psnr"], report["per_view"]["ssim"])]
-    chunks = report["per_chunk"]
-    rows += [(f"  chunk {k} (t {a}-{b})", p, s)
-             for k, (p, s, (a, b)) in enumerate(zip(chunks["psnr"], chunks["ssim"], chunks["time_steps"]))]
-    rows += [(label, report[key]["psnr"], report[key]["ssim"]) for label, key in [
-        ("shuffled actions", "shuffled_actions"), ("action sensitivity (true - shuffled)", "action_sensitivity"),
-        ("no motion, through the tokenizer (baseline)", "no_motion"),
-        ("copy first frame, sharp (no tokenizer)", "copy_first_frame"),
-        ("tokenizer round trip (ceiling)", "tokenizer_round_trip")]]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'':{width}}   PSNR dB    SSIM", "-" * (width + 18)]
-    lines += [f"{name:{width}}  {p:8.2f}  {s:6.3f}" for name, p, s in rows]
-    beats = report["beats_no_motion"]
-    verdict = {2: "beats standing still", 1: "beats standing still on one measure only",
-               0: "does NOT beat standing still"}[beats["psnr"] + beats["latent_l2"]]
-    lines.append(f"latent L2: model {report['latent_l2']:.4f}, no motion {report['no_motion']['latent_l2']:.4f}; "
-                 f"PSNR {report['psnr'] - report['no_motion']['psnr']:+.2f} dB vs no motion: the model {verdict}")
-    lines.append(f"{report['episodes']} episodes, {report['sampler']} {report['num_steps']} steps, "
-                 f"{report['seconds_per_chunk']:.2f} s/chunk, {report['seconds_per_step'] * 1000:.1f} ms/step; "
-                 f"shuffled = {report['shuffled_actions']['how']}")
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
 # command line: settings, episodes from a dataset or from files
 
 def parse_args(argv):
@@ -943,134 +761,21 @@ def bench(c):
           f"{common['sampler']} {common['num_steps']} steps, {'bf16' if common['amp'] else 'fp32'}){peak}")
     return timings
 
-
-# -----------------------------------------------------------------------------
-# the Cosmos-Predict2.5 action guide's command: -i inference_params.json -o OUT --checkpoint-path CKPT
-
-# ActionConditionedInferenceArguments (cosmos_predict2/action_conditioned_config.py) and its defaults
-OFFICIAL_FIELDS = dict(name="", input_root=None, input_json_sub_folder=None, save_root="", chunk_size=12, guidance=7,
-                       resolution="none", camera_id=0, start=0, end=100, fps_downsample_ratio=1, gripper_scale=1.0,
-                       gripper_key="continuous_gripper_state", state_key="state", reverse=False, single_chunk=False,
-                       start_frame_idx=0, save_fps=20, num_latent_conditional_frames=1, action_scaler=20.0,
-                       use_quat=False, action_load_fn="cosmos_predict2.action_conditioned.load_default_action_fn",
-                       seed=0, prompt=None, prompt_path=None, negative_prompt=None)
-KNOWN_EXPERIMENTS = ("ac_reason_embeddings_rectified_flow_2b_256_320",   # the guide's post-training experiment
-                     "cosmos_predict2p5_2B_reason_embeddings_action_conditioned_rectified_flow_bridge_13frame_256x320")
-_OFFICIAL_FLAGS = {"-i": "input", "--input-file": "input", "-o": "output", "--output-dir": "output",
-                   "--checkpoint-path": "checkpoint", "--experiment": "experiment"}
-
-
-def official_params(argv):
-    """(the official flags, inference_params.json with its defaults, the nanocosmos --key=value options left)."""
-    flags, rest, k = {}, [], 0
-    while k < len(argv):
-        key, eq, val = argv[k].partition("=")
-        if key in _OFFICIAL_FLAGS:
-            if not eq:
-                k += 1
-                if k == len(argv):
-                    raise ConfigError(f"{key} needs a value")
-                val = argv[k]
-            flags[_OFFICIAL_FLAGS[key]] = val
-        else:
-            rest.append(argv[k])
-        k += 1
-    for need, flag in (("input", "-i"), ("output", "-o"), ("checkpoint", "--checkpoint-path")):
-        if need not in flags:
-            raise ConfigError(f"the official command needs {flag} (nanocosmos downloads no released checkpoint)")
-    path = Path(flags["input"])
-    p = read_json(path)
-    unknown = sorted(set(p) - set(OFFICIAL_FIELDS)) if isinstance(p, dict) else None
-    if unknown is None or unknown or p.get("input_root") is None or p.get("input_json_sub_folder") is None:
-        raise ConfigError(f"{path}: an inference_params.json object needs input_root and input_json_sub_folder"
-                          + (f"; unknown fields {unknown}" if unknown else ""))
-    return flags, {**OFFICIAL_FIELDS, **p}, rest
-
-
-def official_run(argv):
-    """
-    `python sample.py -i inference_params.json -o OUT --checkpoint-path model_ema_bf16.pt [--experiment NAME]
-    [--key=value ...]`: the official action inference (examples/action_conditioned.py ->
-    cosmos_predict2/action_conditioned.py) on nanocosmos. Annotations: input_root/input_json_sub_folder/*.json,
-    sorted, [start:end]; camera_id picks json["videos"][camera_id] under input_root; actions from state_key /
-    gripper_key every fps_downsample_ratio-th row, scaled by action_scaler (xyz, rpy) and gripper_scale; resolution
-    "H,W" (or "none": the model's); the rollout starts at (downsampled) frame start_frame_idx, chunk i seeded with
-    its first action index as official (which ignores `seed`); single_chunk stops after one chunk; videos go to
-    save_root (or OUT) as <name>_chunk.mp4 (<name>_single_chunk.mp4), at save_fps, and an existing one is skipped
-    unless --overwrite, as official. Unlike official, the video is time-aligned (frame k = time step k; official
-    repeats each chunk's conditioning frame and drops its last). OUT receives nanocosmos_settings.json. Fields that
-    cannot be honoured (a custom action_load_fn, quaternion actions, other JSON keys, a prompt without
-    --text_embedding, ...) are named in one warning. --experiment is not needed: the configuration comes from the
-    checkpoint (run config, else its shapes and family).
-    """
-    flags, p, rest = official_params(argv)
-    c = parse_args(rest)
-    single, sfi, cam = bool(p["single_chunk"]), int(p["start_frame_idx"]), p["camera_id"]
-    if not str(cam).isdigit():
-        raise ConfigError(f"{flags['input']}: camera_id must be an index into json['videos'], got {cam!r}")
-    c.update(dit_path=flags["checkpoint"], data_root=str(p["input_root"]), cameras=(int(cam),),
-             frame_stride=int(p["fps_downsample_ratio"]), action_scale=float(p["action_scaler"]),
-             gripper_scale=float(p["gripper_scale"]), guidance=float(p["guidance"]), save_fps=int(p["save_fps"]),
-             seed=sfi, num_frames=int(p["chunk_size"]) + 1, max_actions=int(p["chunk_size"]) if single else 0)
-    if str(p["resolution"]).lower() != "none":
-        c["frame_size"] = tuple(int(x) for x in str(p["resolution"]).split(","))
-    unhonoured = [f"{k}={p[k]!r}" for k in ("action_load_fn", "use_quat", "state_key", "gripper_key",
-                                            "num_latent_conditional_frames") if p[k] != OFFICIAL_FIELDS[k]]
-    if p["reverse"]:
-        unhonoured.append("reverse=true (unused by the official loader too)")
-    if p["seed"]:
-        unhonoured.append(f"seed={p['seed']} (the official action loop seeds chunk i with i and ignores it; so do we)")
-    if (p["prompt"] or p["prompt_path"]) and not c["text_embedding"]:
-        unhonoured.append("prompt (no --text_embedding: the text input is zeros)")
-    if p["guidance"] and p["negative_prompt"] and not c["negative_text_embedding"]:
-        unhonoured.append("negative_prompt (no --negative_text_embedding: zeros, the same as the prompt's text)")
-    if flags.get("experiment") and flags["experiment"] not in KNOWN_EXPERIMENTS:
-        unhonoured.append(f"--experiment {flags['experiment']} (the configuration comes from the checkpoint)")
-    if unhonoured:
-        print(f"warning: {flags['input']}: not honoured by nanocosmos: " + "; ".join(unhonoured))
-    anns = sorted(Path(p["input_root"], p["input_json_sub_folder"]).glob("*.json"))[int(p["start"]):int(p["end"])]
-    if not anns:
-        raise ConfigError(f"{Path(p['input_root'], p['input_json_sub_folder'])}: no *.json annotations "
-                          f"(start {p['start']}, end {p['end']})")
-    save_root = Path(p["save_root"] or flags["output"])
-    outs = [save_root / f"{a.stem}_{'single_' if single else ''}chunk.mp4" for a in anns]
-    check_outputs([Path(flags["output"], "nanocosmos_settings.json")] + outs, overwrite=True)
-    net, s, tok, common = setup(c)
-    for o in outs:
-        if o.exists() and not c["overwrite"]:
-            print(f"{o}: exists, skipped (as official; --overwrite replaces it)")
-    jobs = [file_job(a, "", o, c["data_root"]) for a, o in zip(anns, outs) if c["overwrite"] or not o.exists()]
-    Path(flags["output"], "nanocosmos_settings.json").write_text(json.dumps(
-        dict(params=str(flags["input"]), checkpoint=flags["checkpoint"], not_honoured=unhonoured,
-             settings={**s, "num_steps": c["num_steps"], "shift": c["shift"], "guidance": c["guidance"]}), indent=1))
-    return run_jobs(jobs, net, tok, common, c, s, start_frame=sfi)
-
-
-@torch.no_grad()   # (not set_grad_enabled: a caller in the same process keeps its gradients)
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the official command and --eval live in their own files, which import this one; runpy runs them without an
+    # import statement here (no import cycle)
     if "-i" in argv or any(a.split("=")[0] == "--input-file" for a in argv):
-        return official_run(argv)
+        return runpy.run_module("official", run_name="official_cli")["main"](argv)
     c = parse_args(argv)
+    if c["eval"]:
+        return runpy.run_module("evaluate", run_name="evaluate_cli")["main"](argv)
     if c["bench"]:
         return bench(c)
     save_path = Path(c["save_path"])
     jobs = file_jobs(c, save_path) if c["input_path"] or c["annotation"] else None
-    if not c["eval"]:
-        check_outputs([out for *_, out in jobs] if jobs else [save_path], c["overwrite"])
+    check_outputs([out for *_, out in jobs] if jobs else [save_path], c["overwrite"])
     net, s, tok, common = setup(c)
-    if c["eval"]:
-        ds = dataset(s, c["split"] or s["split"])
-        print(f"eval: {ds}")
-        report = evaluate(net, tok, ds, episodes=c["eval_episodes"], max_actions=c["max_actions"], **common)
-        report.update(checkpoint=str(c["dit_path"]), data_root=str(s["data_root"]), split=ds.split,
-                      cameras=list(s["cameras"]))
-        print(format_table(report, [f"cam{k}" for k in s["cameras"]]))
-        path = Path(c["eval_json"] or "output/eval.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
-        print(f"wrote {path}")
-        return report
     if not jobs:
         ds = dataset(s, c["split"] or s["split"])
         i = episode_index(ds, c["episode"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 from synth import make_synthetic
 import model
 import sample
@@ -331,14 +332,14 @@ def test_png_and_mp4_round_trip(tmp_path):
 
 def test_metrics():
     x = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
-    assert torch.all(sample.psnr(x, x) > 100) and torch.allclose(sample.ssim(x, x), torch.ones(4, dtype=torch.float64))
+    assert torch.all(evaluate.psnr(x, x) > 100) and torch.allclose(evaluate.ssim(x, x), torch.ones(4, dtype=torch.float64))
     y = (x.int() + 1).clamp(max=255).to(torch.uint8)
     y[x == 255] = 254                                                    # every value off by exactly 1
-    assert torch.allclose(sample.psnr(x, y), torch.full((4,), 20 * math.log10(255), dtype=torch.float64))
+    assert torch.allclose(evaluate.psnr(x, y), torch.full((4,), 20 * math.log10(255), dtype=torch.float64))
     a, b = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8), torch.full((1, 3, 16, 16), 150, dtype=torch.uint8)
     c1 = (0.01 * 255) ** 2                                               # flat images: SSIM = luminance term only
-    assert sample.ssim(a, b).item() == pytest.approx((2 * 100 * 150 + c1) / (100 ** 2 + 150 ** 2 + c1), rel=1e-6)
-    s = sample.ssim(x, 255 - x)
+    assert evaluate.ssim(a, b).item() == pytest.approx((2 * 100 * 150 + c1) / (100 ** 2 + 150 ** 2 + c1), rel=1e-6)
+    s = evaluate.ssim(x, 255 - x)
     assert torch.all(s < 0.2) and torch.all(s >= -1)
 
 
@@ -346,12 +347,12 @@ def test_tokenizer_round_trip_is_exact_for_block_constant_video(tok):
     """The pixel tokenizer keeps 8x8-block-constant frames exactly (frame 0 of each window is the given one)."""
     video = torch.randint(0, 256, (2, 3, 20, 4, 6), dtype=torch.uint8)
     video = video.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4)
-    assert torch.equal(sample.reconstruct(tok, video), video)
+    assert torch.equal(evaluate.reconstruct(tok, video), video)
 
 
 def test_eval_report(synth, tok):
     ds = data.RobotVideoDataset(synth, "val", num_frames=13, cameras=(0, 1), size=(H, W))
-    report = sample.evaluate(tiny_net(init=True), tok, ds, num_steps=2, progress=False)
+    report = evaluate.evaluate(tiny_net(init=True), tok, ds, num_steps=2, progress=False)
     json.dumps(report)
     N = ds.episodes[0].num_frames - 1
     assert report["episodes"] == len(ds.episodes) == 2 and report["views"] == 2
@@ -372,7 +373,7 @@ def test_eval_report(synth, tok):
     assert "next episode" in report["shuffled_actions"]["how"]
     assert report["seconds_per_chunk"] > 0 and report["seconds_per_step"] > 0
     assert [e["name"] for e in report["per_episode"]] == [e.name for e in ds.episodes]
-    table = sample.format_table(report, ["cam0", "cam1"])
+    table = evaluate.format_table(report, ["cam0", "cam1"])
     assert f"chunk 1 (t 13-{N})" in table and "action sensitivity" in table and "cam1" in table
     assert "no motion, through the tokenizer (baseline)" in table and "copy first frame, sharp (no tokenizer)" in table
     assert "beat" in table.splitlines()[-2] and "latent L2: model" in table
@@ -383,13 +384,13 @@ def test_no_motion_baseline_and_latent_l2(tok):
     still, and a perfect prediction has latent L2 0 while standing still does not."""
     g = torch.Generator().manual_seed(0)
     video = torch.randint(0, 256, (2, 3, 20, H, W), generator=g, dtype=torch.uint8)
-    still = sample.no_motion(tok, video[:, :, 0], 20)
+    still = evaluate.no_motion(tok, video[:, :, 0], 20)
     assert still.shape == video.shape and torch.equal(still[:, :, 0], video[:, :, 0])
     through = sample.decode(tok, sample.encode(tok, video[:, :, :1]))[:, :, 0]          # the first frame, tokenized
     assert all(torch.equal(still[:, :, k], through) for k in range(1, 20))
     assert not torch.equal(through, video[:, :, 0])                                     # not the sharp copy
-    assert sample.latent_l2(tok, video, video) == 0
-    assert sample.latent_l2(tok, still, video) > 0.1
+    assert evaluate.latent_l2(tok, video, video) == 0
+    assert evaluate.latent_l2(tok, still, video) > 0.1
 
 
 def test_eval_says_whether_the_model_beats_standing_still(synth, tok):
@@ -403,9 +404,9 @@ def test_eval_says_whether_the_model_beats_standing_still(synth, tok):
 
     net = Truth(tok, "per_frame")
     net.target = rearrange_views(sample.encode(tok, ds.episode_frames(0)[:, :, :13]))
-    report = sample.evaluate(net, tok, ds, episodes=1, max_actions=12, num_steps=2, progress=False)
+    report = evaluate.evaluate(net, tok, ds, episodes=1, max_actions=12, num_steps=2, progress=False)
     assert report["beats_no_motion"] == {"psnr": True, "latent_l2": True}
-    assert "the model beats standing still" in sample.format_table(report)
+    assert "the model beats standing still" in evaluate.format_table(report)
 
 
 def rearrange_views(z_V_C_T_h_w):
