@@ -154,22 +154,33 @@ def sample_euler(denoise, eps, num_steps):
     return x
 
 
-def unipc_schedule(num_steps, shift=5.0):
-    """Predict2.5's grid (fm_solvers_unipc.py:72-122, set_timesteps :150-219): N sigmas from float32(0.999) (not 1)
-    towards 0, shifted s -> shift s / (1 + (shift-1) s) in float64. Returns (int64 [N] = truncated 1000 sigma, what
-    the net sees; float32 [N+1] sigmas with a final 0, what the solver uses)."""
-    s = np.linspace(float(np.float32(0.999)), 0.0, num_steps + 1)[:-1]
-    s = shift * s / (1 + (shift - 1) * s)
+def unipc_schedule(num_steps, shift=5.0, grid="linear"):
+    """Predict2.5's grid (fm_solvers_unipc.py:72-122, set_timesteps :150-219). "linear": N sigmas from
+    float32(0.999) (not 1) towards 0, shifted s -> shift s / (1 + (shift-1) s). "karras" (the experiment's
+    use_kerras_sigma_at_inference, :170-179): EDM's Karras ladder 200 -> 0.01 (rho 7) at N + 1 points, mapped
+    s -> s / (1 + s); the shift is unused and the ladder keeps all N + 1 rungs, so N + 1 steps (36 from t 0.995).
+    float64 throughout. Returns (int64 [n] = truncated 1000 sigma, what the net sees; float32 [n+1] sigmas with a
+    final 0, what the solver uses)."""
+    if grid == "karras":
+        lo, hi = 0.01 ** (1 / 7), 200.0 ** (1 / 7)
+        s = (hi + np.arange(num_steps + 1) / num_steps * (lo - hi)) ** 7
+        s = s / (1 + s)
+    elif grid == "linear":
+        s = np.linspace(float(np.float32(0.999)), 0.0, num_steps + 1)[:-1]
+        s = shift * s / (1 + (shift - 1) * s)
+    else:
+        raise ConfigError(f"--sigma_grid={grid!r}: must be 'linear' or 'karras'")
     return torch.from_numpy((s * 1000).astype(np.int64)), torch.from_numpy(np.append(s, 0.0).astype(np.float32))
 
 
-def sample_unipc(denoise, eps, num_steps, shift=5.0, record=None):
+def sample_unipc(denoise, eps, num_steps, shift=5.0, record=None, grid="linear"):
     """The official flow UniPC (fm_solvers_unipc.py:337-713; bh2, order 2, data prediction, lower order at the
     end): a multistep exponential integrator in lambda = log((1-s)/s) whose predictor (UniP) extrapolates from the
     last two x0 predictions and whose corrector (UniC) re-solves the previous step with the new x0, at no extra
     network call. denoise(x_t, t, t_net) -> x0 with the net fed t_net (the truncated 1000-scale t / 1000).
-    record: a dict that receives per step the latents, x0 predictions and corrected samples."""
-    ts, sig = unipc_schedule(num_steps, shift)
+    record: a dict that receives per step the latents, x0 predictions and corrected samples. grid: unipc_schedule."""
+    ts, sig = unipc_schedule(num_steps, shift, grid)
+    num_steps = len(ts)   # the Karras ladder has one step more
     sig = sig.tolist()
     lam = [math.log((1 - s) / s) if s > 0 else math.inf for s in sig]
     x, x_prev, x0s, order = eps, None, [], 0
@@ -211,13 +222,16 @@ SAMPLERS = {"ab2": sample_ab2, "euler": sample_euler, "unipc": sample_unipc}
 # -----------------------------------------------------------------------------
 # chunked autoregressive multi-view rollout
 
-def to_uint8(video):
-    """[-1, 1] (the tokenizer's decode is unclamped) -> uint8, rounded."""
-    return ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def to_uint8(video, truncate=False):
+    """[-1, 1] (the tokenizer's decode is unclamped) -> uint8, rounded (native: the nearest level), or truncated as
+    the official command's ((v + 1) / 2 * 255).to(uint8) after the Wan decoder's clamp (action_conditioned.py:349-352)."""
+    v = ((video.float() + 1) * 127.5).clamp(0, 255)
+    return (v if truncate else v.round()).to(torch.uint8)
 
 
-def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_frames, sampler, cond_t):
-    """Every input and setting of a rollout, checked before any work."""
+def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, A, num_frames, sampler, cond_t):
+    """Every input and setting of a rollout, checked before any work (A: the action width, None when a policy
+    gives the actions: checked on its first chunk)."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     if sampler == "unipc" and cond_t is not None:
@@ -230,7 +244,7 @@ def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_fra
     s, p = tokenizer.spatial_factor, net.cfg.patch_spatial
     if H % (s * p) or W % (s * p):
         raise ConfigError(f"frame size {H}x{W} must be a multiple of {s * p} (tokenizer {s} x patch {p})")
-    cfg, per_chunk, A = net.cfg, num_frames - 1, actions_B_N_A.shape[2]
+    cfg, per_chunk = net.cfg, num_frames - 1
     if cfg.action_mode == "global" and cfg.num_actions != per_chunk:
         raise ConfigError(f"the model takes {cfg.num_actions} actions per chunk but num_frames={num_frames} "
                           f"needs {per_chunk}")
@@ -239,19 +253,21 @@ def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_fra
         if need != per_chunk:
             raise ConfigError(f"num_frames={num_frames} gives {need} actions per chunk at {cfg.actions_per_latent} "
                               f"per latent frame, but a chunk spans {per_chunk} steps")
-    if cfg.action_mode != "none" and A != cfg.action_dim:
+    if cfg.action_mode != "none" and A is not None and A != cfg.action_dim:
         raise ConfigError(f"the model takes {cfg.action_dim}-D actions, got {A}-D")
 
 
-def pad_actions(a_B_n_A, n):
+def pad_actions(a_B_n_A, n, hold=True):
     """The last chunk of a trajectory whose length is not a multiple of 12: 'hold still' (zero motion, the gripper
     kept at its last value; the gripper column is an absolute target, not a delta). Cosmos zero-pads, which also
     commands the gripper open (0). Only frames driven by real actions are kept, but in a global-chunk model the
     padding still reaches every frame through the one action embedding, and in any model through attention, so
-    the least surprising padding is the robot standing still."""
+    the least surprising padding is the robot standing still. hold=False: zeros, as the official command
+    (action_conditioned.py:316-322)."""
     B, k, A = a_B_n_A.shape
     pad = a_B_n_A.new_zeros(B, n - k, A)
-    pad[..., -1] = a_B_n_A[:, -1:, -1]
+    if hold:
+        pad[..., -1] = a_B_n_A[:, -1:, -1]
     return torch.cat([a_B_n_A, pad], dim=1)
 
 
@@ -267,9 +283,9 @@ def encode(tokenizer, video_N_3_T_H_W):
     return tokenizer.encode((video_N_3_T_H_W.float() / 127.5 - 1).to(p.device, p.dtype)).float()
 
 
-def decode(tokenizer, z):
+def decode(tokenizer, z, truncate=False):
     p = tokenizer_param(tokenizer)
-    return to_uint8(tokenizer.decode(z.to(p.device, p.dtype))).cpu()
+    return to_uint8(tokenizer.decode(z.to(p.device, p.dtype)), truncate).cpu()
 
 
 def encode_frames(tokenizer, frames_B_V_3_H_W, latent_T):
@@ -300,10 +316,61 @@ def guided_velocity(net, x_t, t_B, x0_cond, mask, noise, guidance=0.0, ctx=None,
     return mask * (noise - x0_cond) + (1 - mask) * v
 
 
+def sample_chunk(net, x0_cond, eps, mask, cond, *, V, num_steps, sampler, shift, sigma_grid, cond_t, fps_B, guidance,
+                 ctx, neg, uncond_anchored, amp):
+    """The latents of one chunk: the sampler (a pure function of denoise) over the conditioned, guided net.
+    Returns (latents, net calls)."""
+    B, dev = x0_cond.shape[0], x0_cond.device
+    two_branches = ctx is not neg and (guidance != 0 or uncond_anchored)
+    net_kw = dict(cond, num_views=V, fps=fps_B)
+    calls = 0
+
+    def denoise(x_t, t, t_net=None):
+        """x0 at solver time t; the net is told t_net (Predict2.5: the truncated 1000-scale t) or t."""
+        nonlocal calls
+        calls += 1 + two_branches
+        t_B = torch.full((B,), t if t_net is None else t_net, device=dev, dtype=x_t.dtype)
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            if sampler == "unipc":
+                v = guided_velocity(net, x_t, t_B, x0_cond, mask, eps, guidance, ctx, neg, uncond_anchored, **net_kw)
+                return x_t - t * v.float()
+            x0 = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=ctx, **net_kw).float()
+            if two_branches:   # Predict2: cond-anchored CFG (dit.md 7.1)
+                x0_u = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=neg, **net_kw)
+                x0 = x0 + guidance * (x0 - x0_u.float())
+            return x0
+
+    if sampler == "unipc":
+        return sample_unipc(denoise, eps, num_steps, shift, grid=sigma_grid or "linear"), calls
+    return SAMPLERS[sampler](denoise, eps, num_steps), calls
+
+
+def chunk_cond(net, cond, policy, frame, start, per_chunk, N, history, hold):
+    """The conditioning of the chunk starting at time step `start`: each signal's [start, start + per_chunk) slice
+    (open loop) or the policy's answer given the latest frames (closed loop), padded to a whole chunk (pad_actions).
+    Returns (cond of the chunk, its real action count, the chunk's actions as given)."""
+    if policy is not None:
+        a = policy(frame, start, history)[:, :min(per_chunk, N - start)].float().cpu()
+        if a.ndim != 3 or a.shape[1] == 0 or (a.shape[1] < per_chunk and start + a.shape[1] < N):
+            raise ValueError(f"policy returned {list(a.shape)} at step {start}: a chunk needs [B, {per_chunk}, A]")
+        if net.cfg.action_mode != "none" and a.shape[2] != net.cfg.action_dim:
+            raise ConfigError(f"the model takes {net.cfg.action_dim}-D actions, the policy gave {a.shape[2]}-D")
+        cond = {"action": a}
+        start = 0
+    chunk = {k: v[:, start:start + per_chunk].float() for k, v in cond.items()}
+    n_real = chunk["action"].shape[1] if "action" in chunk else min(per_chunk, N - start)
+    given = chunk.get("action")
+    chunk = {k: pad_actions(v, per_chunk, hold) if v.shape[1] < per_chunk else v for k, v in chunk.items()}
+    if net.cfg.action_mode == "none":
+        chunk.pop("action", None)
+    return chunk, n_real, given
+
+
 @torch.no_grad()
-def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames=13, num_steps=35, sampler="ab2",
-            shift=5.0, seed=0, cond_t=None, fps=4, guidance=0.0, crossattn_emb=None, neg_crossattn_emb=None,
-            amp=None, progress=True, timings=None):
+def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A=None, *, policy=None, num_actions=None, cond=None,
+            num_frames=13, num_steps=35, sampler="ab2", shift=5.0, seed=0, cond_t=None, fps=4, guidance=0.0,
+            crossattn_emb=None, neg_crossattn_emb=None, amp=None, progress=True, timings=None, sigma_grid=None,
+            return_actions=False, official=False, chunks=None):
     """
     Predict every camera over the whole action sequence. Returns uint8 [B, V, 3, N+1, H, W]: frame k is time step k
     (frame 0 is the given frame; frame k >= 1 follows actions 0..k-1). Chunk c covers time steps 12c..12c+12 (for
@@ -311,70 +378,61 @@ def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames
     generated frame, converted to uint8 and re-encoded, as Cosmos does) and its actions are actions[12c:12c+12];
     the last chunk is padded (pad_actions) and only its real frames kept. Chunk c draws its noise with
     seed + 12c. Nothing but the first frames and the actions is read: no ground truth beyond the conditioning frame.
-    The official tools instead repeat time step 12 and drop the last one (data_and_pipeline.md 6.2).
-    Conditioning: "unipc" (Predict2.5) feeds the conditioned frames clean at the same t and replaces their velocity
+    Conditioning: actions_B_N_A (open loop; shorthand for cond={"action": ...}), cond (every signal [B, N, ...],
+    passed per chunk to the net as **cond), or policy(frames_B_V_3_H_W, step, history) -> the next chunk's actions
+    [B, n, A] (closed loop over num_actions steps; replaying a fixed sequence equals open loop bit for bit).
+    "unipc" (Predict2.5) feeds the conditioned frames clean at the same t and replaces their velocity
     (guided_velocity); "ab2" / "euler" (Predict2) feed them at cond_t (None: the same t) and replace their x0.
     crossattn_emb / neg_crossattn_emb: [1, N, C] text of the conditional / unconditional branch (None = zeros).
     amp: None (float32) or the autocast dtype of the DiT. timings: a list that receives one dict per chunk.
+    sigma_grid: unipc's grid ("linear" default, or "karras"). official=True: the official command's conversions
+    (truncating uint8, zero padding). chunks: a list that receives each chunk's decoded uint8 [B, V, 3, 13, H, W]
+    (frame 0 the reconstruction of its conditioning frame), from which official.py writes the official layout.
+    return_actions: also return the actions used [B, N, A].
     """
-    check_rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, num_frames, sampler, cond_t)
+    if (actions_B_N_A is None) + (cond is None) + (policy is None) != 2:
+        raise ValueError("rollout takes exactly one of actions_B_N_A, cond or policy")
+    cond = {"action": actions_B_N_A} if actions_B_N_A is not None else cond
+    N = num_actions if policy is not None else next(iter(cond.values())).shape[1]
+    A = cond["action"].shape[2] if cond is not None and "action" in cond else None
+    check_rollout(net, tokenizer, first_frames_B_V_3_H_W, A, num_frames, sampler, cond_t)
     B, V, _, H, W = first_frames_B_V_3_H_W.shape
-    N = actions_B_N_A.shape[1]
     per_chunk = num_frames - 1
     T_lat = latent_frames(num_frames, tokenizer.temporal_factor)
     h, w = H // tokenizer.spatial_factor, W // tokenizer.spatial_factor
     dev = next(net.parameters()).device
-    fps_B = torch.full((B,), float(fps), device=dev)
     mask = model.condition_mask(B, V, T_lat, h, w, 1, device=dev)
     ctx, neg = (None if e is None else e.to(dev) for e in (crossattn_emb, neg_crossattn_emb))
     # the Predict2.5 multi-view (video) model anchors CFG on uncond; action models, Predict2.5 or not, on cond
     uncond_anchored = sampler == "unipc" and net.cfg.n_views_emb > 0 and net.cfg.action_mode == "none"
-    two_branches = ctx is not neg and (guidance != 0 or uncond_anchored)
     if guidance != 0 and ctx is neg and progress:
         print("guidance: no effect (the conditional and unconditional text are the same, so are the predictions)")
-
+    kw = dict(V=V, num_steps=num_steps, sampler=sampler, shift=shift, sigma_grid=sigma_grid, cond_t=cond_t,
+              fps_B=torch.full((B,), float(fps), device=dev), guidance=guidance, ctx=ctx, neg=neg,
+              uncond_anchored=uncond_anchored, amp=amp)
     out = torch.empty(B, V, 3, N + 1, H, W, dtype=torch.uint8)
     out[:, :, :, 0] = first_frames_B_V_3_H_W.cpu()
-    frame = first_frames_B_V_3_H_W
-    starts = list(range(0, N, per_chunk))
+    frame, used = first_frames_B_V_3_H_W, []
     # a bar on a terminal only: in a log file the summary line below says the same
-    bar = tqdm(starts, desc="chunks", unit="chunk", disable=not (progress and sys.stderr.isatty()), leave=False)
+    bar = tqdm(range(0, N, per_chunk), desc="chunks", unit="chunk", disable=not (progress and sys.stderr.isatty()),
+               leave=False)
     for k, start in enumerate(bar):
         t0 = time.perf_counter()
-        a = actions_B_N_A[:, start:start + per_chunk].float()
-        n_real = a.shape[1]
-        if n_real < per_chunk:
-            a = pad_actions(a, per_chunk)
-        net_kw = dict(action=a.to(dev) if net.cfg.action_mode != "none" else None, num_views=V, fps=fps_B)
+        c, n_real, given = chunk_cond(net, cond, policy, frame, start, per_chunk, N, out[:, :, :, :start + 1],
+                                      not official)
+        used.append(given)
         x0_cond = encode_frames(tokenizer, frame, T_lat).to(dev)
         eps = chunk_noise(seed + start, (B, x0_cond.shape[1], V * T_lat, h, w)).to(dev)
-        calls = 0
-
-        def denoise(x_t, t, t_net=None):
-            """x0 at solver time t; the net is told t_net (Predict2.5: the truncated 1000-scale t) or t."""
-            nonlocal calls
-            calls += 1 + two_branches
-            t_B = torch.full((B,), t if t_net is None else t_net, device=dev, dtype=x_t.dtype)
-            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                if sampler == "unipc":
-                    v = guided_velocity(net, x_t, t_B, x0_cond, mask, eps, guidance, ctx, neg, uncond_anchored,
-                                        **net_kw)
-                    return x_t - t * v.float()
-                x0 = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=ctx, **net_kw).float()
-                if two_branches:   # Predict2: cond-anchored CFG (dit.md 7.1)
-                    x0_u = model.predict_x0(net, x_t, t_B, x0_cond, mask, cond_t, crossattn_emb=neg, **net_kw)
-                    x0 = x0 + guidance * (x0 - x0_u.float())
-                return x0
-
         t1 = time.perf_counter()
-        steps = SAMPLERS[sampler]
-        latents = steps(denoise, eps, num_steps, shift) if sampler == "unipc" else steps(denoise, eps, num_steps)
+        latents, calls = sample_chunk(net, x0_cond, eps, mask, {n: v.to(dev) for n, v in c.items()}, **kw)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)   # else the timing measures kernel launches, not the work
         t2 = time.perf_counter()
         # decode one chunk at a time (and the tokenizer streams its frames): memory stays one chunk
-        video = decode(tokenizer, rearrange(latents, "b c (v t) h w -> (b v) c t h w", v=V))
+        video = decode(tokenizer, rearrange(latents, "b c (v t) h w -> (b v) c t h w", v=V), truncate=official)
         video = rearrange(video, "(b v) c t h w -> b v c t h w", b=B, v=V)
+        if chunks is not None:
+            chunks.append(video)
         out[:, :, :, start + 1:start + 1 + n_real] = video[:, :, :, 1:1 + n_real]
         frame = video[:, :, :, per_chunk]   # the next chunk's conditioning frame (uint8, as Cosmos)
         t3 = time.perf_counter()
@@ -382,7 +440,9 @@ def rollout(net, tokenizer, first_frames_B_V_3_H_W, actions_B_N_A, *, num_frames
                    encode_seconds=t1 - t0, decode_seconds=t3 - t2, net_calls=calls)
         if timings is not None:
             timings.append(rec)
-        bar.set_postfix_str(f"{rec['seconds']:.2f} s/chunk, {rec['sample_seconds'] / calls:.3f} s/step")
+        bar.set_postfix_str(f"{rec['seconds']:.2f} s/chunk, {rec['sample_seconds'] / rec['net_calls']:.3f} s/step")
+    if return_actions:
+        return out, (torch.cat(used, dim=1) if used and used[0] is not None else None)
     return out
 
 
