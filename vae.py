@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
+from configurator import UserError
+
 # Per-channel statistics of Wan2.1 latents (Cosmos VAE.__init__; identical in Predict2.5 and diffusers).
 LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
@@ -290,13 +292,20 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)  # "post-quant conv", applied before the decoder
         self.decoder = Decoder3d(dim, z_dim, dim_mult, num_res_blocks, list(attn_scales), temperal_downsample[::-1],
                                  dropout)
+        self.reset_latent_stats()
+
+    def reset_latent_stats(self):
+        """The latent mean / std as buffers (they follow .to(device, dtype)): no host-to-device copy per encode
+        (issue 20: that copy was a blocking sync per training micro-step). Re-made after a meta-device load."""
+        dev = None if self.conv1.weight.is_meta else self.conv1.weight.device
+        self.register_buffer("latent_mean", torch.tensor(LATENT_MEAN, device=dev).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latent_std", torch.tensor(LATENT_STD, device=dev).view(1, -1, 1, 1, 1), persistent=False)
 
     def latent_stats(self, dtype, device):
         # Cosmos holds mean and std in the model dtype and multiplies by 1/std computed in that dtype; doing the same
-        # reproduces its bf16-rounded constants exactly. Shapes (1, 16, 1, 1, 1).
-        mean = torch.tensor(LATENT_MEAN, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
-        inv_std = 1.0 / torch.tensor(LATENT_STD, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
-        return mean, inv_std
+        # reproduces its bf16-rounded constants exactly. Shapes (1, 16, 1, 1, 1). Device ops only (no sync).
+        mean, std = self.latent_mean.to(device, dtype), self.latent_std.to(device, dtype)
+        return mean, 1.0 / std
 
     @torch.no_grad()
     def encode(self, video_B_3_T_H_W, micro_batch=None):
@@ -378,6 +387,20 @@ class PixelTokenizer(nn.Module):
 
 # -----------------------------------------------------------------------------
 
+def wan_state_dict(path):
+    """The flat state dict of an official tokenizer.pth; one-line UserError for a file that is not one."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise UserError(path, f"not a Wan2.1 VAE state dict ({type(e).__name__})") from None
+    need = ("encoder.conv1.weight", "conv2.weight")
+    if not isinstance(sd, dict) or any(k not in sd or getattr(sd[k], "ndim", 0) != 5 for k in need):
+        raise UserError(path, "not a Wan2.1 VAE state dict (no encoder.conv1 / conv2 5-D weights)")
+    return sd
+
+
 def load_tokenizer(name: str, path: str | None = None, device="cpu", dtype=torch.float32, **kw) -> nn.Module:
     """'wan2.1': the official tokenizer.pth (a flat state dict, no prefix), loaded strictly; path None = random
     weights (for benchmarks and shape tests only). 'pixel': PixelTokenizer(**kw). Returns an eval, frozen module."""
@@ -390,17 +413,21 @@ def load_tokenizer(name: str, path: str | None = None, device="cpu", dtype=torch
             print("WARNING: Wan2.1 VAE with RANDOM weights (no tokenizer.pth given): latents and videos are meaningless")
             tok = WanVAE(**kw)
         else:
+            sd = wan_state_dict(path)
+            # the width and latent size come from the file (a VAE of any Wan2.1 width: the e2e fixture's is dim 4)
+            kw = {"dim": sd["encoder.conv1.weight"].shape[0], "z_dim": sd["conv2.weight"].shape[0], **kw}
             with torch.device("meta"):
                 tok = WanVAE(**kw)
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             expected = tok.state_dict().keys()
             missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
             if missing or unexpected:
-                raise RuntimeError(
-                    f"{path} does not match the Wan2.1 VAE (expected a flat state dict with {len(expected)} keys, got "
-                    f"{len(sd)}): {len(missing)} missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-                    f"{len(unexpected)} unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-            tok.load_state_dict(sd, strict=True, assign=True)  # also raises on any shape mismatch
+                raise UserError(path, f"not a Wan2.1 VAE of the released layout ({len(missing)} keys missing, e.g. "
+                                      f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+            try:
+                tok.load_state_dict(sd, strict=True, assign=True)
+            except RuntimeError as e:
+                raise UserError(path, f"not a Wan2.1 VAE: {str(e).splitlines()[-1].strip()}") from None
+            tok.reset_latent_stats()
     else:
         raise ValueError(f"unknown tokenizer {name!r}: expected 'wan2.1' or 'pixel'")
     return tok.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -424,9 +451,11 @@ def encode_micro_batch(tok, H, W, memory_budget=None):
     `memory_budget` bytes (default: half the free CUDA memory, or 4 GiB on the CPU)."""
     if not isinstance(tok, WanVAE):
         return 1 << 30
-    if memory_budget is None:
+    if memory_budget is None:   # chosen once per tokenizer: cudaMemGetInfo is a host sync (issue 20)
         w = next(tok.parameters())
-        memory_budget = torch.cuda.mem_get_info(w.device)[0] // 2 if w.device.type == "cuda" else 4 << 30
+        if getattr(tok, "memory_budget", None) is None:
+            tok.memory_budget = torch.cuda.mem_get_info(w.device)[0] // 2 if w.device.type == "cuda" else 4 << 30
+        memory_budget = tok.memory_budget
     per_sample = ENCODE_BYTES_PER_PIXEL * H * W * tokenizer_dtype(tok).itemsize
     return max(1, int(memory_budget // per_sample))
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import vae
+from configurator import UserError
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("vae*.safetensors"))
 # Required agreement with the official float32 outputs (fixtures/README.md).
@@ -76,7 +77,7 @@ def test_real_config_size_and_key_names():
         model = vae.WanVAE()
     sd = model.state_dict()
     assert sum(p.numel() for p in model.parameters()) == 126_892_531
-    assert len(sd) == 194 and not list(model.buffers())
+    assert len(sd) == 194 and {n for n, _ in model.named_buffers()} == {"latent_mean", "latent_std"}  # not saved
     assert sum(v.numel() for k, v in sd.items() if k.startswith("encoder.")) == 53_595_872
     assert sum(v.numel() for k, v in sd.items() if k.startswith("decoder.")) == 73_295_331
     expected = {  # from spec/vae.md section 1.3
@@ -189,11 +190,15 @@ def test_load_tokenizer_strict(tiny, tmp_path, capsys):
     del broken["decoder.head.2.bias"]
     broken["decoder.head.2.extra"] = torch.zeros(1)
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(RuntimeError, match=r"1 missing \['decoder.head.2.bias'\].*1 unexpected"):
+    with pytest.raises(UserError, match=r"broken.pth: .*1 keys missing, e.g. \['decoder.head.2.bias'\]; 1 unexpected"):
         vae.load_tokenizer("wan2.1", str(tmp_path / "broken.pth"), **kwargs)
     torch.save({"vae." + k: v for k, v in sd.items()}, tmp_path / "prefixed.pth")
-    with pytest.raises(RuntimeError, match="missing"):
+    with pytest.raises(UserError, match="prefixed.pth: not a Wan2.1 VAE"):
         vae.load_tokenizer("wan2.1", str(tmp_path / "prefixed.pth"), **kwargs)
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(UserError, match=r"text.pth: not a Wan2.1 VAE state dict") as e:
+        vae.load_tokenizer("wan2.1", str(tmp_path / "text.pth"))
+    assert "\n" not in str(e.value)
 
     rand = vae.load_tokenizer("wan2.1", None, dtype=torch.bfloat16, **kwargs)
     assert "RANDOM weights" in capsys.readouterr().out
@@ -303,3 +308,11 @@ def test_encode_micro_batch_bounds_memory(tiny):
     assert vae.encode_micro_batch(model, 256, 320, memory_budget=10 * per_sample + 1) == 10
     assert vae.encode_micro_batch(model, 256, 320, memory_budget=1) == 1       # never zero
     assert vae.encode_micro_batch(vae.load_tokenizer("pixel"), 256, 320, 1) > 1 << 20  # no activations to bound
+
+
+def test_wan_width_inferred_from_the_file():
+    """issue 21 item 4: the e2e fixture's tokenizer.pth is dim 4 (the release: 96); no setting names the width."""
+    path = Path(__file__).parent / "fixtures" / "e2e_action_p25" / "tokenizer.pth"
+    tok = vae.load_tokenizer("wan2.1", str(path))
+    assert tok.encoder.conv1.weight.shape[0] == 4 and tok.latent_channels == 16
+    assert tok.latent_mean.device.type == "cpu" and tok.latent_mean.shape == (1, 16, 1, 1, 1)
