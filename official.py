@@ -8,11 +8,12 @@ zero-padded last chunk, the official written layout, save_fps).
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import sample
-from configurator import ConfigError
-from sample import check_outputs, file_job, parse_args, read_json, run_jobs, setup
+from configurator import ConfigError, UserError
+from sample import check_outputs, parse_args, read_json, setup
 
 # the Cosmos-Predict2.5 action guide's command: -i inference_params.json -o OUT --checkpoint-path CKPT
 
@@ -23,8 +24,11 @@ OFFICIAL_FIELDS = dict(name="", input_root=None, input_json_sub_folder=None, sav
                        start_frame_idx=0, save_fps=20, num_latent_conditional_frames=1, action_scaler=20.0,
                        use_quat=False, action_load_fn="cosmos_predict2.action_conditioned.load_default_action_fn",
                        seed=0, prompt=None, prompt_path=None, negative_prompt=None)
-KNOWN_EXPERIMENTS = ("ac_reason_embeddings_rectified_flow_2b_256_320",   # the guide's post-training experiment
-                     "cosmos_predict2p5_2B_reason_embeddings_action_conditioned_rectified_flow_bridge_13frame_256x320")
+# use_kerras_sigma_at_inference as each experiment's config composes it: the guide's Bridge post-training experiment
+# inherits True from its 2B base (SFT_2B_RF.py:767); the released robot checkpoint's experiment sets False
+KNOWN_EXPERIMENTS = {"ac_reason_embeddings_rectified_flow_2b_256_320": True,
+                     "cosmos_predict2p5_2B_reason_embeddings_action_conditioned_rectified_flow_bridge_13frame_256x320":
+                         False}
 _OFFICIAL_FLAGS = {"-i": "input", "--input-file": "input", "-o": "output", "--output-dir": "output",
                    "--checkpoint-path": "checkpoint", "--experiment": "experiment"}
 
@@ -56,33 +60,108 @@ def official_params(argv):
     return flags, {**OFFICIAL_FIELDS, **p}, rest
 
 
+def field(params, p, key, kind):
+    """A params-file field as int / float (a JSON number, not a string), or one line naming the field."""
+    v = p[key]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or (kind is int and not float(v).is_integer()):
+        raise UserError(params, f"{key}={v!r}: must be a{'n integer' if kind is int else ' number'}")
+    return kind(v)
+
+
+def check_params(params, p):
+    """Every numeric field and the resolution, each refused with one line naming it (issue 23)."""
+    for key in ("chunk_size", "camera_id", "start", "end", "fps_downsample_ratio", "start_frame_idx", "save_fps"):
+        p[key] = field(params, p, key, int)
+    for key in ("guidance", "gripper_scale", "action_scaler"):
+        p[key] = field(params, p, key, float)
+    if p["chunk_size"] < 1 or p["fps_downsample_ratio"] < 1 or p["start_frame_idx"] < 0 or p["save_fps"] < 1:
+        raise UserError(params, "chunk_size, fps_downsample_ratio and save_fps must be >= 1, start_frame_idx >= 0")
+    res = str(p["resolution"])
+    if res.lower() == "none":
+        return None
+    parts = res.split(",")
+    if len(parts) != 2 or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
+        raise UserError(params, f"resolution={p['resolution']!r}: must be \"H,W\" (e.g. \"256,320\") or \"none\"")
+    return tuple(int(x) for x in parts)
+
+
+def lanczos(frame_3_H_W, size):
+    """The official resize of the conditioning frame: mediapy.resize_image, i.e. PIL's Lanczos on uint8
+    (action_conditioned.py:165-172). Pillow is optional: without it, data.py's bilinear resize, said once."""
+    if tuple(frame_3_H_W.shape[-2:]) == tuple(size):
+        return frame_3_H_W
+    try:
+        from PIL import Image
+    except ImportError:
+        print("note: Pillow is not installed: bilinear resize instead of the official Lanczos (frames will differ)")
+        import data
+        return data.resize_frames(frame_3_H_W[None], size)[0]
+    img = Image.fromarray(frame_3_H_W.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def load_episode(params, ann_path, p, s, root):
+    """(the conditioning frame uint8 [1, 3, H, W] resized the official way, actions [N, A]) of one annotation:
+    the video json["videos"][camera_id] under input_root, every fps_downsample_ratio-th row, from start_frame_idx."""
+    import data
+    ann = data.parse_annotation(ann_path)
+    video = data.camera_paths(root, "irasim", ann_path, ann["json"], (p["camera_id"],))[0]
+    if not Path(video).is_file():
+        raise UserError(video, f"video not found (camera_id {p['camera_id']} of {ann_path})")
+    stride, sfi = p["fps_downsample_ratio"], p["start_frame_idx"]
+    count = data.probe_video(video)[0]
+    if sfi * stride >= min(count, len(ann["state"])):
+        raise UserError(params, f"start_frame_idx={sfi}: beyond {ann_path} ({min(count, len(ann['state']))} frames"
+                                f"{f' at fps_downsample_ratio {stride}' if stride > 1 else ''})")
+    frame = lanczos(data.read_frames(video, [sfi * stride])[0], s["frame_size"])
+    actions = data.compute_actions(ann["state"][::stride], ann["gripper"][::stride], s["action_scale"],
+                                   s["gripper_scale"])[sfi:]
+    if actions.shape[0] < p["chunk_size"]:
+        raise UserError(ann_path, f"{actions.shape[0]} actions from start_frame_idx {sfi}: fewer than one chunk "
+                                  f"(chunk_size {p['chunk_size']} in {params})")
+    return frame[None], torch.from_numpy(actions)
+
+
+def official_layout(chunks_B_V_3_T_H_W):
+    """What the official command writes (action_conditioned.py:361-371): chunk 0's 13 frames, then frames 0..11 of
+    every later chunk (time step 12c twice, as its VAE reconstruction; the last step dropped)."""
+    per_chunk = chunks_B_V_3_T_H_W[0].shape[3] - 1
+    return torch.cat([chunks_B_V_3_T_H_W[0][0]] + [c[0][:, :, :per_chunk] for c in chunks_B_V_3_T_H_W[1:]], dim=2)
+
+
+def check_chunk(params, net, chunk_size):
+    """The params' chunk size against the checkpoint's, before sampling (issue 23 item 6)."""
+    cfg = net.cfg
+    if cfg.action_mode == "global" and cfg.num_actions != chunk_size:
+        raise UserError(params, f"chunk_size={chunk_size}: the checkpoint takes {cfg.num_actions} actions per chunk")
+    if cfg.action_mode == "per_frame" and chunk_size % 4:
+        raise UserError(params, f"chunk_size={chunk_size}: must be a multiple of 4 (4 frames per latent frame)")
+
+
 def official_run(argv):
     """
     `python sample.py -i inference_params.json -o OUT --checkpoint-path model_ema_bf16.pt [--experiment NAME]
     [--key=value ...]`: the official action inference (examples/action_conditioned.py ->
-    cosmos_predict2/action_conditioned.py) on nanocosmos. Annotations: input_root/input_json_sub_folder/*.json,
-    sorted, [start:end]; camera_id picks json["videos"][camera_id] under input_root; actions from state_key /
-    gripper_key every fps_downsample_ratio-th row, scaled by action_scaler (xyz, rpy) and gripper_scale; resolution
-    "H,W" (or "none": the model's); the rollout starts at (downsampled) frame start_frame_idx, chunk i seeded with
-    its first action index as official (which ignores `seed`); single_chunk stops after one chunk; videos go to
-    save_root (or OUT) as <name>_chunk.mp4 (<name>_single_chunk.mp4), at save_fps, and an existing one is skipped
-    unless --overwrite, as official. Unlike official, the video is time-aligned (frame k = time step k; official
-    repeats each chunk's conditioning frame and drops its last). OUT receives nanocosmos_settings.json. Fields that
-    cannot be honoured (a custom action_load_fn, quaternion actions, other JSON keys, a prompt without
-    --text_embedding, ...) are named in one warning. --experiment is not needed: the configuration comes from the
-    checkpoint (run config, else its shapes and family).
+    cosmos_predict2/action_conditioned.py) on nanocosmos, with the official conventions, so the frames equal the
+    official tool's (tests/test_official.py). Annotations: input_root/input_json_sub_folder/*.json, sorted,
+    [start:end]; camera_id picks json["videos"][camera_id]; actions from state / gripper every fps_downsample_ratio-th
+    row, scaled by action_scaler and gripper_scale; resolution "H,W" (or "none": the model's); the rollout starts at
+    (downsampled) frame start_frame_idx, chunk i seeded with its first action index as official (which ignores
+    `seed`); single_chunk stops after one chunk; videos go to save_root (or OUT) as <name>_chunk.mp4
+    (<name>_single_chunk.mp4) at save_fps, an existing one skipped unless --overwrite, as official. OUT receives
+    nanocosmos_settings.json. Fields that cannot be honoured are named in one warning.
     """
     flags, p, rest = official_params(argv)
+    params = flags["input"]
     c = parse_args(rest)
-    single, sfi, cam = bool(p["single_chunk"]), int(p["start_frame_idx"]), p["camera_id"]
-    if not str(cam).isdigit():
-        raise ConfigError(f"{flags['input']}: camera_id must be an index into json['videos'], got {cam!r}")
-    c.update(dit_path=flags["checkpoint"], data_root=str(p["input_root"]), cameras=(int(cam),),
-             frame_stride=int(p["fps_downsample_ratio"]), action_scale=float(p["action_scaler"]),
-             gripper_scale=float(p["gripper_scale"]), guidance=float(p["guidance"]), save_fps=int(p["save_fps"]),
-             seed=sfi, num_frames=int(p["chunk_size"]) + 1, max_actions=int(p["chunk_size"]) if single else 0)
-    if str(p["resolution"]).lower() != "none":
-        c["frame_size"] = tuple(int(x) for x in str(p["resolution"]).split(","))
+    size = check_params(params, p)
+    single, sfi = bool(p["single_chunk"]), p["start_frame_idx"]
+    exp, explicit = flags.get("experiment"), c["sigma_grid"]
+    grid = explicit or ("karras" if KNOWN_EXPERIMENTS.get(exp) else "linear")
+    c.update(dit_path=flags["checkpoint"], data_root=str(p["input_root"]), cameras=(p["camera_id"],),
+             frame_stride=p["fps_downsample_ratio"], action_scale=p["action_scaler"], gripper_scale=p["gripper_scale"],
+             guidance=p["guidance"], save_fps=p["save_fps"], seed=sfi, num_frames=p["chunk_size"] + 1,
+             sigma_grid=grid, **({"frame_size": size} if size else {}))
     unhonoured = [f"{k}={p[k]!r}" for k in ("action_load_fn", "use_quat", "state_key", "gripper_key",
                                             "num_latent_conditional_frames") if p[k] != OFFICIAL_FIELDS[k]]
     if p["reverse"]:
@@ -93,26 +172,43 @@ def official_run(argv):
         unhonoured.append("prompt (no --text_embedding: the text input is zeros)")
     if p["guidance"] and p["negative_prompt"] and not c["negative_text_embedding"]:
         unhonoured.append("negative_prompt (no --negative_text_embedding: zeros, the same as the prompt's text)")
-    if flags.get("experiment") and flags["experiment"] not in KNOWN_EXPERIMENTS:
-        unhonoured.append(f"--experiment {flags['experiment']} (the configuration comes from the checkpoint)")
+    if exp and exp not in KNOWN_EXPERIMENTS:
+        unhonoured.append(f"--experiment {exp} (unknown: the configuration comes from the checkpoint, grid {grid})")
     if unhonoured:
-        print(f"warning: {flags['input']}: not honoured by nanocosmos: " + "; ".join(unhonoured))
-    anns = sorted(Path(p["input_root"], p["input_json_sub_folder"]).glob("*.json"))[int(p["start"]):int(p["end"])]
+        print(f"warning: {params}: not honoured by nanocosmos: " + "; ".join(unhonoured))
+    folder = Path(p["input_root"], p["input_json_sub_folder"])
+    anns = sorted(folder.glob("*.json"))[p["start"]:p["end"]]
     if not anns:
-        raise ConfigError(f"{Path(p['input_root'], p['input_json_sub_folder'])}: no *.json annotations "
-                          f"(start {p['start']}, end {p['end']})")
+        raise UserError(folder, f"no *.json annotations (start {p['start']}, end {p['end']} in {params})")
     save_root = Path(p["save_root"] or flags["output"])
     outs = [save_root / f"{a.stem}_{'single_' if single else ''}chunk.mp4" for a in anns]
     check_outputs([Path(flags["output"], "nanocosmos_settings.json")] + outs, overwrite=True)
     net, s, tok, common = setup(c)
-    for o in outs:
-        if o.exists() and not c["overwrite"]:
-            print(f"{o}: exists, skipped (as official; --overwrite replaces it)")
-    jobs = [file_job(a, "", o, c["data_root"]) for a, o in zip(anns, outs) if c["overwrite"] or not o.exists()]
+    check_chunk(params, net, p["chunk_size"])
+    how = "--sigma_grid" if explicit else f"as {exp} composes it" if exp in KNOWN_EXPERIMENTS else "default"
+    print(f"official conventions: sigma grid {grid} ({how}"
+          f"), PIL Lanczos resize of the conditioning frame, "
+          f"truncating uint8, zero-padded last chunk, written layout chunk 0's {p['chunk_size'] + 1} frames + frames "
+          f"0-{p['chunk_size'] - 1} of each later chunk, save_fps {p['save_fps']}")
     Path(flags["output"], "nanocosmos_settings.json").write_text(json.dumps(
-        dict(params=str(flags["input"]), checkpoint=flags["checkpoint"], not_honoured=unhonoured,
+        dict(params=str(params), checkpoint=flags["checkpoint"], not_honoured=unhonoured, sigma_grid=grid,
              settings={**s, "num_steps": c["num_steps"], "shift": c["shift"], "guidance": c["guidance"]}), indent=1))
-    return run_jobs(jobs, net, tok, common, c, s, start_frame=sfi)
+    written = []
+    for ann, out in zip(anns, outs):
+        if out.exists() and not c["overwrite"]:
+            print(f"{out}: exists, skipped (as official; --overwrite replaces it)")
+            continue
+        frame, actions = load_episode(params, ann, p, s, Path(c["data_root"]))
+        chunks = []
+        sample.rollout(net, tok, frame[None], actions[None, :p["chunk_size"] if single else None], chunks=chunks,
+                       official=True, progress=False, **common)
+        video = official_layout(chunks)
+        sample.save_video(out, video, fps=p["save_fps"])
+        frames = f" and {sample.write_frames(out, video)}" if c["save_frames"] else ""
+        print(f"{ann.stem}: {actions.shape[0]} actions, {len(chunks)} chunks -> {video.shape[2]} frames: wrote {out}"
+              f" ({p['save_fps']} fps){frames}")
+        written.append((out, video))
+    return written
 
 
 main = torch.no_grad()(official_run)   # (not set_grad_enabled: a caller in the same process keeps its gradients)

@@ -67,6 +67,8 @@ max_actions = 0                # 0: the whole trajectory; n: only the first n ac
 num_steps = 35
 sampler = ""                   # "" -> the family's: "unipc" (Predict2.5 nets) or "ab2" (Predict2); or "euler"
 shift = 5.0                    # unipc: shift of the sigma grid (Predict2.5: 5)
+sigma_grid = ""                # unipc grid: "" -> "linear" (shifted; the released robot model's experiment), or
+                               # "karras" (use_kerras_sigma_at_inference; -i mode: as the --experiment composes it)
 seed = 0                       # chunk starting at time step i uses seed + i (Cosmos: seed = i)
 guidance = 0.0                 # CFG scale; changes nothing while both branches see the same text (zeros by default)
 cond_t = None                  # t of the conditioning latent; None -> run config / family (<0 = same t as the rest)
@@ -94,6 +96,7 @@ overwrite = False              # replace existing output videos (else an existin
 strip_path = ""                # PNG frame strip; "" -> save_path with .png
 save_fps = 0
 compare = False                # ground truth beside the prediction
+save_frames = False            # also write the exact uint8 frames beside each mp4 (.safetensors "video" [V,3,T,H,W])
 eval = False                   # metrics over the split instead of a video (shadows the builtin, never used here)
 eval_episodes = 0              # 0: every episode of the split
 eval_json = ""                 # "" -> output/eval.json
@@ -481,6 +484,14 @@ def save_video(path, video_V_3_T_H_W, gt=None, fps=4):
     data.write_mp4(path, tile_views(video_V_3_T_H_W, gt), fps=fps)
 
 
+def write_frames(path, video_V_3_T_H_W):
+    """The exact uint8 frames of a written video (mp4 is lossy), as safetensors "video" [V, 3, T, H, W] beside it."""
+    from safetensors.torch import save_file
+    out = Path(path).with_suffix(".safetensors")
+    save_file({"video": video_V_3_T_H_W.contiguous()}, str(out))
+    return out
+
+
 def write_png(path, image_H_W_3):
     """A minimal PNG encoder (8-bit RGB, filter 0, zlib), so that no image library is needed."""
     img = np.ascontiguousarray(np.asarray(image_H_W_3, dtype=np.uint8))
@@ -752,7 +763,8 @@ def setup(c):
         net = torch.compile(net)
     common = dict(num_frames=s["num_frames"], num_steps=c["num_steps"], sampler=s["sampler"], shift=c["shift"],
                   seed=c["seed"], cond_t=s["cond_t"], fps=s["fps"], guidance=c["guidance"], crossattn_emb=ctx,
-                  neg_crossattn_emb=neg, amp=torch.bfloat16 if dtype == "bfloat16" else None)
+                  neg_crossattn_emb=neg, amp=torch.bfloat16 if dtype == "bfloat16" else None,
+                  sigma_grid=c["sigma_grid"] or None)
     return net, s, tok, common
 
 
@@ -768,6 +780,8 @@ def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
         dt = time.perf_counter() - t0
         gt = frames[:, :, :video.shape[2]] if c["compare"] else None
         save_video(out, video, gt, fps=c["save_fps"] or s["fps"])
+        if c["save_frames"]:
+            write_frames(out, video)
         strip = Path(c["strip_path"]) if c["strip_path"] and len(jobs) == 1 else out.with_suffix(".png")
         times = save_strip(strip, video, gt)
         calls = sum(r["net_calls"] for r in timings)
