@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import configurator
 import model
-from configurator import ConfigError
+from configurator import ConfigError, UserError
 from vae import latent_frames
 
 # -----------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def unipc_schedule(num_steps, shift=5.0, grid="linear"):
         s = np.linspace(float(np.float32(0.999)), 0.0, num_steps + 1)[:-1]
         s = shift * s / (1 + (shift - 1) * s)
     else:
-        raise ConfigError(f"--sigma_grid={grid!r}: must be 'linear' or 'karras'")
+        raise UserError(f"--sigma_grid={grid!r}", "must be 'linear' or 'karras'")
     return torch.from_numpy((s * 1000).astype(np.int64)), torch.from_numpy(np.append(s, 0.0).astype(np.float32))
 
 
@@ -236,28 +236,28 @@ def check_rollout(net, tokenizer, first_frames_B_V_3_H_W, A, num_frames, sampler
     """Every input and setting of a rollout, checked before any work (A: the action width, None when a policy
     gives the actions: checked on its first chunk)."""
     if sampler not in SAMPLERS:
-        raise ConfigError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+        raise UserError(f"--sampler={sampler!r}", f"must be one of {sorted(SAMPLERS)}")
     if sampler == "unipc" and cond_t is not None:
-        raise ConfigError("the unipc sampler conditions as Predict2.5 does (clean frames at the same t): "
-                          f"cond_t must be unset or < 0, got {cond_t}")
+        raise UserError(f"--cond_t={cond_t!r}", "the unipc sampler conditions as Predict2.5 does (clean frames at the same "
+                                                  "t): cond_t must be unset or < 0")
     B, V, C3, H, W = first_frames_B_V_3_H_W.shape
     if C3 != 3 or first_frames_B_V_3_H_W.dtype != torch.uint8:
         raise ValueError(f"first frames must be uint8 [B, V, 3, H, W], got {first_frames_B_V_3_H_W.dtype} "
                          f"{list(first_frames_B_V_3_H_W.shape)}")
     s, p = tokenizer.spatial_factor, net.cfg.patch_spatial
     if H % (s * p) or W % (s * p):
-        raise ConfigError(f"frame size {H}x{W} must be a multiple of {s * p} (tokenizer {s} x patch {p})")
+        raise UserError(f"--frame_size={(H, W)}", f"must be a multiple of {s * p} (tokenizer {s} x patch {p})")
     cfg, per_chunk = net.cfg, num_frames - 1
     if cfg.action_mode == "global" and cfg.num_actions != per_chunk:
-        raise ConfigError(f"the model takes {cfg.num_actions} actions per chunk but num_frames={num_frames} "
-                          f"needs {per_chunk}")
+        raise UserError(f"--num_frames={num_frames}", f"needs {per_chunk} actions per chunk, the model takes "
+                                                        f"{cfg.num_actions}")
     if cfg.action_mode == "per_frame":
         need = (latent_frames(num_frames, tokenizer.temporal_factor) - 1) * cfg.actions_per_latent
         if need != per_chunk:
-            raise ConfigError(f"num_frames={num_frames} gives {need} actions per chunk at {cfg.actions_per_latent} "
-                              f"per latent frame, but a chunk spans {per_chunk} steps")
+            raise UserError(f"--num_frames={num_frames}", f"gives {need} actions per chunk at {cfg.actions_per_latent} "
+                                                            f"per latent frame, but a chunk spans {per_chunk} steps")
     if cfg.action_mode != "none" and A is not None and A != cfg.action_dim:
-        raise ConfigError(f"the model takes {cfg.action_dim}-D actions, got {A}-D")
+        raise UserError("actions", f"the model takes {cfg.action_dim}-D actions, got {A}-D")
 
 
 def pad_actions(a_B_n_A, n, hold=True):
@@ -357,7 +357,7 @@ def chunk_cond(net, cond, policy, frame, start, per_chunk, N, history, hold):
         if a.ndim != 3 or a.shape[1] == 0 or (a.shape[1] < per_chunk and start + a.shape[1] < N):
             raise ValueError(f"policy returned {list(a.shape)} at step {start}: a chunk needs [B, {per_chunk}, A]")
         if net.cfg.action_mode != "none" and a.shape[2] != net.cfg.action_dim:
-            raise ConfigError(f"the model takes {net.cfg.action_dim}-D actions, the policy gave {a.shape[2]}-D")
+            raise UserError("policy", f"the model takes {net.cfg.action_dim}-D actions, it gave {a.shape[2]}-D")
         cond = {"action": a}
         start = 0
     chunk = {k: v[:, start:start + per_chunk].float() for k, v in cond.items()}
@@ -584,7 +584,7 @@ def load_tokenizer(s, dev, bench=False):
     if path is None and bench:
         print(f"bench: {s['tokenizer']} tokenizer with random weights")
     elif path is None:
-        raise ConfigError("the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
+        raise UserError("--tokenizer_path", "the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
     if path is not None and not os.path.exists(path):
         raise FileNotFoundError(2, "tokenizer weights not found (--tokenizer_path)", path)
     return vae.load_tokenizer(s["tokenizer"], path, device=dev)
@@ -660,7 +660,7 @@ def file_jobs(c, save_path):
     """The jobs (file_job) of --annotation (a JSON episode, a JSON list of episodes, or a folder of episodes) and
     --input_path."""
     if not c["annotation"]:
-        raise ConfigError("--input_path needs --annotation (the episode's state and gripper, for the actions)")
+        raise UserError("--input_path", "needs --annotation (the episode's state and gripper, for the actions)")
     a = Path(c["annotation"])
     if a.is_dir():
         entries = [str(p) for p in sorted(a.glob("*.json"))]
@@ -730,11 +730,11 @@ def setup(c):
                        else "cpu")
     dtype = c["dtype"] or ("bfloat16" if dev.type == "cuda" else "float32")
     if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+        raise UserError(f"--dtype={dtype!r}", "must be float32 or bfloat16")
     if c["sampler"] and c["sampler"] not in SAMPLERS:
-        raise ConfigError(f"--sampler must be one of {sorted(SAMPLERS)}, got {c['sampler']!r}")
+        raise UserError(f"--sampler={c['sampler']!r}", f"must be one of {sorted(SAMPLERS)}")
     if c["num_conditional_frames"] != 1:
-        raise ConfigError("--num_conditional_frames: the action models condition on exactly 1 frame per camera")
+        raise UserError("--num_conditional_frames", "the action models condition on exactly 1 frame per camera")
     if c["disable_guardrail"]:
         print("--disable_guardrail: nanocosmos has no guardrail models, so there is nothing to disable")
     if dev.type == "cuda":
@@ -857,6 +857,12 @@ def main(argv=None):
     return run_jobs(jobs, net, tok, common, c, s)
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main with every known error as one line (UserError included until configurator.known_error knows it)."""
     import convert
-    convert.exit_on_known_errors(main)
+    import data
+    return configurator.exit_on_known_errors(main, argv, (UserError, convert.CheckpointError, data.DataError))
+
+
+if __name__ == "__main__":
+    cli()

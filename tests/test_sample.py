@@ -159,6 +159,28 @@ def test_determinism_and_chunk_seeds(tok):
     assert torch.equal(sample.rollout(net, tok, first, actions[:, :12], seed=5, **kw), a[:, :, :, :13])
 
 
+def test_cond_dict_and_policy_replay_equal_open_loop(tok):
+    """The rollout takes the conditioning as one dict (passed per chunk as **cond) or from a policy asked chunk by
+    chunk given the latest frames; replaying a fixed sequence through a policy equals open loop bit for bit."""
+    first, actions = first_and_actions(N=17)
+    net = tiny_net(init=True)
+    kw = dict(num_steps=2, progress=False, seed=5)
+    open_loop = sample.rollout(net, tok, first, actions, **kw)
+    assert torch.equal(sample.rollout(net, tok, first, cond={"action": actions}, **kw), open_loop)
+    asked = []
+
+    def replay(frames_B_V_3_H_W, step, history):
+        asked.append((step, history.shape[3]))
+        assert torch.equal(frames_B_V_3_H_W, history[:, :, :, -1])
+        return actions[:, step:step + 12]
+
+    video, used = sample.rollout(net, tok, first, policy=replay, num_actions=17, return_actions=True, **kw)
+    assert torch.equal(video, open_loop) and torch.equal(used, actions)
+    assert asked == [(0, 1), (12, 13)]
+    with pytest.raises(ValueError, match="exactly one of"):
+        sample.rollout(net, tok, first, actions, policy=replay, num_actions=17, **kw)
+
+
 def test_last_partial_chunk_is_padded_hold_still():
     a = torch.tensor([[[1.0, 2, 3, 4, 5, 6, 0.7], [1, 1, 1, 1, 1, 1, 0.3]]])
     p = sample.pad_actions(a, 5)
@@ -686,7 +708,8 @@ def test_official_inference_command(tmp_path, monkeypatch, capsys):
     names = sorted(p.stem for p in (BRIDGE / "annotation/test").glob("*.json"))[:2]
     assert [p for p, _ in outs] == [Path(f"outputs/action_conditioned/basic/{n}_chunk.mp4") for n in names]
     for (path, video), n in zip(outs, names):
-        T = len(json.loads((BRIDGE / f"annotation/test/{n}.json").read_text())["state"])
+        N = len(json.loads((BRIDGE / f"annotation/test/{n}.json").read_text())["state"]) - 1
+        T = 13 + 12 * (math.ceil(N / 12) - 1)   # the official layout: chunk 0's 13 frames + 12 of each later chunk
         assert video.shape == (1, 3, T, H, W) and read_mp4(path).shape == (T, H, W, 3)
         with av.open(str(path)) as c:
             assert c.streams.video[0].average_rate == 20                   # save_fps
@@ -701,14 +724,18 @@ def test_official_inference_command(tmp_path, monkeypatch, capsys):
     assert len(warnings) == 1 and all(k in warnings[0] for k in ("action_load_fn='my.loader'", "use_quat=True",
                                                                  "prompt", "negative_prompt"))
     assert path.name == f"{names[0]}_single_chunk.mp4" and video.shape == (1, 3, 13, H, W)
-    # chunk i is seeded with its first action index, as official: the rollout from frame 3 uses seed 3
+    # chunk i is seeded with its first action index, as official: the rollout from frame 3 uses seed 3; the
+    # guide's experiment samples on the Karras grid, with the official conversions and layout
     import convert
+    import official
     ann = json.loads((BRIDGE / f"annotation/test/{names[0]}.json").read_text())
     actions = torch.from_numpy(data.compute_actions(np.asarray(ann["state"]), np.asarray(ann["continuous_gripper_state"])))
-    first = data.read_frames(BRIDGE / ann["videos"][0]["video_path"], [3], (H, W))[None, None, 0]
-    want = sample.rollout(convert.load_dit(ckpt)[0], vae.load_tokenizer("pixel", None, spatial_factor=8), first,
-                          actions[None, 3:15], num_steps=2, sampler="unipc", seed=3, progress=False)[0]
-    assert torch.equal(video, want)
+    first = official.lanczos(data.read_frames(BRIDGE / ann["videos"][0]["video_path"], [3])[0], (H, W))[None, None]
+    chunks = []
+    sample.rollout(convert.load_dit(ckpt)[0], vae.load_tokenizer("pixel", None, spatial_factor=8), first,
+                   actions[None, 3:15], num_steps=2, sampler="unipc", seed=3, progress=False, sigma_grid="karras",
+                   official=True, chunks=chunks)
+    assert torch.equal(video, official.official_layout(chunks))
     sample.main(cmd + ["--num_steps=2"])
     assert "exists, skipped" in capsys.readouterr().out
 
@@ -744,11 +771,11 @@ def test_command_line_errors_are_one_line(synth, ckpt2, tmp_path, capsys):
                str(synth / "videos/cam0/ep00002.mp4"), "--save_path", str(tmp_path / "o.mp4")],
               f"error: {bad}: "),
              (["--dit_path", str(ckpt2), "--sampler", "heun", "--save_path", str(tmp_path / "o.mp4")],
-              "error: --sampler must be one of")]
+              "error: --sampler='heun': must be one of")]
     for args, want in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            convert.exit_on_known_errors(sample.main, args)
+            sample.cli(args)
         assert str(e.value.code).startswith(want) and "\n" not in str(e.value.code), (args, e.value.code)
         if "output folder" in want or "overwrite" in want:
             assert capsys.readouterr().out == ""                           # refused before any work
