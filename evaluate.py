@@ -1,20 +1,26 @@
 """
-Evaluation of a rollout against the ground truth: PSNR / SSIM per camera and per chunk, the reference rows
-(shuffled actions, no motion through the tokenizer, the sharp first frame, the tokenizer round trip, latent L2)
-and the table. `python sample.py --eval ...` runs main() here (sample.py dispatches with runpy; this file
-imports sample, sample never imports it).
+The sample.py command line and evaluation. `python sample.py [--compare | --eval | --bench] ...` runs main() here
+(sample.py dispatches with runpy; this file imports sample, sample never imports it): the settings (command line,
+else the run's saved config, else the checkpoint family's), the tokenizer, the episodes (a dataset split or files),
+the video / strip outputs; and the evaluation of a rollout against the ground truth: PSNR / SSIM per camera and per
+chunk, the reference rows (shuffled actions, no motion through the tokenizer, the sharp first frame, the tokenizer
+round trip, latent L2) and the table.
 """
 import json
 import math
+import os
+import re
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+import model
 import sample
-from sample import decode, encode, rollout
+from configurator import ConfigError, UserError
+from sample import SAMPLERS, decode, encode, parse_args, rollout, save_strip, save_video, write_frames
 from vae import latent_frames
 
 # -----------------------------------------------------------------------------
@@ -204,15 +210,314 @@ def format_table(report, camera_names=None):
 
 
 
+# -----------------------------------------------------------------------------
+# the command line of sample.py: settings from the run's config, episodes from a dataset or from files
+
+# What a released checkpoint was trained and run with, for files without a run config (official releases).
+FAMILY = {
+    # Cosmos-Predict2-2B-Sample-Action-Conditioned: 480p, conditioned frames at sigma 1e-4, AB2 35 steps (dit.md 7.1)
+    "predict2": dict(frame_size=(480, 640), cond_t=model.sigma_to_t(1e-4), sampler="ab2",
+                     says="480x640, conditioned frames at sigma 1e-4, ab2 35 steps"),
+    # Cosmos-Predict2.5-2B robot/action-cond: Bridge 256x320, same-t conditioning on the 1000 scale, UniPC shift 5
+    "predict2.5": dict(frame_size=(256, 320), cond_t=-1.0, sampler="unipc",
+                       says="256x320, conditioned frames clean at the same t (1000-scale timesteps), unipc shift 5"),
+}
+
+
+def settings(c, run, fam):
+    """CLI value, else the run config's (train.py), else the defaults of the net's family (FAMILY)."""
+    t = (run or {}).get("train", {})
+    fallback = dict(data_root="datasets/synthetic", split=t.get("val_split", "val"), cameras=(0,), num_frames=13,
+                    frame_size=FAMILY[fam]["frame_size"], frame_stride=1, action_scale=20.0, gripper_scale=1.0,
+                    fps=4, tokenizer="wan2.1", tokenizer_path="", pixel_factor=8, cond_t=FAMILY[fam]["cond_t"],
+                    action_key="action", action_type="absolute", action_norm="mean_std", state_key="observation.state")
+    s = {}
+    for k, default in fallback.items():
+        v = c[k]
+        unset = v is None if k == "cond_t" else v in (None, "", 0, 0.0)   # cond_t 0 is a real value
+        s[k] = t.get("val_split" if k == "split" else k, default) if unset else v
+    s["cameras"] = tuple(x if isinstance(x, str) and not x.isdigit() else int(x)   # LeRobot cameras may be names
+                         for x in (s["cameras"] if isinstance(s["cameras"], (list, tuple)) else [s["cameras"]]))
+    s["frame_size"] = tuple(s["frame_size"])
+    s["cond_t"] = None if s["cond_t"] is None or s["cond_t"] < 0 else float(s["cond_t"])
+    s["sampler"] = c["sampler"] or ("unipc" if fam == "predict2.5" and s["cond_t"] is None else "ab2")
+    return s
+
+
+def load_tokenizer(s, dev, bench=False):
+    import vae
+    if s["tokenizer"] == "pixel":
+        return vae.load_tokenizer("pixel", None, device=dev, spatial_factor=s["pixel_factor"])
+    path = s["tokenizer_path"] or None
+    if path is None and bench:
+        print(f"bench: {s['tokenizer']} tokenizer with random weights")
+    elif path is None:
+        raise UserError("--tokenizer_path", "the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
+    if path is not None and not os.path.exists(path):
+        raise FileNotFoundError(2, "tokenizer weights not found (--tokenizer_path)", path)
+    return vae.load_tokenizer(s["tokenizer"], path, device=dev)
+
+
+def dataset_root(ann_path, folder, data_root):
+    """--data_root, else the folder holding the annotation's `folder` ancestor (root/annotation/<split>/x.json)."""
+    if data_root:
+        return Path(data_root)
+    ancestor = next((p for p in Path(ann_path).resolve().parents if p.name == folder), Path(ann_path).parent)
+    return ancestor.parent
+
+
+def camera_files(ann_path, ann, video_path, cameras, data_root):
+    """The video of every camera for one annotation. With a video path: its sibling cam<k>/ folders (the camera
+    folder layout) or, for one camera, the file itself. Without: IRASim (json["videos"][k]["video_path"] relative to
+    the dataset root, root/annotation/<split>/<id>.json) or camera folders (root/annotations/[split/]<name>.json,
+    root/videos/cam<k>/<name>.mp4). Missing files are named."""
+    import data
+    if video_path:
+        p = Path(video_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: input video not found")
+        if re.fullmatch(r"cam\d+", p.parent.name):
+            paths = [p.parent.parent / f"cam{k}" / p.name for k in cameras]
+        elif len(cameras) == 1:
+            paths = [p]
+        else:
+            raise ConfigError(f"{p}: the model needs cameras {list(cameras)}; put each camera's video in sibling "
+                             f"folders cam<k>/ under the same file name")
+    elif ann.get("videos"):
+        paths = data.camera_paths(dataset_root(ann_path, "annotation", data_root), "irasim", ann_path, ann, cameras)
+    else:
+        root = dataset_root(ann_path, "annotations", data_root)
+        paths = data.camera_paths(root, "camera_folders", ann_path, ann, cameras)
+    missing = [f"camera {k}: {q}" for k, q in zip(cameras, paths) if not Path(q).is_file()]
+    if missing:
+        raise FileNotFoundError(f"video not found for {ann_path}: " + "; ".join(missing))
+    return paths
+
+
+def load_files_episode(ann_path, video_path, s, data_root):
+    """(frames uint8 [V,3,T,H,W], actions [T-1, 7]) of one episode given by files, at the run's frame size/stride."""
+    import data
+    ann = data.parse_annotation(ann_path)
+    videos = camera_files(ann_path, ann["json"], video_path, s["cameras"], data_root)
+    T = len(ann["state"])
+    data.check_frame_counts(ann_path, T, videos, [data.probe_video(v)[0] for v in videos])
+    st = s["frame_stride"]
+    frames = torch.stack([data.read_frames(v, range(0, T, st), s["frame_size"]) for v in videos]).transpose(1, 2)
+    actions = data.compute_actions(ann["state"][::st], ann["gripper"][::st], s["action_scale"], s["gripper_scale"])
+    return frames.contiguous(), torch.from_numpy(actions)
+
+
+def resolve(p, base):
+    p = Path(p)
+    return p if p.exists() or p.is_absolute() else base / p
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def file_job(ann, video, out, data_root):
+    """A rollout job: (name, load(settings) -> (frames [V,3,T,H,W], actions [T-1,A]), save path)."""
+    return Path(ann).stem, lambda s: load_files_episode(ann, video, s, data_root), Path(out)
+
+
+def file_jobs(c, save_path):
+    """The jobs (file_job) of --annotation (a JSON episode, a JSON list of episodes, or a folder of episodes) and
+    --input_path."""
+    if not c["annotation"]:
+        raise UserError("--input_path", "needs --annotation (the episode's state and gripper, for the actions)")
+    a = Path(c["annotation"])
+    if a.is_dir():
+        entries = [str(p) for p in sorted(a.glob("*.json"))]
+        if not entries:
+            raise FileNotFoundError(f"{a}: no *.json episodes in this folder")
+        base = Path(".")
+    elif not a.is_file():
+        raise FileNotFoundError(f"{a}: annotation not found")
+    else:
+        d = read_json(a)
+        if not isinstance(d, list):
+            return [file_job(a, c["input_path"], save_path, c["data_root"])]
+        entries, base = d, a.parent
+    jobs = []
+    for e in entries:   # batch: each entry is an annotation path or {"annotation", "input_path", "save_path"}
+        e = {"annotation": e} if isinstance(e, str) else e
+        if not isinstance(e, dict) or "annotation" not in e:
+            raise ConfigError(f"{a}: each entry must be an annotation path or a dict with 'annotation', got {e!r}")
+        ann = resolve(e["annotation"], base)
+        out = e.get("save_path") or save_path.with_name(f"{save_path.stem}_{ann.stem}{save_path.suffix}")
+        video = str(resolve(e["input_path"], base)) if e.get("input_path") else ""
+        jobs.append(file_job(ann, video, out, c["data_root"]))
+    return jobs
+
+
+def dataset(s, split):
+    import data
+    if os.path.isfile(os.path.join(s["data_root"], "meta", "info.json")):   # a LeRobot folder
+        import lerobot
+        return lerobot.LeRobotDataset(s["data_root"], split, **lerobot.config_kwargs(s))
+    return data.RobotVideoDataset(s["data_root"], split, num_frames=s["num_frames"], cameras=s["cameras"],
+                                  size=s["frame_size"], frame_stride=s["frame_stride"], action_scale=s["action_scale"],
+                                  gripper_scale=s["gripper_scale"])
+
+
+def episode_index(ds, ep):
+    if ep is None:
+        return 0
+    if isinstance(ep, int):
+        if not -len(ds.episodes) <= ep < len(ds.episodes):
+            raise ConfigError(f"episode {ep} out of range: {ds.root} split {ds.split!r} has {len(ds.episodes)}")
+        return ep
+    names = [e.name for e in ds.episodes]
+    if str(ep) not in names:
+        raise ConfigError(f"no episode {ep!r} in {ds.root} split {ds.split!r}; first ones: {names[:5]}")
+    return names.index(str(ep))
+
+
+def check_outputs(paths, overwrite):
+    """Before any work: every output folder can be created and written, and no existing video is replaced unless
+    overwrite."""
+    for p in map(Path, paths):
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{p.parent}: cannot create the output folder ({e.strerror})") from None
+        if not os.access(p.parent, os.W_OK):
+            raise ConfigError(f"{p.parent}: output folder is not writable")
+        if p.exists() and not overwrite:
+            raise ConfigError(f"{p}: exists; pass --overwrite to replace it, or another --save_path")
+
+
+def setup(c):
+    """Device, net, settings (printed), tokenizer and the rollout arguments; text contexts are loaded once."""
+    import convert
+    dev = torch.device("cuda" if c["device"] == "cuda" or (c["device"] == "auto" and torch.cuda.is_available())
+                       else "cpu")
+    dtype = c["dtype"] or ("bfloat16" if dev.type == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype={dtype!r}", "must be float32 or bfloat16")
+    if c["sampler"] and c["sampler"] not in SAMPLERS:
+        raise UserError(f"--sampler={c['sampler']!r}", f"must be one of {sorted(SAMPLERS)}")
+    if c["num_conditional_frames"] != 1:
+        raise UserError("--num_conditional_frames", "the action models condition on exactly 1 frame per camera")
+    if c["disable_guardrail"]:
+        print("--disable_guardrail: nanocosmos has no guardrail models, so there is nothing to disable")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    net, run = bench_net(c, dev) if c["bench"] and c["model_size"] else convert.load_dit(c["dit_path"], dev, c["ema"])
+    fam = convert.family(net.cfg)
+    s = settings(c, run, fam)
+    if run is None and not c["bench"]:
+        print(f"no run config beside the checkpoint: {fam} defaults assumed ({FAMILY[fam]['says']}; 13 frames, "
+              f"4 fps, Wan2.1 tokenizer); command-line values win")
+    ctx, neg = (convert.load_text_embedding(c[k], net.cfg, dev) if c[k] else None
+                for k in ("text_embedding", "negative_text_embedding"))
+    if fam == "predict2.5" and ctx is None and not c["bench"]:
+        print("warning: no --text_embedding: this Predict2.5 net gets an all-zero text input (GELU(bias) tokens after "
+              "crossattn_proj), while the release was trained on Reason1 embeddings of the empty caption and official "
+              "inference embeds the prompt (or \"\") and the negative prompt (recipe: convert.load_text_embedding)")
+    tok = load_tokenizer(s, dev, bench=c["bench"])
+    shift = f" shift {c['shift']:g}" if s["sampler"] == "unipc" else ""
+    if dtype == "bfloat16" and dev.type == "cuda":
+        tok = tok.to(torch.bfloat16)
+    print(f"model: {net.num_params() / 1e6:.2f}M params, {fam}, action {net.cfg.action_mode}, {s['tokenizer']} "
+          f"tokenizer | cameras {list(s['cameras'])} at {s['frame_size'][0]}x{s['frame_size'][1]}, "
+          f"{s['num_frames']}-frame chunks, fps {s['fps']}, cond_t {s['cond_t']} | {s['sampler']} {c['num_steps']} "
+          f"steps{shift}, seed {c['seed']}, guidance {c['guidance']:g}, {dtype}, {dev}")
+    if c["compile"]:
+        net = torch.compile(net)
+    common = dict(num_frames=s["num_frames"], num_steps=c["num_steps"], sampler=s["sampler"], shift=c["shift"],
+                  seed=c["seed"], cond_t=s["cond_t"], fps=s["fps"], guidance=c["guidance"], crossattn_emb=ctx,
+                  neg_crossattn_emb=neg, amp=torch.bfloat16 if dtype == "bfloat16" else None,
+                  sigma_grid=c["sigma_grid"] or None)
+    return net, s, tok, common
+
+
+def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
+    """Roll out and write each job (file_job)."""
+    outputs = []
+    for name, load, out in jobs:
+        frames, actions = load(s)
+        frames, actions = frames[:, :, start_frame:], actions[start_frame:][:c["max_actions"] or None]
+        timings = []
+        t0 = time.perf_counter()
+        video = rollout(net, tok, frames[None, :, :, 0], actions[None], timings=timings, **common)[0]
+        dt = time.perf_counter() - t0
+        gt = frames[:, :, :video.shape[2]] if c["compare"] else None
+        save_video(out, video, gt, fps=c["save_fps"] or s["fps"])
+        if c["save_frames"]:
+            write_frames(out, video)
+        strip = Path(c["strip_path"]) if c["strip_path"] and len(jobs) == 1 else out.with_suffix(".png")
+        times = save_strip(strip, video, gt)
+        calls = sum(r["net_calls"] for r in timings)
+        print(f"{name}: {actions.shape[0]} actions -> {video.shape[2]} frames x {video.shape[0]} views in "
+              f"{len(timings)} chunks, {dt:.1f} s ({dt / max(len(timings), 1):.2f} s/chunk, "
+              f"{sum(r['sample_seconds'] for r in timings) / max(calls, 1) * 1000:.1f} ms/denoising step, "
+              f"{sum(r['decode_seconds'] for r in timings):.2f} s decoding)")
+        print(f"wrote {out} ({c['save_fps'] or s['fps']} fps) and {strip} (time steps {times})")
+        outputs.append((out, video))
+    return outputs
+
+
+def bench_net(c, dev):
+    """(a random-weight DiT, no run config): the Predict2.5 multi-view action net of --model_size, the shape
+    config/multiview_action.py trains (tests/test_bench.py holds the two equal)."""
+    if c["model_size"] not in model.PRESETS:
+        raise ConfigError(f"--bench --model_size must be one of {sorted(model.PRESETS)}, got {c['model_size']!r} "
+                          f"(or no --model_size: the checkpoint --dit_path)")
+    cfg = model.DiTConfig(**model.PRESETS[c["model_size"]], action_mode="per_frame", action_dim=7, num_actions=12,
+                          n_views_emb=7, crossattn_proj_in_channels=100352, timestep_scale=0.001)
+    with torch.device("meta"):
+        net = model.DiT(cfg)
+    net.to_empty(device=dev)
+    torch.manual_seed(c["seed"])
+    net.init_weights()
+    return net.eval(), None
+
+
+def bench(c):
+    """Seconds per chunk of a rollout on random first frames and actions (no dataset is read), at the net's
+    settings (setup); two chunks: the first includes warm-up (kernel selection, compile), the second is the
+    figure. Prints the timings and the peak CUDA memory; returns the per-chunk timing dicts of rollout."""
+    if c["model_size"]:
+        c = {**c, "cameras": c["cameras"] or (0, 1, 2, 3)}
+    net, s, tok, common = setup(c)
+    H, W = s["frame_size"]
+    V = len(s["cameras"])
+    g = torch.Generator().manual_seed(c["seed"])
+    frames = torch.randint(0, 256, (1, V, 3, H, W), generator=g, dtype=torch.uint8)
+    actions = torch.randn(1, 2 * (s["num_frames"] - 1), net.cfg.action_dim, generator=g) * 0.1
+    dev = next(net.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    timings = []
+    rollout(net, tok, frames, actions, timings=timings, progress=False, **common)
+    peak = f", peak CUDA memory {torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GB" if dev.type == "cuda" else ""
+    for r in timings:
+        print(f"bench chunk {r['chunk']}: {r['seconds']:.3f} s = encode {r['encode_seconds']:.3f} + sample "
+              f"{r['sample_seconds']:.3f} ({r['net_calls']} net calls) + decode {r['decode_seconds']:.3f}")
+    print(f"bench: {timings[-1]['seconds']:.3f} s per {V}-view chunk ({s['num_frames'] - 1} new frames at {H}x{W}, "
+          f"{common['sampler']} {common['num_steps']} steps, {'bf16' if common['amp'] else 'fp32'}){peak}")
+    return timings
+
+
 @torch.no_grad()   # (not set_grad_enabled: a caller in the same process keeps its gradients)
 def main(argv):
-    """`python sample.py --eval ...`: the report over the split -> table, eval_json (refused when it exists unless
-    --overwrite, as every output) and one PNG strip per episode beside it."""
-    c = sample.parse_args(argv)
+    """`python sample.py [--eval | --bench] ...` (sample.main dispatches here): one episode of the split or the files
+    given -> video + strip; --bench; --eval: the report over the split -> table, eval_json (refused when it exists
+    unless --overwrite, as every output) and one PNG strip per episode beside it."""
+    c = parse_args(argv)
+    if c["bench"]:
+        return bench(c)
+    if not c["eval"]:
+        return sample_episodes(c)
     path = Path(c["eval_json"] or "output/eval.json")
-    sample.check_outputs([path], c["overwrite"])
-    net, s, tok, common = sample.setup(c)
-    ds = sample.dataset(s, c["split"] or s["split"])
+    check_outputs([path], c["overwrite"])
+    net, s, tok, common = setup(c)
+    ds = dataset(s, c["split"] or s["split"])
     print(f"eval: {ds}")
     (path.parent / (path.stem + "_strips")).mkdir(parents=True, exist_ok=True)
     report = evaluate(net, tok, ds, episodes=c["eval_episodes"], max_actions=c["max_actions"],
@@ -224,3 +529,16 @@ def main(argv):
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
     return report
+
+
+def sample_episodes(c):
+    """`python sample.py`: the episode of the split (or the files) rolled out and written."""
+    save_path = Path(c["save_path"])
+    jobs = file_jobs(c, save_path) if c["input_path"] or c["annotation"] else None
+    check_outputs([out for *_, out in jobs] if jobs else [save_path], c["overwrite"])
+    net, s, tok, common = setup(c)
+    if not jobs:
+        ds = dataset(s, c["split"] or s["split"])
+        i = episode_index(ds, c["episode"])
+        jobs = [(ds.episodes[i].name, lambda s: (ds.episode_frames(i), ds.episode_actions(i)), save_path)]
+    return run_jobs(jobs, net, tok, common, c, s)

@@ -13,7 +13,8 @@ import torch
 
 import sample
 from configurator import ConfigError, UserError
-from sample import check_outputs, parse_args, read_json, setup
+from evaluate import check_outputs, read_json, setup
+from sample import parse_args
 
 # the Cosmos-Predict2.5 action guide's command: -i inference_params.json -o OUT --checkpoint-path CKPT
 

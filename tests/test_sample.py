@@ -619,7 +619,7 @@ def test_family_defaults_for_official_files(fixture, tmp_path, capsys):
     from test_convert import official_file
     official_file(fixture, tmp_path / "model.pt")
     family = json.loads((ROOT / "tests" / "fixtures" / f"{fixture}.json").read_text())["source"]["repo"]
-    net, s, _, common = sample.setup(sample.parse_args(["--dit_path", str(tmp_path / "model.pt"), "--tokenizer=pixel"]))
+    net, s, _, common = evaluate.setup(sample.parse_args(["--dit_path", str(tmp_path / "model.pt"), "--tokenizer=pixel"]))
     out = capsys.readouterr().out
     if family.endswith("cosmos-predict2.5"):
         assert s["frame_size"] == (256, 320) and s["cond_t"] is None and s["sampler"] == "unipc"
