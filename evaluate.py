@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+import configurator
 import model
 import sample
 from configurator import ConfigError, UserError
@@ -224,24 +225,39 @@ FAMILY = {
 }
 
 
+TRAIN_KEYS = ("data_root", "num_frames", "frame_stride", "action_scale", "gripper_scale", "fps", "tokenizer_path",
+              "pixel_factor", "action_key", "action_type", "action_norm", "state_key")
+OVERRIDES = ("frame_size", "pixel_factor", "cameras", "num_frames", "fps", "tokenizer", "frame_stride")
+
+
 def settings(c, run, fam):
-    """CLI value, else the run config's (train.py), else the defaults of the net's family (FAMILY)."""
+    """CLI value, else the run config's (train.py), else train.py's defaults (read from its config block, never
+    re-declared) with the net family's frame size, conditioning, Wan2.1 tokenizer and one camera (a released file
+    has no run config). A CLI value that differs from the run's is printed as a deliberate override."""
     t = (run or {}).get("train", {})
-    fallback = dict(data_root="datasets/synthetic", split=t.get("val_split", "val"), cameras=(0,), num_frames=13,
-                    frame_size=FAMILY[fam]["frame_size"], frame_stride=1, action_scale=20.0, gripper_scale=1.0,
-                    fps=4, tokenizer="wan2.1", tokenizer_path="", pixel_factor=8, cond_t=FAMILY[fam]["cond_t"],
-                    action_key="action", action_type="absolute", action_norm="mean_std", state_key="observation.state")
-    s = {}
+    train = configurator.script_defaults(str(Path(__file__).with_name("train.py")))
+    fallback = {**{k: train[k] for k in TRAIN_KEYS}, "split": train["val_split"], "cameras": (0,),
+                "tokenizer": "wan2.1", "frame_size": FAMILY[fam]["frame_size"], "cond_t": FAMILY[fam]["cond_t"]}
+    s, over = {}, []
     for k, default in fallback.items():
         v = c[k]
-        unset = v is None if k == "cond_t" else v in (None, "", 0, 0.0)   # cond_t 0 is a real value
+        # cond_t 0 and camera 0 are real values (issue 24 item 1: --cameras 0 was taken as unset)
+        unset = v is None if k in ("cond_t", "cameras") else v in (None, "", 0, 0.0)
         s[k] = t.get("val_split" if k == "split" else k, default) if unset else v
+        if not unset and k in OVERRIDES and k in t and list(as_tuple(v)) != list(as_tuple(t[k])):
+            over.append(f"--{k}={v!r} (the run used {t[k]!r})")
+    if over:
+        print("override of the run's config: " + "; ".join(over))
     s["cameras"] = tuple(x if isinstance(x, str) and not x.isdigit() else int(x)   # LeRobot cameras may be names
-                         for x in (s["cameras"] if isinstance(s["cameras"], (list, tuple)) else [s["cameras"]]))
+                         for x in as_tuple(s["cameras"]))
     s["frame_size"] = tuple(s["frame_size"])
     s["cond_t"] = None if s["cond_t"] is None or s["cond_t"] < 0 else float(s["cond_t"])
     s["sampler"] = c["sampler"] or ("unipc" if fam == "predict2.5" and s["cond_t"] is None else "ab2")
     return s
+
+
+def as_tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 def load_tokenizer(s, dev, bench=False):
@@ -394,19 +410,16 @@ def check_outputs(paths, overwrite):
 def setup(c):
     """Device, net, settings (printed), tokenizer and the rollout arguments; text contexts are loaded once."""
     import convert
-    dev = torch.device("cuda" if c["device"] == "cuda" or (c["device"] == "auto" and torch.cuda.is_available())
-                       else "cpu")
-    dtype = c["dtype"] or ("bfloat16" if dev.type == "cuda" else "float32")
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype={dtype!r}", "must be float32 or bfloat16")
+    dev, bf16 = configurator.resolve_device(c["device"], c["dtype"])   # (TF32 on for CUDA)
+    dtype = "bfloat16" if bf16 else "float32"
+    # one thread policy with train.py (issue 24 item 8): tiny CPU nets on one thread
+    configurator.cpu_budget(dev.type, num_workers=0, tiny=c["model_size"] == "" and dev.type == "cpu")
     if c["sampler"] and c["sampler"] not in SAMPLERS:
         raise UserError(f"--sampler={c['sampler']!r}", f"must be one of {sorted(SAMPLERS)}")
     if c["num_conditional_frames"] != 1:
         raise UserError("--num_conditional_frames", "the action models condition on exactly 1 frame per camera")
     if c["disable_guardrail"]:
         print("--disable_guardrail: nanocosmos has no guardrail models, so there is nothing to disable")
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     net, run = bench_net(c, dev) if c["bench"] and c["model_size"] else convert.load_dit(c["dit_path"], dev, c["ema"])
     fam = convert.family(net.cfg)
     s = settings(c, run, fam)
