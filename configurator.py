@@ -34,6 +34,10 @@ class UserError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class MissingError(UserError, FileNotFoundError):
+    """A file or folder that does not exist (catchable as FileNotFoundError too)."""
+
+
 class ConfigError(UserError):
     """A bad setting; path is the setting as given (--key=value) or the config file."""
 

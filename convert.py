@@ -36,56 +36,66 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+import lora
 import model
+from configurator import MissingError, UserError, exit_on_known_errors
 
 OFFICIAL_NAMES = ("model", "model_ema_fp32", "model_ema_bf16")   # + .pt or .safetensors
 FORMATS = ("a training checkpoint directory (iter_*/ with .metadata, or one holding latest_checkpoint.txt), "
            "or a .pt / .safetensors file of {'net.<key>': tensor}")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint (or a file given as one) that cannot be used. str(e) is '<file>: <problem>'."""
-
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-
-
-class MissingCheckpointError(CheckpointError, FileNotFoundError):
-    """The checkpoint path does not exist (catchable as FileNotFoundError too)."""
-
-
-def exit_on_known_errors(main, argv=None):
-    """configurator.exit_on_known_errors with the checkpoint and data errors known: a known error is printed as one
-    line 'error: <file>: <problem>' and exits 1; anything unexpected keeps its traceback."""
-    import configurator
-    import data
-    return configurator.exit_on_known_errors(main, argv, (CheckpointError, data.DataError))
 
 
 # -----------------------------------------------------------------------------
 # reading
 
+def dcp_problem(path):
+    """What is wrong with a DCP checkpoint folder (None: complete). Its .metadata lists the byte range of every
+    tensor in the .distcp files, so a missing or truncated shard is found from file sizes alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        meta = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 (an unreadable index is a damaged checkpoint, whatever the cause)
+        return f".metadata is unreadable ({type(e).__name__})"
+    need = {}
+    for info in meta.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = Path(path) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size < size:
+            return f"{name} is truncated ({f.stat().st_size} of {size} bytes)"
+    return None
+
+
 def resolve(path):
     """A path the user gave -> a DCP checkpoint dir or a weights file. Follows latest_checkpoint.txt."""
     p = Path(path)
     if not p.exists():
-        raise MissingCheckpointError(p, "no such file or directory")
+        raise MissingError(p, "no such file or directory")
     if p.is_file():
         return p
     if p.name.endswith(".tmp"):
-        raise CheckpointError(p, "an incomplete checkpoint (saves go to .tmp and are renamed when complete)")
+        raise UserError(p, "an incomplete checkpoint (saves go to .tmp and are renamed when complete)")
     if (p / ".metadata").is_file():
+        problem = dcp_problem(p)
+        if problem:
+            raise UserError(p, f"a damaged checkpoint: {problem}")
         return p
     for d in (p, p / "checkpoints"):
         latest = d / "latest_checkpoint.txt"
         if latest.is_file():
-            target = d / latest.read_text().strip()
-            if not (target / ".metadata").is_file():
-                raise CheckpointError(latest, f"names {target.name}, which is not a checkpoint directory")
-            return target
+            name = latest.read_text().strip()
+            if not name:
+                raise UserError(latest, "is empty (a save was cut off?): pass a checkpoint folder iter_* instead")
+            if not (d / name / ".metadata").is_file():
+                raise UserError(latest, f"names {name}, which is not a checkpoint directory")
+            return resolve(d / name)
     files = sorted(x.name for x in p.iterdir() if x.suffix in (".pt", ".safetensors"))
     hint = f"; it holds {', '.join(files)}: pass one of those files" if files else ""
-    raise CheckpointError(p, f"neither a training checkpoint (no .metadata) nor a directory holding "
+    raise UserError(p, f"neither a training checkpoint (no .metadata) nor a directory holding "
                              f"latest_checkpoint.txt or checkpoints/latest_checkpoint.txt{hint}")
 
 
@@ -125,15 +135,15 @@ def read_file(path):
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
     except Exception as e:   # torch's messages suggest weights_only=False: never offer an unsafe load
-        raise CheckpointError(path, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
+        raise UserError(path, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
                                     f"{FORMATS})") from None
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(path, f"expected a flat dict of tensors, got {type(obj).__name__} (formats: {FORMATS})")
+        raise UserError(path, f"expected a flat dict of tensors, got {type(obj).__name__} (formats: {FORMATS})")
     bad = {k: type(v).__name__ for k, v in obj.items()
            if not torch.is_tensor(v) and not str(k).endswith("_extra_state")}
     if bad:
         shown = ", ".join(f"{k!r}: {t}" for k, t in list(bad.items())[:5])
-        raise CheckpointError(path, f"not a flat dict of tensors ({shown}{', ...' if len(bad) > 5 else ''}); "
+        raise UserError(path, f"not a flat dict of tensors ({shown}{', ...' if len(bad) > 5 else ''}); "
                                     "official and nanocosmos weight files are {'net.<key>': tensor}. A training "
                                     "checkpoint is a directory: pass that instead")
     return obj
@@ -183,7 +193,7 @@ def load_weights(path, ema=True):
         source = f"{prefix}*" if prefix else "unprefixed keys"
     if not sd or "x_embedder.proj.1.weight" not in sd:
         hint = next((k[: -len("x_embedder.proj.1.weight")] for k in sd if k.endswith(".x_embedder.proj.1.weight")), "")
-        raise CheckpointError(p, f"no DiT weights found ({len(sd)} tensors, none is x_embedder.proj.1.weight"
+        raise UserError(p, f"no DiT weights found ({len(sd)} tensors, none is x_embedder.proj.1.weight"
                                  + (f"): keys start with {hint!r}: strip that prefix" if hint else
                                     f"; first keys: {list(sd)[:3]})"))
     print(f"convert: loaded {len(sd)} tensors from {p} ({source})")
@@ -264,7 +274,7 @@ def load_dit(path, device="cpu", ema=True, dtype=torch.float32, **config_overrid
         net = build(cfg, device, dtype)
         model.load_into(net, sd, strict=True)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(path, str(e)) from None
+        raise UserError(path, str(e)) from None
     return net.eval(), run_config
 
 
@@ -298,18 +308,18 @@ def load_text_embedding(path, cfg, device="cpu"):
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(path, "text embedding not found")
+        raise UserError(path, "text embedding not found")
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise CheckpointError(path, f"not a safetensors file ({type(e).__name__})") from None
+        raise UserError(path, f"not a safetensors file ({type(e).__name__})") from None
     if len(tensors) != 1 and "text_embedding" not in tensors:
-        raise CheckpointError(path, f"expected one tensor or one named 'text_embedding', got {sorted(tensors)}")
+        raise UserError(path, f"expected one tensor or one named 'text_embedding', got {sorted(tensors)}")
     emb = tensors.get("text_embedding", next(iter(tensors.values())))
     emb = emb[None] if emb.ndim == 2 else emb
     widths = {cfg.crossattn_proj_in_channels or cfg.crossattn_emb_channels, cfg.crossattn_emb_channels}
     if emb.ndim != 3 or emb.shape[0] != 1 or emb.shape[-1] not in widths:
-        raise CheckpointError(path, f"text embedding of shape {list(emb.shape)}; this net takes [1, N, C] with C in "
+        raise UserError(path, f"text embedding of shape {list(emb.shape)}; this net takes [1, N, C] with C in "
                                     f"{sorted(widths)} (crossattn_proj input / projected width)")
     return emb.float().to(device)
 
@@ -471,32 +481,13 @@ def grow(base, out, ema=True, seed=0, dtype=None, **changes):
 #   checking the base is the very file trained on: factors fitted to other weights silently produce garbage.
 
 def base_fingerprint(path):
-    """'sha256:<hex>' over the size and the first, middle and last MiB of a weights file (of .metadata and every
-    shard, sorted, for a DCP checkpoint directory): 3 MiB read per file, whatever its size; the mtime is not used,
-    so copies match. A .pt (zip) file ends with a CRC-32 of every entry, so any change to any tensor shows; a
-    .safetensors file has no checksum, but other training changes nearly every tensor, and the sizes, the key list
-    and dtypes (its header, in the first MiB) are covered too."""
-    import hashlib
-    p = resolve(path)
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    if p.is_dir():
-        files = [f for f in files if f.name == ".metadata" or f.suffix == ".distcp"]
-    h, mib = hashlib.sha256(), 2 ** 20
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name if p.is_dir() else ''}:{size}:".encode())
-        with open(f, "rb") as fh:
-            for start in sorted({0, max(0, size // 2 - mib // 2), max(0, size - mib)}):
-                fh.seek(start)
-                h.update(fh.read(mib))
-    return "sha256:" + h.hexdigest()
+    """lora.fingerprint of a weights file or checkpoint (resolved as every path here)."""
+    return lora.fingerprint(resolve(path))
 
 
 def lora_record(net, base, base_ema=True):
-    """What a LoRA checkpoint's config.json holds under "lora" (train.py writes it): model.lora_config(net) plus the
-    base weights' path, which of their weights (EMA or regular) and fingerprint."""
-    return {**model.lora_config(net), "base": str(base), "base_ema": bool(base_ema),
-            "base_fingerprint": base_fingerprint(base)}
+    """What a LoRA checkpoint's config.json holds under "lora" (lora.record of the resolved base)."""
+    return lora.record(net, resolve(base), base_ema)
 
 
 def lora_spec(p):
@@ -509,7 +500,7 @@ def lora_spec(p):
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
         except Exception as e:
-            raise CheckpointError(p, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
+            raise UserError(p, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
                                      f"{FORMATS})") from None
         return json.loads(meta["nanocosmos_lora"]) if "nanocosmos_lora" in meta else None
     return None
@@ -520,11 +511,11 @@ def load_lora_base(lora, where, base=None):
     file at another path (it moved)."""
     path = Path(base or lora["base"])
     if not path.exists():
-        raise MissingCheckpointError(where, f"its LoRA base {path} does not exist (the adapter holds only the "
+        raise MissingError(where, f"its LoRA base {path} does not exist (the adapter holds only the "
                                             f"factors; pass the base file: convert.py export --base PATH)")
     found = base_fingerprint(path)
     if found != lora["base_fingerprint"]:
-        raise CheckpointError(where, f"its LoRA base {path} is not the file it was trained on (fingerprint "
+        raise UserError(where, f"its LoRA base {path} is not the file it was trained on (fingerprint "
                                      f"{found[:19]} != {lora['base_fingerprint'][:19]}): LoRA factors only fit their "
                                      f"exact base weights")
     sd, _ = load_weights(path, ema=lora["base_ema"])
@@ -532,7 +523,7 @@ def load_lora_base(lora, where, base=None):
 
 
 def merge_adapter(base_sd, adapter_sd, lora, run_config, where):
-    """Base + adapter -> full state dict (model.merge_lora_state_dict). Base tensors the trained model had no place
+    """Base + adapter -> full state dict (lora.merge_lora_state_dict). Base tensors the trained model had no place
     for (train.py's init_from ignores them) are dropped, as training did."""
     if any(k.endswith(".lora_A") for k in base_sd):
         raise ValueError(f"{where}: the LoRA base itself holds LoRA factors; merge it first (convert.py export)")
@@ -540,7 +531,7 @@ def merge_adapter(base_sd, adapter_sd, lora, run_config, where):
         _, unexpected = check_keys({k: v for k, v in base_sd.items() if k not in adapter_sd},
                                    model.config_from_dict(run_config["model"]))
         base_sd = {k: v for k, v in base_sd.items() if k not in unexpected}
-    return model.merge_lora_state_dict(base_sd, adapter_sd, lora["rank"], lora["alpha"])
+    return lora.merge_lora_state_dict(base_sd, adapter_sd, lora["rank"], lora["alpha"])
 
 
 def load_lora(path, ema=True, base=None):
@@ -611,7 +602,7 @@ def peek(path):
                 tensors = {k: torch.empty(f.get_slice(k).get_shape(), dtype=_ST_DTYPES[f.get_slice(k).get_dtype()],
                                           device="meta") for k in f.keys()}
         except Exception as e:
-            raise CheckpointError(p, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
+            raise UserError(p, f"not a checkpoint nanocosmos can read ({type(e).__name__}; formats: "
                                      f"{FORMATS})") from None
         return f"safetensors file {p}", tensors
     return f"flat .pt file {p}", read_file(p)
@@ -669,7 +660,7 @@ def info(path, ema=True):
         extra = f", step {rc['step']}" if "step" in rc else ""
         lines.append(f"config (run config{extra}): {describe(cfg)}")
     elif "x_embedder.proj.1.weight" not in sd:
-        raise CheckpointError(p, f"no DiT weights found ({len(sd)} tensors, none is x_embedder.proj.1.weight; "
+        raise UserError(p, f"no DiT weights found ({len(sd)} tensors, none is x_embedder.proj.1.weight; "
                                  f"first keys: {list(sd)[:3]})")
     else:
         cfg, assumed = infer_config(sd)

@@ -53,21 +53,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import vae
+from configurator import MissingError, UserError
 
 # -----------------------------------------------------------------------------
 # errors: every message starts with the offending file, so a user can go and look at it
 
-
-class DataError(ValueError):
-    """A dataset file is unreadable or inconsistent. str(e) is '<file>: <problem>'."""
-
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = str(path), problem
-
-
-class MissingFileError(DataError, FileNotFoundError):
-    """A file the dataset refers to does not exist (catchable as FileNotFoundError too)."""
 
 
 def progress(iterable, total, desc, min_total=0):
@@ -173,17 +163,17 @@ def read_frames(path, indices_or_count, size=None):
         for seek in ([True, False] if min(indices) > 0 else [False]):
             with av.open(str(path)) as container:
                 if not container.streams.video:
-                    raise DataError(path, "has no video stream")
+                    raise UserError(path, "has no video stream")
                 frames, decoded = decode_frames(container, container.streams.video[0], indices, seek)
             # unsure where a seek landed, or an error to report with the exact frame count: decode from the start
             if frames is not None and max(indices) in frames:
                 break
     except FileNotFoundError as e:
-        raise MissingFileError(path, "video file not found") from e
+        raise MissingError(path, "video file not found") from e
     except av.error.FFmpegError as e:
-        raise DataError(path, f"cannot decode video ({e})") from e
+        raise UserError(path, f"cannot decode video ({e})") from e
     if max(indices) not in frames:
-        raise DataError(path, f"has only {decoded} decodable frames, frame {max(indices)} was asked for")
+        raise UserError(path, f"has only {decoded} decodable frames, frame {max(indices)} was asked for")
     rgb_N_H_W_3 = [frames[i] for i in indices]
     if size is None or tuple(rgb_N_H_W_3[0].shape[:2]) == tuple(size):
         return torch.from_numpy(np.stack(rgb_N_H_W_3)).permute(0, 3, 1, 2).contiguous()
@@ -226,17 +216,17 @@ def probe_video(path):
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise DataError(path, "has no video stream")
+                raise UserError(path, "has no video stream")
             stream = container.streams.video[0]
             n, h, w = stream.frames, stream.codec_context.height, stream.codec_context.width
             if n <= 0:  # some containers do not record a frame count: count packets instead (still no decode)
                 n = sum(1 for p in container.demux(stream) if p.size > 0)
     except FileNotFoundError as e:
-        raise MissingFileError(path, "video file not found") from e
+        raise MissingError(path, "video file not found") from e
     except av.error.FFmpegError as e:
-        raise DataError(path, f"cannot open video ({e})") from e
+        raise UserError(path, f"cannot open video ({e})") from e
     if n <= 0 or h <= 0 or w <= 0:
-        raise DataError(path, f"video has {n} frames of {h}x{w}")
+        raise UserError(path, f"video has {n} frames of {h}x{w}")
     return n, h, w
 
 
@@ -245,16 +235,16 @@ def count_frames(path):
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise DataError(path, "has no video stream")
+                raise UserError(path, "has no video stream")
             n, h, w = 0, 0, 0
             for frame in container.decode(container.streams.video[0]):
                 n, h, w = n + 1, frame.height, frame.width
     except FileNotFoundError as e:
-        raise MissingFileError(path, "video file not found") from e
+        raise MissingError(path, "video file not found") from e
     except av.error.FFmpegError as e:
-        raise DataError(path, f"cannot decode video ({e})") from e
+        raise UserError(path, f"cannot decode video ({e})") from e
     if n == 0:
-        raise DataError(path, "video has no decodable frames")
+        raise UserError(path, "video has no decodable frames")
     return n, h, w
 
 
@@ -304,8 +294,8 @@ def detect_layout(root):
     if (root / "annotations").is_dir():
         return "camera_folders"
     if not root.is_dir():
-        raise MissingFileError(root, "dataset folder not found")
-    raise DataError(root, "neither annotation/<split>/*.json (IRASim) nor annotations/*.json (camera folders) found")
+        raise MissingError(root, "dataset folder not found")
+    raise UserError(root, "neither annotation/<split>/*.json (IRASim) nor annotations/*.json (camera folders) found")
 
 
 def available_splits(root):
@@ -328,9 +318,9 @@ def list_annotations(root, split, val_fraction=0.1):
     if (folder / split).is_dir():
         return sorted((folder / split).glob("*.json"))
     if layout == "irasim" or any(p.is_dir() for p in folder.iterdir()):
-        raise DataError(folder / split, f"split folder not found; splits here: {available_splits(root)}")
+        raise UserError(folder / split, f"split folder not found; splits here: {available_splits(root)}")
     if split not in ("train", "val"):
-        raise DataError(folder, f"has no split folders, so only 'train' and 'val' (held out by name) exist, not {split!r}")
+        raise UserError(folder, f"has no split folders, so only 'train' and 'val' (held out by name) exist, not {split!r}")
     paths = sorted(folder.glob("*.json"))
     held = [is_held_out(p.stem, val_fraction) for p in paths]
     if val_fraction > 0 and len(paths) > 1 and not any(held):  # tiny datasets: still hold out one, chosen by hash
@@ -342,7 +332,7 @@ def _array(d, key, path):
     try:
         return np.asarray(d[key], dtype=np.float64)
     except (ValueError, TypeError) as e:
-        raise DataError(path, f"{key!r} is not a rectangular array of numbers ({e})") from e
+        raise UserError(path, f"{key!r} is not a rectangular array of numbers ({e})") from e
 
 
 def parse_annotation(path):
@@ -351,26 +341,26 @@ def parse_annotation(path):
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise MissingFileError(path, "annotation file not found") from e
+        raise MissingError(path, "annotation file not found") from e
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(path, f"cannot read annotation ({e})") from e
+        raise UserError(path, f"cannot read annotation ({e})") from e
     except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?)") from e
+        raise UserError(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?)") from e
     if not isinstance(d, dict):
-        raise DataError(path, f"annotation must be a JSON object, got {type(d).__name__}")
+        raise UserError(path, f"annotation must be a JSON object, got {type(d).__name__}")
     for key in ("state", "continuous_gripper_state"):
         if key not in d:
-            raise DataError(path, f"missing key {key!r}")
+            raise UserError(path, f"missing key {key!r}")
     state, gripper = _array(d, "state", path), _array(d, "continuous_gripper_state", path)
     if state.ndim != 2 or state.shape[1] < 6 or state.shape[0] < 2:
-        raise DataError(path, f"'state' must be T x >=6 (x, y, z, roll, pitch, yaw, ...) with T >= 2, got {list(state.shape)}")
+        raise UserError(path, f"'state' must be T x >=6 (x, y, z, roll, pitch, yaw, ...) with T >= 2, got {list(state.shape)}")
     T = len(state)
     if gripper.shape != (T,):
-        raise DataError(path, f"'continuous_gripper_state' must have shape [{T}] like 'state', got {list(gripper.shape)}")
+        raise UserError(path, f"'continuous_gripper_state' must have shape [{T}] like 'state', got {list(gripper.shape)}")
     for key, x in (("state", state), ("continuous_gripper_state", gripper)):
         bad = np.argwhere(~np.isfinite(x))
         if len(bad):
-            raise DataError(path, f"{key!r} has {len(bad)} NaN/inf values, first at index {bad[0].tolist()}")
+            raise UserError(path, f"{key!r} has {len(bad)} NaN/inf values, first at index {bad[0].tolist()}")
     # a stored 'action' is not parsed here: training recomputes actions from the state, only `check` reads it
     return dict(state=state, gripper=gripper, videos=d.get("videos"), json=d)
 
@@ -381,7 +371,7 @@ def stored_action(path, ann):
         return None
     T, action = len(ann["state"]), _array(ann["json"], "action", path)
     if action.ndim != 2 or action.shape[0] != T - 1 or action.shape[1] < 6:
-        raise DataError(path, f"'action' must be [{T - 1}, 7] (one row per state transition), got {list(action.shape)}")
+        raise UserError(path, f"'action' must be [{T - 1}, 7] (one row per state transition), got {list(action.shape)}")
     return action
 
 
@@ -392,17 +382,17 @@ def camera_paths(root, layout, ann_path, ann, cameras):
         return [root / "videos" / f"cam{k}" / f"{Path(ann_path).stem}.mp4" for k in cameras]
     videos = ann["videos"]
     if not isinstance(videos, list) or not videos:
-        raise DataError(ann_path, "missing key 'videos' (a list of {'video_path': ...}, one per camera)")
+        raise UserError(ann_path, "missing key 'videos' (a list of {'video_path': ...}, one per camera)")
     paths = []
     for k in cameras:
         if not 0 <= k < len(videos):
-            raise DataError(ann_path, f"the config asks for {len(cameras)} camera(s) {list(cameras)} and this episode "
+            raise UserError(ann_path, f"the config asks for {len(cameras)} camera(s) {list(cameras)} and this episode "
                                       f"lists {len(videos)} camera(s) in 'videos' (0..{len(videos) - 1}); camera {k} "
                                       f"was asked for")
         entry = videos[k]
         rel = entry.get("video_path") if isinstance(entry, dict) else entry  # P2.5 also accepts a bare string
         if not isinstance(rel, str):
-            raise DataError(ann_path, f"videos[{k}] has no 'video_path' string")
+            raise UserError(ann_path, f"videos[{k}] has no 'video_path' string")
         paths.append(root / rel)
     return paths
 
@@ -411,9 +401,9 @@ def check_frame_counts(ann_path, T, videos, counts):
     """Every camera must have the same number of frames, and at least one per state."""
     if len(set(counts)) > 1:
         listing = ", ".join(f"{v} has {n}" for v, n in zip(videos, counts))
-        raise DataError(ann_path, f"cameras have different frame counts: {listing}")
+        raise UserError(ann_path, f"cameras have different frame counts: {listing}")
     if counts[0] < T:
-        raise DataError(videos[0], f"has {counts[0]} frames but {ann_path} has {T} states")
+        raise UserError(videos[0], f"has {counts[0]} frames but {ann_path} has {T} states")
 
 
 def camera_folder_cameras(root):
@@ -426,7 +416,7 @@ def check_camera_folders(root, cameras):
     have = camera_folder_cameras(root)
     missing = [k for k in cameras if k not in have]
     if missing:
-        raise DataError(Path(root) / "videos" / f"cam{missing[0]}", f"camera folder not found: the config asks for "
+        raise UserError(Path(root) / "videos" / f"cam{missing[0]}", f"camera folder not found: the config asks for "
                         f"{len(cameras)} camera(s) {list(cameras)} and the dataset has {len(have)} "
                         f"({', '.join(f'cam{k}' for k in have) or 'none'})")
 
@@ -447,9 +437,10 @@ def load_episode(root, layout, ann_path, cameras, frame_stride=1, action_scale=2
     check_frame_counts(ann_path, T, videos, [probe_video(v)[0] for v in videos])
     # row j = action between states j and j+s, i.e. compute_actions on state[::s] of every phase at once
     s = frame_stride
-    actions = np.zeros((max(T - s, 0), 7), dtype=np.float32)
-    for phase in range(min(s, T)):
-        actions[phase::s] = compute_actions(ann["state"][phase::s], ann["gripper"][phase::s], action_scale, gripper_scale)
+    phases = [compute_actions(ann["state"][p::s], ann["gripper"][p::s], action_scale, gripper_scale) for p in range(min(s, T))]
+    actions = np.zeros((max(T - s, 0), phases[0].shape[1]), dtype=np.float32)   # the width the actions have
+    for phase, a in enumerate(phases):
+        actions[phase::s] = a
     return Episode(Path(ann_path).stem, Path(ann_path), videos, T, actions)
 
 # -----------------------------------------------------------------------------
@@ -480,7 +471,7 @@ class RobotVideoDataset(torch.utils.data.Dataset):
             try:
                 self.episodes.append(load_episode(self.root, self.layout, ann_path, self.cameras, frame_stride,
                                                   action_scale, gripper_scale))
-            except DataError as e:
+            except UserError as e:
                 if not skip_bad:
                     raise
                 print(f"skipping bad episode: {e}")
@@ -488,7 +479,7 @@ class RobotVideoDataset(torch.utils.data.Dataset):
         if skipped:
             print(f"skipped {skipped} bad episode(s) of {skipped + len(self.episodes)} in {self.root} split {split!r}")
         if not self.episodes:
-            raise DataError(self.root, f"split {split!r} has no usable episodes")
+            raise UserError(self.root, f"split {split!r} has no usable episodes")
         span = (num_frames - 1) * frame_stride
         windows = [(e, i) for e, ep in enumerate(self.episodes) for i in range(0, ep.num_frames - span, start_stride)]
         self.window_episode = np.array([e for e, _ in windows], dtype=np.int64)
@@ -508,9 +499,21 @@ class RobotVideoDataset(torch.utils.data.Dataset):
         e, start = int(self.window_episode[i]), int(self.window_start[i])
         return {
             "video": self.episode_frames(e, start, self.num_frames),
-            "action": self.episode_actions(e, start, self.num_frames),
+            "cond": self.episode_cond(e, start, self.num_frames),
             "key": f"{self.episodes[e].name}/{start}",
         }
+
+    @property
+    def episode_names(self):
+        return [ep.name for ep in self.episodes]
+
+    @property
+    def action_dim(self):
+        return self.episodes[0].actions.shape[1]
+
+    def episode_cond(self, episode_index, start=0, num_frames=None):
+        """The conditioning of the frames episode_frames(episode_index, start, num_frames) returns: {"action": [n-1, A]}."""
+        return {"action": self.episode_actions(episode_index, start, num_frames)}
 
     def _count(self, episode_index, start, count):
         n, s = self.episodes[episode_index].num_frames, self.frame_stride
@@ -535,6 +538,63 @@ class RobotVideoDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.episodes[episode_index].actions[start:start + (count - 1) * s:s].copy())
 
 # -----------------------------------------------------------------------------
+# the one dataset factory of every command
+
+def make_dataset(c, split, tok=None, rank=0, world=1, say=print, barrier=None):
+    """The dataset of c["data_root"] for split (c: train.py's config dict, or sample.py's settings with the same
+    keys). The format is read from the folder: meta/info.json is a LeRobot folder (lerobot.LeRobotDataset), else an
+    IRASim / Bridge or camera-folder layout (RobotVideoDataset). A missing root is a UserError naming the nearest folder (train.py
+    generates the default synthetic root first: synth.ensure). With c["latent_cache"] and
+    split == c["train_split"], the training set is the cache, built here when missing (every rank its share; tok:
+    the run's tokenizer; barrier: the run's process barrier).
+
+    The protocol every returned dataset keeps (training, validation, evaluation and rollout rely on it):
+      len(ds), ds[i] -> {"video": uint8 [V,3,T,H,W] (or "latent": [V,C,t,h,w] from a cache),
+                         "cond": {"action": float32 [T-1, A]}, "key": "<episode>/<start>"}
+      ds.num_frames, ds.cameras, ds.action_dim; ds.window_episode, ds.window_start (one int per item)
+      and, except for a latent cache: ds.episode_names, ds.episode_frames(e, start=0, count=None) -> uint8
+      [V,3,n,H,W], ds.episode_cond(e, start=0, num_frames=None) -> {"action": [n-1, A]} (None: the whole episode).
+    A new conditioning signal is one more key of "cond" (and of episode_cond); a new format is one branch here."""
+    root, T = c["data_root"], c["num_frames"]
+    if not os.path.exists(root):     # (the default synthetic root is generated before: synth.ensure)
+        near = nearest_folder(root)
+        raise MissingError(root, "data_root not found" + (f" (did you mean {near}?)" if near else ""))
+    if os.path.isfile(os.path.join(root, "meta", "info.json")):
+        import lerobot   # here, not at the top: lerobot.py imports data.py's leaf helpers
+        if c.get("latent_cache"):
+            raise UserError(f"--latent_cache={c['latent_cache']!r}", f"latent caches are built from Bridge/IRASim-layout "
+                                                                      f"folders; {root} is a LeRobot folder")
+        ds = lerobot.LeRobotDataset(root, split, start_stride=c["start_stride"] if split == c["train_split"] else
+                                    max(1, T - 1), **lerobot.config_kwargs(c))
+    else:
+        ds = RobotVideoDataset(root, split, num_frames=T, cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]),
+                               frame_stride=c["frame_stride"], action_scale=c["action_scale"],
+                               gripper_scale=c["gripper_scale"], skip_bad=c["skip_bad"],
+                               start_stride=c["start_stride"] if split == c["train_split"] else max(1, T - 1))
+    say(f"dataset {root} {split}: {len(ds)} clips of {T} frames, {len(ds.episode_names)} episodes")
+    if len(ds) == 0 and split == c["train_split"]:
+        raise UserError(root, f"no training clips of {T} frames ({split})")
+    if c.get("latent_cache") and split == c["train_split"]:
+        settings = cache_settings(ds, tok, c["tokenizer"])
+        encode_dataset(ds, tok, c["latent_cache"], settings, rank, world, workers=max(0, c["num_workers"]), log=say)
+        if barrier:
+            barrier()
+        ds = LatentCacheDataset(c["latent_cache"], expect=settings)
+        say(f"training on {ds!r}")
+    return ds
+
+
+def nearest_folder(path):
+    import difflib
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    names = [d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))] if parent else []
+    close = difflib.get_close_matches(os.path.basename(os.path.normpath(path)), names, n=1, cutoff=0.6)
+    return os.path.join(parent, close[0]) if close else None
+
+
+# -----------------------------------------------------------------------------
 # the latent cache: the tokenizer's latents of every training window, encoded once. The encoder mean is deterministic
 # and the pipeline has no augmentation, so reading a window's latent is exactly encoding it again.
 # Layout: CACHE/shard_NNNNN.safetensors ("latent" [n,V,C,t,h,w] in the tokenizer's dtype, "action" [n,T-1,7] float32,
@@ -554,6 +614,10 @@ def tokenizer_fingerprint(tok):
 def cache_settings(ds, tok, tokenizer_name):
     """Everything a cached latent depends on, as a JSON-able dict: what encode writes and what a run expects."""
     files = sorted({p for ep in ds.episodes for p in [ep.annotation, *ep.videos]})
+    # annotations by content (an edit in place keeps the size), videos by size and modification time (hashing every
+    # video would cost a read of the dataset)
+    sign = lambda p: (f"sha256 {hashlib.sha256(p.read_bytes()).hexdigest()[:16]}" if p.suffix == ".json"  # noqa: E731
+                      else f"{p.stat().st_size} bytes, mtime {p.stat().st_mtime_ns}")
     # the dtype before the weights' hash: a bf16 cache read by an fp32 run is reported as a dtype difference
     return dict(tokenizer=tokenizer_name, tokenizer_dtype=str(vae.tokenizer_dtype(tok)).replace("torch.", ""),
                 tokenizer_sha256=tokenizer_fingerprint(tok),
@@ -562,7 +626,7 @@ def cache_settings(ds, tok, tokenizer_name):
                 cameras=list(ds.cameras), size=list(ds.size), num_frames=ds.num_frames, frame_stride=ds.frame_stride,
                 start_stride=ds.start_stride, split=ds.split, action_scale=ds.action_scale,
                 gripper_scale=ds.gripper_scale, val_fraction=ds.val_fraction, windows=len(ds),
-                files=[[str(p.relative_to(ds.root)), p.stat().st_size] for p in files])
+                files=[[str(p.relative_to(ds.root)), sign(p)] for p in files])
 
 
 def human_bytes(n):
@@ -578,16 +642,31 @@ def shard_path(out, j):
     return Path(out) / f"shard_{j:05d}.safetensors"
 
 
+def shard_problem(path, digest, n):
+    """What is wrong with a shard file (None: complete). Its header names every tensor's byte range, so a truncated
+    file is found by its size alone, without reading the data."""
+    if not path.exists():
+        return "missing"
+    try:
+        with open(path, "rb") as fh:
+            head = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(head))
+        end = 8 + head + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        meta = header.get("__metadata__") or {}
+    except Exception:  # noqa: BLE001 (any unreadable header is a damaged shard)
+        return "not a readable safetensors shard"
+    if path.stat().st_size < end:
+        return f"truncated ({path.stat().st_size} of {end} bytes)"
+    if digest is not None and meta.get("settings") != digest:
+        return "encoded with other settings"
+    if header["window"]["shape"][0] != n:
+        return f"holds {header['window']['shape'][0]} windows, the cache lists {n}"
+    return None
+
+
 def shard_is_done(path, digest, n):
     """A renamed shard of the same settings and length is complete (shards are written to .tmp, then renamed)."""
-    if not path.exists():
-        return False
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            return meta.get("settings") == digest and f.get_slice("window").get_shape()[0] == n
-    except Exception:  # an unreadable file from some other program: encode it again
-        return False
+    return shard_problem(path, digest, n) is None
 
 
 def encode_dataset(ds, tok, out, settings, rank=0, world=1, batch_windows=8, max_batch=None, workers=0,
@@ -606,7 +685,7 @@ def encode_dataset(ds, tok, out, settings, rank=0, world=1, batch_windows=8, max
     V, C, t = len(ds.cameras), tok.latent_channels, vae.latent_frames(ds.num_frames, tok.temporal_factor)
     h, w = ds.size[0] // tok.spatial_factor, ds.size[1] // tok.spatial_factor
     latent_shape, dtype = [V, C, t, h, w], vae.tokenizer_dtype(tok)
-    per_window = V * C * t * h * w * dtype.itemsize + (ds.num_frames - 1) * 7 * 4 + 8
+    per_window = V * C * t * h * w * dtype.itemsize + (ds.num_frames - 1) * ds.action_dim * 4 + 8
     n_windows = len(ds)
     per_shard = max(1, min(n_windows, shard_bytes // per_window))
     shards = [(j, range(a, min(a + per_shard, n_windows))) for j, a in enumerate(range(0, n_windows, per_shard))]
@@ -620,7 +699,7 @@ def encode_dataset(ds, tok, out, settings, rank=0, world=1, batch_windows=8, max
     if not all(shard_is_done(shard_path(out, j), digest, len(r)) for j, r in shards):
         return None  # another rank's shards are still being written; it writes the metadata
     meta = dict(format="nanocosmos latent cache 1", settings=settings, settings_sha=digest, latent_shape=latent_shape,
-                latent_dtype=str(dtype).replace("torch.", ""), action_shape=[ds.num_frames - 1, 7],
+                latent_dtype=str(dtype).replace("torch.", ""), action_shape=[ds.num_frames - 1, ds.action_dim],
                 shards=[[shard_path(out, j).name, len(r)] for j, r in shards], bytes=n_windows * per_window)
     tmp = out / f"metadata.json.tmp{rank}"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -639,7 +718,7 @@ def encode_shard(ds, tok, path, windows, digest, batch_windows, max_batch, worke
         B, V = video_B_V_3_T_H_W.shape[:2]
         lat = vae.encode_batched(tok, video_B_V_3_T_H_W.flatten(0, 1), max_batch)
         latents.append(lat.unflatten(0, (B, V)).cpu())
-        actions.append(batch["action"])
+        actions.append(batch["cond"]["action"])
         keys += batch["key"]
     tensors = dict(latent=torch.cat(latents).contiguous(), action=torch.cat(actions).contiguous(),
                    window=torch.tensor(list(windows), dtype=torch.int64))
@@ -652,29 +731,35 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     """
     The windows of a finished latent cache, in the order of the RobotVideoDataset they were encoded from: items
     {"latent": [V,C,t,h,w] in the tokenizer's dtype, "action": float32 [T-1,7], "key": "<episode>/<start>"}.
-    expect (cache_settings of the run): every field must match, else one DataError naming the first that differs.
+    expect (cache_settings of the run): every field must match, else one UserError naming the first that differs.
     Shards are opened lazily in each worker (memory-mapped by safetensors), so the dataset pickles cheaply.
     """
 
     def __init__(self, cache_dir, expect=None):
         self.dir, path = Path(cache_dir), Path(cache_dir) / "metadata.json"
         if not path.exists():
-            raise MissingFileError(path, "not found: not a finished latent cache (an interrupted encode? run it "
+            raise MissingError(path, "not found: not a finished latent cache (an interrupted encode? run it "
                                          "again to resume)" if self.dir.is_dir() else "latent cache folder not found")
         try:
             self.meta = json.loads(path.read_text())
             settings = self.meta["settings"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(path, f"not a latent cache metadata file ({e})") from e
+            raise UserError(path, f"not a latent cache metadata file ({e})") from e
         for key, want in (expect or {}).items():
             have = settings.get(key, "(absent)")
             if have != want:
-                raise DataError(path, f"cache {describe_difference(key, have, want)}; encode another cache "
+                raise UserError(path, f"cache {describe_difference(key, have, want)}; encode another cache "
                                       f"(a new --out) or delete {self.dir}")
         counts = [n for _, n in self.meta["shards"]]
         self.offsets = np.cumsum([0] + counts)
         self.num_frames, self.cameras = settings["num_frames"], tuple(settings["cameras"])
+        self.action_dim = self.meta["action_shape"][1]
         self._open = {}
+        for j, (name, n) in enumerate(self.meta["shards"]):   # every shard now, not in a loader worker later
+            problem = shard_problem(self.dir / name, self.meta.get("settings_sha"), n)
+            if problem:
+                raise UserError(self.dir / name, f"{problem}: this cache is damaged; run the encode again "
+                                                 f"(`python data.py encode ...` redoes the bad shards) or delete {self.dir}")
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -701,7 +786,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         j = int(np.searchsorted(self.offsets, i, side="right")) - 1
         f, keys = self.shard(j)
         r = i - int(self.offsets[j])
-        return {"latent": f.get_slice("latent")[r], "action": f.get_slice("action")[r], "key": keys[r]}
+        return {"latent": f.get_slice("latent")[r], "cond": {"action": f.get_slice("action")[r]}, "key": keys[r]}
 
 
 def describe_difference(key, have, want):
@@ -709,8 +794,8 @@ def describe_difference(key, have, want):
     if key == "files" and isinstance(have, list) and isinstance(want, list):
         have_d, want_d = dict(map(tuple, have)), dict(map(tuple, want))
         name = sorted(k for k in have_d.keys() | want_d.keys() if have_d.get(k) != want_d.get(k))[0]
-        return (f"files differ from the dataset's, first {name}: {have_d.get(name, 'absent')} bytes in the cache, "
-                f"{want_d.get(name, 'absent')} now")
+        return (f"was encoded from other files: {name} is {have_d.get(name, 'absent')} in the cache, "
+                f"{want_d.get(name, 'absent')} now (edited or replaced since the encode)")
     return f"{key} is {have!r} but this run has {want!r}"
 
 
@@ -772,7 +857,7 @@ def check_episode(job):
     root, layout, ann_path, cameras, fast = job
     try:
         ann = parse_annotation(ann_path)
-    except DataError as e:
+    except UserError as e:
         return [str(e)], [], None
     bad = non_finite(ann["json"])  # parse_annotation already refuses NaN in what training reads; this is the rest
     problems = [f"{ann_path}: {len(bad)} NaN/Infinity value(s) in the JSON, first at {bad[0]}"] if bad else []
@@ -782,7 +867,7 @@ def check_episode(job):
         videos = camera_paths(root, layout, ann_path, ann, cameras)
         p, source = check_stored_action(ann_path, ann)
         problems += p
-    except DataError as e:
+    except UserError as e:
         return problems + [str(e)], [], None
     notes, counts, sizes, missing = [], [], {}, []
     for k, v in zip(cameras, videos):
@@ -790,10 +875,10 @@ def check_episode(job):
             n, h, w = probe_video(v) if fast else count_frames(v)
             counts.append(n)
             sizes[k] = (h, w)
-        except MissingFileError as e:
+        except MissingError as e:
             problems.append(str(e))
             missing.append(k)
-        except DataError as e:  # every video is checked: the user wants the whole list at once
+        except UserError as e:  # every video is checked: the user wants the whole list at once
             problems.append(str(e))
     state, gripper = ann["state"], ann["gripper"]
     T = len(state)
@@ -802,7 +887,7 @@ def check_episode(job):
             check_frame_counts(ann_path, T, videos, counts)
             if counts[0] > T:
                 notes.append(f"{videos[0]}: {counts[0]} frames for {T} states; the last {counts[0] - T} are never used")
-        except DataError as e:
+        except UserError as e:
             problems.append(str(e))
     if gripper.min() < -1e-6 or gripper.max() > 1 + 1e-6:
         notes.append(f"{ann_path}: continuous_gripper_state spans {gripper.min():.3g}..{gripper.max():.3g}, not 0 (open)..1")
@@ -947,7 +1032,7 @@ def bench(root, split=None, cameras=(0,), size=(256, 320), num_frames=13, worker
     split = split or ("train" if "train" in available_splits(root) else available_splits(root)[0])
     ds = RobotVideoDataset(root, split, num_frames=num_frames, cameras=cameras, size=size, frame_stride=frame_stride)
     if len(ds) == 0:
-        raise DataError(root, f"split {split!r} has no clips of {num_frames} frames")
+        raise UserError(root, f"split {split!r} has no clips of {num_frames} frames")
     n_clips = batches * batch_size
     order = torch.randint(len(ds), (n_clips,), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"bench {ds}\n{n_clips} random windows; episodes of {min(e.num_frames for e in ds.episodes)}.."
@@ -1089,7 +1174,7 @@ def main(argv):
         bench(args.root, args.split, args.cameras, args.size, args.num_frames, args.workers, args.batch_size,
               args.batches, args.frame_stride, args.cache)
         return 0
-    except DataError as e:  # a known problem with a file: one line, no traceback
+    except UserError as e:  # a known problem with a file: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
 

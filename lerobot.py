@@ -53,7 +53,8 @@ from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
-from data import DataError, MissingFileError, is_held_out, resize_frames, single_threaded_worker
+from configurator import MissingError, UserError
+from data import is_held_out, resize_frames, single_threaded_worker
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
 ACTION_TYPES = ("absolute", "delta", "delta_state")
@@ -83,9 +84,9 @@ def read_json(path, lines=False):
         text = Path(path).read_text()
         return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
     except FileNotFoundError as e:
-        raise MissingFileError(path, "not found") from e
+        raise MissingError(path, "not found") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(path, f"cannot read JSON ({e})") from e
+        raise UserError(path, f"cannot read JSON ({e})") from e
 
 
 def read_parquet(path, columns):
@@ -95,21 +96,21 @@ def read_parquet(path, columns):
         names = pa.parquet.read_schema(path).names
         missing = [c for c in columns if c not in names]
         if missing:
-            raise DataError(path, f"has no column(s) {missing}; its columns: {names}")
+            raise UserError(path, f"has no column(s) {missing}; its columns: {names}")
         table = pa.parquet.read_table(path, columns=list(columns))
     except FileNotFoundError as e:
-        raise MissingFileError(path, "parquet file not found") from e
+        raise MissingError(path, "parquet file not found") from e
     except (OSError, pa.ArrowException) as e:
-        raise DataError(path, f"cannot read parquet ({e})") from e
+        raise UserError(path, f"cannot read parquet ({e})") from e
     out = {}
     for name in columns:
         col = table.column(name).combine_chunks()
         if col.null_count:
-            raise DataError(path, f"column {name!r} has {col.null_count} null rows")
+            raise UserError(path, f"column {name!r} has {col.null_count} null rows")
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
             lengths = np.asarray(col.value_lengths())
             if len(lengths) and (lengths != lengths[0]).any():
-                raise DataError(path, f"column {name!r} has rows of different lengths")
+                raise UserError(path, f"column {name!r} has rows of different lengths")
             out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
         else:
             out[name] = col.to_numpy(zero_copy_only=False)
@@ -120,10 +121,10 @@ def load_info(root):
     path = Path(root) / "meta" / "info.json"
     info = read_json(path)
     if info.get("codebase_version") not in VERSIONS:
-        raise DataError(path, f"codebase_version {info.get('codebase_version')!r}; nanocosmos reads {', '.join(VERSIONS)}")
+        raise UserError(path, f"codebase_version {info.get('codebase_version')!r}; nanocosmos reads {', '.join(VERSIONS)}")
     for key in ("fps", "features", "data_path", "video_path"):
         if not info.get(key):
-            raise DataError(path, f"missing {key!r}" + (" (a dataset without videos)" if key == "video_path" else ""))
+            raise UserError(path, f"missing {key!r}" + (" (a dataset without videos)" if key == "video_path" else ""))
     return info
 
 
@@ -136,17 +137,17 @@ def select_cameras(root, info, cameras):
     path, keys = Path(root) / "meta" / "info.json", video_keys(info)
     listing = ", ".join(f"{i} = {k}" for i, k in enumerate(keys))
     if not keys:
-        raise DataError(path, "has no video features (dtype 'video'); nanocosmos needs camera videos")
+        raise UserError(path, "has no video features (dtype 'video'); nanocosmos needs camera videos")
     chosen = []
     for c in keys if cameras is None else cameras:
         if isinstance(c, (int, np.integer)) or (isinstance(c, str) and c.isdigit()):
             if not 0 <= int(c) < len(keys):
-                raise DataError(path, f"camera index {c} out of range; the cameras are {listing}")
+                raise UserError(path, f"camera index {c} out of range; the cameras are {listing}")
             chosen.append(keys[int(c)])
         elif c in keys or f"observation.images.{c}" in keys:
             chosen.append(c if c in keys else f"observation.images.{c}")
         else:
-            raise DataError(path, f"no camera {c!r}; the cameras are {listing}")
+            raise UserError(path, f"no camera {c!r}; the cameras are {listing}")
     return chosen
 
 
@@ -159,14 +160,14 @@ def load_episodes(root, info, cameras):
         eps = []
         for r in read_json(path, lines=True):
             if not {"episode_index", "length"} <= set(r):
-                raise DataError(path, f"an entry lacks 'episode_index' or 'length': {str(r)[:120]}")
+                raise UserError(path, f"an entry lacks 'episode_index' or 'length': {str(r)[:120]}")
             f = dict(episode_chunk=int(r["episode_index"]) // chunk, episode_index=int(r["episode_index"]))
             eps.append(dict(index=f["episode_index"], length=int(r["length"]), data=root / info["data_path"].format(**f),
                             videos=[(root / info["video_path"].format(video_key=k, **f), 0.0, None) for k in cameras]))
         return sorted(eps, key=lambda e: e["index"])
     files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
     if not files:
-        raise MissingFileError(root / "meta" / "episodes", "no episode metadata (meta/episodes/chunk-*/file-*.parquet)")
+        raise MissingError(root / "meta" / "episodes", "no episode metadata (meta/episodes/chunk-*/file-*.parquet)")
     per_cam = ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
     columns = ["episode_index", "length", "data/chunk_index", "data/file_index"]
     columns += [f"videos/{k}/{c}" for k in cameras for c in per_cam]
@@ -199,7 +200,7 @@ def load_stats(root, key):
     meta = Path(root) / "meta"
     path = meta / "stats.json" if (meta / "stats.json").is_file() else meta / "episodes_stats.jsonl"
     if not path.is_file():
-        raise MissingFileError(meta / "stats.json", "not found (nor episodes_stats.jsonl): set action_norm='none'")
+        raise MissingError(meta / "stats.json", "not found (nor episodes_stats.jsonl): set action_norm='none'")
     try:
         if path.name == "stats.json":
             s = read_json(path)[key]
@@ -208,7 +209,7 @@ def load_stats(root, key):
         n = np.array([np.asarray(s["count"], dtype=np.float64).reshape(-1)[0] for s in per])[:, None]
         get = {k: np.stack([np.asarray(s[k], dtype=np.float64).reshape(-1) for s in per]) for k in ("mean", "std", "min", "max")}
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(path, f"no usable mean/std/min/max{'/count' if path.suffix == '.jsonl' else ''} for {key!r} ({e!r})") from e
+        raise UserError(path, f"no usable mean/std/min/max{'/count' if path.suffix == '.jsonl' else ''} for {key!r} ({e!r})") from e
     mean = (n * get["mean"]).sum(0) / n.sum()
     var = (n * (get["std"] ** 2 + (get["mean"] - mean) ** 2)).sum(0) / n.sum()
     return dict(mean=mean, std=np.sqrt(var), min=get["min"].min(0), max=get["max"].max(0))
@@ -221,7 +222,7 @@ def split_episodes(root, info, indices, split, val_fraction):
     if split in ranges and (split != "train" or "val" in ranges):
         return [i for i in indices if i in ranges[split]]
     if split not in ("train", "val"):
-        raise DataError(Path(root) / "meta" / "info.json", f"has no split {split!r}; splits: {sorted(ranges)}")
+        raise UserError(Path(root) / "meta" / "info.json", f"has no split {split!r}; splits: {sorted(ranges)}")
     pool = [i for i in indices if "train" not in ranges or i in ranges["train"]]
     held = [is_held_out(f"episode_{i:06d}", val_fraction) for i in pool]
     if val_fraction > 0 and len(pool) > 1 and not any(held):
@@ -242,7 +243,7 @@ def load_rows(eps, columns, problems=None):
     for path, group in by_file.items():
         try:
             t = read_parquet(path, ["episode_index", *columns])
-        except DataError as err:
+        except UserError as err:
             fail(err)
             continue
         order = np.argsort(t["episode_index"], kind="stable")  # rows of an episode keep their order
@@ -250,7 +251,7 @@ def load_rows(eps, columns, problems=None):
         for e in group:
             rows = order[np.searchsorted(ids, e["index"]):np.searchsorted(ids, e["index"], "right")]
             if len(rows) != e["length"]:
-                fail(DataError(path, f"episode {e['index']} has {len(rows)} rows, the episode metadata says length "
+                fail(UserError(path, f"episode {e['index']} has {len(rows)} rows, the episode metadata says length "
                                      f"{e['length']}"))
             else:
                 e["rows"] = {c: t[c][rows] for c in columns}
@@ -313,7 +314,7 @@ def _decode_run(path, frames, times, keys, tol):
         picked.append(prev)
     for q, (_, t) in zip(times, picked):
         if abs(t - q) > tol:
-            raise DataError(path, f"no frame within {tol * 1e3:.1f} ms of {q:.4f} s (nearest at {t:.4f} s)")
+            raise UserError(path, f"no frame within {tol * 1e3:.1f} ms of {q:.4f} s (nearest at {t:.4f} s)")
     return picked, n
 
 
@@ -328,7 +329,7 @@ def decode_at(path, times, tol):
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise DataError(path, "has no video stream")
+                raise UserError(path, "has no video stream")
             stream = container.streams.video[0]
             keys, picked, decoded = keyframe_times(container, stream, times[0], times[-1]), [], 0
             while len(picked) < len(times):
@@ -340,7 +341,7 @@ def decode_at(path, times, tol):
                     keys = []
                     continue
                 if not got:
-                    raise DataError(path, f"no frame near {times[len(picked)]:.4f} s ({stream.frames} frames in the file)")
+                    raise UserError(path, f"no frame near {times[len(picked)]:.4f} s ({stream.frames} frames in the file)")
                 picked += got
             converted = {}
             for frame, t in picked:
@@ -348,9 +349,9 @@ def decode_at(path, times, tol):
                     converted[t] = rgb.reformat(frame, format="rgb24").to_ndarray()
             x = np.stack([converted[t] for _, t in picked])
     except FileNotFoundError as e:
-        raise MissingFileError(path, "video file not found") from e
+        raise MissingError(path, "video file not found") from e
     except av.error.FFmpegError as e:
-        raise DataError(path, f"cannot decode video ({e})") from e
+        raise UserError(path, f"cannot decode video ({e})") from e
     return torch.from_numpy(x).permute(0, 3, 1, 2), decoded
 
 # -----------------------------------------------------------------------------
@@ -411,35 +412,40 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.version, self.source_fps = self.info["codebase_version"], float(self.info["fps"])
         self.fps = float(fps or self.source_fps)
         if self.fps > self.source_fps + 1e-9:
-            raise DataError(info_path, f"the dataset has {self.source_fps:g} fps; fps={self.fps:g} would repeat frames")
+            raise UserError(info_path, f"the dataset has {self.source_fps:g} fps; fps={self.fps:g} would repeat frames")
         self.num_frames, self.size = num_frames, None if size is None else tuple(size)
         self.action_type, self.action_norm, self.action_key = action_type, action_norm, action_key
         self.cameras = select_cameras(root, self.info, cameras)
         keys = [action_key] + ([state_key] if action_type == "delta_state" else [])
         for k in keys:
             if k not in self.info["features"]:
-                raise DataError(info_path, f"has no feature {k!r}; features: {sorted(self.info['features'])}")
+                raise UserError(info_path, f"has no feature {k!r}; features: {sorted(self.info['features'])}")
         self.tasks = load_tasks(root)
         metas = load_episodes(root, self.info, self.cameras)
         chosen = set(split_episodes(root, self.info, [e["index"] for e in metas], split, val_fraction))
         metas = [e for e in metas if e["index"] in chosen and e["length"] > 0]
         if not metas:
-            raise DataError(self.root, f"split {split!r} has no episodes")
+            raise UserError(self.root, f"split {split!r} has no episodes")
         load_rows(metas, ["timestamp", "task_index", *keys])
         self.episodes = [self._episode(e, keys) for e in metas]
         dims = sorted({ep.action.shape[1] for ep in self.episodes})
         if len(dims) > 1:
-            raise DataError(self.root / "data", f"{action_key!r} has {dims} dimensions in different episodes")
+            raise UserError(self.root / "data", f"{action_key!r} has {dims} dimensions in different episodes")
         self.action_dim = dims[0]
         if action_dim is not None and action_dim != self.action_dim:
-            raise DataError(info_path, f"{action_key!r} has {self.action_dim} dimensions but the model takes "
+            raise UserError(info_path, f"{action_key!r} has {self.action_dim} dimensions but the model takes "
                                        f"action_dim={action_dim}: set action_dim={self.action_dim}")
         self.stats = None if action_norm == "none" else load_stats(root, action_key)
         if self.stats is not None and any(len(v) != self.action_dim for v in self.stats.values()):
-            raise DataError(self.root / "meta", f"the stats of {action_key!r} are not {self.action_dim}-D")
+            raise UserError(self.root / "meta", f"the stats of {action_key!r} are not {self.action_dim}-D")
         episode_of, starts = [], []
         for i, ep in enumerate(self.episodes):
             ep.actions = self.episode_actions(i).numpy()
+            for name, x in ((action_key, ep.action), (state_key, ep.state)):   # what check finds, before step 1
+                bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float64))) if x is not None else []
+                if len(bad):
+                    raise UserError(self.root / "data", f"episode {ep.name}: {name!r} has {len(bad)} NaN/inf values "
+                                                        f"(first at row {bad[0][0]}); fix or drop the episode")
             s = np.arange(0, ep.num_frames, start_stride)
             s = s[clips_that_fit(ep.timestamps, s, num_frames, self.fps, self.source_fps)]
             episode_of.append(np.full(len(s), i))
@@ -453,12 +459,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
         ts, action = rows["timestamp"].astype(np.float64), rows[keys[0]].astype(np.float64).reshape(len(rows["timestamp"]), -1)
         state = rows[keys[1]].astype(np.float64).reshape(len(ts), -1) if len(keys) > 1 else None
         if state is not None and state.shape != action.shape:
-            raise DataError(path, f"delta_state needs {keys[0]!r} and {keys[1]!r} of one size: {action.shape[1]} vs {state.shape[1]}")
+            raise UserError(path, f"delta_state needs {keys[0]!r} and {keys[1]!r} of one size: {action.shape[1]} vs {state.shape[1]}")
         if len(ts) > 1 and not (np.diff(ts) > 0).all():
-            raise DataError(path, f"episode {meta['index']}: timestamps are not increasing")
+            raise UserError(path, f"episode {meta['index']}: timestamps are not increasing")
         unknown = set(rows["task_index"].tolist()) - set(self.tasks)
         if unknown:
-            raise DataError(path, f"episode {meta['index']}: task_index {sorted(unknown)} not in meta/tasks")
+            raise UserError(path, f"episode {meta['index']}: task_index {sorted(unknown)} not in meta/tasks")
         return LeRobotEpisode(f"episode_{meta['index']:06d}", meta["index"], len(ts), ts, action, state,
                               rows["task_index"].astype(np.int64), meta["videos"])
 
@@ -477,7 +483,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         e, start = int(self.window_episode[i]), int(self.window_start[i])
         ep = self.episodes[e]
         return {"video": self.episode_frames(e, start, self.num_frames),
-                "action": self.episode_actions(e, start, self.num_frames),
+                "cond": self.episode_cond(e, start, self.num_frames),
                 "task": self.tasks[int(ep.task_index[start])], "key": f"{ep.name}/{start}"}
 
     def _fits(self, e, start, count):
@@ -505,6 +511,14 @@ class LeRobotDataset(torch.utils.data.Dataset):
             views.append(resize_frames(x, self.size))
         return torch.stack(views).transpose(1, 2).contiguous()
 
+    @property
+    def episode_names(self):
+        return [ep.name for ep in self.episodes]
+
+    def episode_cond(self, episode_index, start=0, num_frames=None):
+        """The conditioning of the frames episode_frames(episode_index, start, num_frames) returns: {"action": [n-1, A]}."""
+        return {"action": self.episode_actions(episode_index, start, num_frames)}
+
     def episode_actions(self, episode_index, start=0, count=None):
         """float32 [count-1, A]: the normalised actions between the frames episode_frames returns."""
         ep = self.episodes[episode_index]
@@ -516,8 +530,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
 def config_kwargs(c):
     """LeRobotDataset keyword arguments from a train.py / sample.py settings dict (keys of the same names)."""
     if c.get("frame_stride", 1) != 1:
-        raise ValueError("a LeRobot dataset takes its clip rate from fps (frames are chosen by timestamp), not "
-                         f"frame_stride={c['frame_stride']}")
+        raise UserError(f"--frame_stride={c['frame_stride']}", "a LeRobot dataset takes its clip rate from fps "
+                        "(frames are chosen by timestamp): set fps instead and leave frame_stride=1")
     return dict(num_frames=c["num_frames"], cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]), fps=c["fps"],
                 action_key=c["action_key"], action_type=c["action_type"], action_norm=c["action_norm"],
                 state_key=c["state_key"], action_dim=c.get("action_dim"))
@@ -533,15 +547,15 @@ def video_timeline(path, decode=True):
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise DataError(path, "has no video stream")
+                raise UserError(path, "has no video stream")
             s = container.streams.video[0]
             meta = (s.codec.canonical_name, float(s.average_rate or s.base_rate or 0), s.codec_context.height, s.codec_context.width)
             times = ([f.time for f in container.decode(s) if f.pts is not None] if decode else
                      [float(p.pts * p.time_base) for p in container.demux(s) if p.pts is not None and p.size])
     except FileNotFoundError as e:
-        raise MissingFileError(path, "video file not found") from e
+        raise MissingError(path, "video file not found") from e
     except av.error.FFmpegError as e:
-        raise DataError(path, f"cannot decode video ({e})") from e
+        raise UserError(path, f"cannot decode video ({e})") from e
     return np.sort(np.asarray(times, dtype=np.float64)), meta
 
 
@@ -554,7 +568,7 @@ def _check_videos(eps, keys, fps, decode, problems):
             try:
                 timelines[path], meta = video_timeline(path, decode)
                 metas.add(meta)
-            except DataError as err:
+            except UserError as err:
                 problems.append(str(err))
         for e in eps:
             path, t0, t1 = e["videos"][k]

@@ -523,6 +523,12 @@ def infer_config(sd, **overrides):
     return DiTConfig(**c)
 
 
+# The heads that are new relative to a released checkpoint, by conditioning signal: grown as no-ops when a base
+# checkpoint lacks them (load_into), trained in full under LoRA (lora.py), re-initialised when their input width
+# changes. A new conditioning signal adds its head's parameter prefix here.
+NEW_HEADS = {"action": ("action_embedder_",), "view": ("view_embeddings.",)}
+
+
 @torch.no_grad()
 def load_into(model: DiT, sd, strict=True, grow=False):
     """Load a cleaned state dict into `model`. grow=True lets a base checkpoint start a model with new heads:
@@ -541,7 +547,7 @@ def load_into(model: DiT, sd, strict=True, grow=False):
             sd[k] = w
             regrown.append(k)
         for k in list(sd):
-            if k.startswith("action_embedder_") and k in own and sd[k].shape != own[k].shape:
+            if k.startswith(NEW_HEADS["action"]) and k in own and sd[k].shape != own[k].shape:
                 regrown.append(k)
                 del sd[k]
     mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
@@ -550,7 +556,7 @@ def load_into(model: DiT, sd, strict=True, grow=False):
                                                          for k in mismatched))
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    explained = [k for k in missing if grow and (k.startswith("action_embedder_") or k == "view_embeddings.weight")]
+    explained = [k for k in missing if grow and k.startswith(sum(NEW_HEADS.values(), ()))]
     if grow:
         if any(k.startswith("action_embedder_") for k in missing) or any(k.startswith("action_embedder_") for k in regrown):
             model.zero_new_heads(action=True)
@@ -645,185 +651,22 @@ def predict_x0(net, x_t, t_B, x0_cond, mask, cond_t=None, **kw):
     return mask * x0_cond + (1 - mask) * x0
 
 
-# -----------------------------------------------------------------------------
-# LoRA: post-training the released weights on one GPU
-#   y = W x + (alpha / r) B A x with A [r, in] (Kaiming-uniform, as nn.Linear) and B [out, r] = 0, so the adapted
-#   network starts exactly as its base. The wrapped layer keeps its official `.weight` / `.bias` names and adds
-#   `<layer>.lora_A` / `<layer>.lora_B`, so official weights load into a LoRA net unchanged. Everything else is
-#   frozen (and may be stored in bf16), except the heads a grown model must learn from scratch (LORA_TRAIN_FULL).
-
-# The official LoRA recipe's targets (cosmos-predict2.5 cosmos_predict2/experiments/base/cosmos_nemo_assets_lora.py,
-# lora_target_modules "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2", matched as name suffixes by PEFT,
-# hence cross-attention too). Action models see an all-zero text, which gives cross-attention q/k no gradient at
-# all, so cross-attention is a target only where text is used.
-LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.output_proj",
-                "mlp.layer1", "mlp.layer2")
-LORA_TEXT_TARGETS = ("cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.output_proj")
-# Trained in full (fp32): the action MLPs and the view embedding are new (or re-purposed) heads. The view-embedding
-# channels are the last input columns of x_embedder.proj.1, which is trained whole: splitting 0.2M parameters (2B)
-# off into a second tensor would break the official key layout, and a gradient mask would not stop weight decay.
-LORA_TRAIN_FULL = ("x_embedder", "view_embeddings", "action_embedder_B_D", "action_embedder_B_3D")
-
-
-def default_lora_targets(text=False):
-    return list(LORA_TARGETS + (LORA_TEXT_TARGETS if text else ()))
-
-
-def lora_delta(lora_A, lora_B, scale):
-    """scale * B A in float32: what merging adds to a base weight (the one place this maths lives)."""
-    return scale * (lora_B.float() @ lora_A.float())
-
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus trainable fp32 low-rank factors. Under autocast both paths run in the autocast
-    dtype; without it the base runs in the input's dtype and the factors in theirs (float32)."""
-
-    def __init__(self, base: nn.Linear, rank, alpha, generator=None):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias          # the same Parameters: official keys, no copy
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
-        if dev.type != "meta":
-            a = torch.empty(rank, self.in_features)            # drawn on the CPU: the same on every rank and device
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            with torch.no_grad():
-                self.lora_A.copy_(a)
-
-    def forward(self, x):
-        # in-place adds: a linear's output is not saved for its backward, and one [tokens, out] temporary less
-        # per layer is what the peak of a checkpointed block's recomputation is made of
-        if torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, self.weight, self.bias).add_(F.linear(F.linear(x, self.lora_A), self.lora_B),
-                                                            alpha=self.scale)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        d = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight.to(x.dtype), bias).add_(d.to(x.dtype), alpha=self.scale)
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
-
-
-def _matches(name, pattern):
-    """PEFT-style: a pattern names a layer by a suffix of its dotted path ("mlp.layer1"), or by a glob of the
-    whole path ("blocks.2[0-7].self_attn.*")."""
-    from fnmatch import fnmatchcase
-    return name == pattern or name.endswith("." + pattern) or fnmatchcase(name, pattern)
-
-
-def _check_base_dtype(module, args, kwargs):
-    x = args[0] if args else kwargs["x_B_C_T_H_W"]
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != module.lora["base_dtype_t"]:
-        raise TypeError(f"the frozen base weights are {module.lora['base_dtype']} and the input {x.dtype}: run the "
-                        f"network under torch.autocast (train.py dtype=bfloat16) or keep base_dtype float32")
-
-
-@torch.no_grad()
-def apply_lora(net: DiT, rank, alpha=None, targets=None, train_full=LORA_TRAIN_FULL, base_dtype=None, seed=0):
-    """Turn `net` (weights already loaded) into a LoRA net in place and return it. targets: layer-name patterns
-    (see _matches; default: default_lora_targets()); each must match at least one nn.Linear. alpha defaults to
-    rank (scale 1, as the official recipe). train_full: top-level modules trained in full. base_dtype (e.g.
-    torch.bfloat16): storage dtype of every frozen tensor; a bf16 base then needs autocast, which a forward
-    pre-hook checks. seed: the factors' init, identical on every rank without any broadcast.
-    Apply it after loading the base and before DDP / FSDP wrapping and torch.compile."""
-    if rank <= 0:
-        raise ValueError(f"lora rank must be > 0, got {rank}")
-    if getattr(net, "lora", None):
-        raise ValueError("apply_lora: the network already has LoRA factors")
-    targets = list(default_lora_targets() if targets is None else targets)
-    alpha = float(rank if alpha is None else alpha)
-    linears = {n: m for n, m in net.named_modules() if isinstance(m, nn.Linear)}
-    chosen = []
-    for pattern in targets:
-        hit = [n for n in linears if _matches(n, pattern)]
-        if not hit:
-            raise ValueError(f"lora target {pattern!r} matches no linear layer (they are named like "
-                             f"'blocks.0.self_attn.q_proj', 'blocks.0.mlp.layer1')")
-        chosen += [n for n in hit if n not in chosen]
-    clash = [n for n in chosen if n.split(".")[0] in train_full]
-    if clash:
-        raise ValueError(f"lora targets {clash[:4]} lie in modules trained in full ({', '.join(train_full)})")
-    net.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    for name in sorted(chosen, key=lambda n: list(linears).index(n)):     # module order: init independent of targets order
-        parent, _, attr = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, attr, LoRALinear(linears[name], rank, alpha, g))
-    for n, p in net.named_parameters():
-        if n.split(".")[0] in train_full or n.endswith((".lora_A", ".lora_B")):
-            p.requires_grad_(True)
-    if base_dtype is not None and base_dtype != torch.float32:
-        for m in net.modules():
-            for k, p in list(m._parameters.items()):
-                if p is not None and not p.requires_grad and p.is_floating_point():
-                    m._parameters[k] = nn.Parameter(p.to(base_dtype), requires_grad=False)
-        net.register_forward_pre_hook(_check_base_dtype, with_kwargs=True)
-    net.lora = {"rank": rank, "alpha": alpha, "targets": targets, "train_full": list(train_full),
-                "base_dtype": str(base_dtype or torch.float32).replace("torch.", ""),
-                "base_dtype_t": base_dtype or torch.float32}
-    return net
-
-
-def lora_config(net):
-    """The LoRA settings of a LoRA net as a JSON-able dict (rank, alpha, targets, train_full, base_dtype)."""
-    net = unwrap(net)
-    if not getattr(net, "lora", None):
-        raise ValueError("the network has no LoRA factors")
-    return {k: v for k, v in net.lora.items() if k != "base_dtype_t"}
-
-
-def lora_state_dict(net):
-    """What a LoRA training checkpoint holds: the trainable tensors only (factors + fully trained heads), by
-    official-style key. (Under FSDP these are the DTensor shards; torch.distributed.checkpoint's
-    get_model_state_dict(..., options=StateDictOptions(ignore_frozen_params=True)) gives the same keys.)"""
-    return {n: p.detach() for n, p in unwrap(net).named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def merge_lora(net, dtype=torch.float32):
-    """Fold the factors into the base weights (W + scale B A, in float32) and turn every LoRALinear back into an
-    nn.Linear: the result is a plain DiT with the official keys, all in `dtype`, every parameter trainable."""
-    for name, m in list(net.named_modules()):
-        if isinstance(m, LoRALinear):
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
-                            dtype=torch.float32)
-            lin.weight.copy_(m.weight.float() + lora_delta(m.lora_A, m.lora_B, m.scale))
-            if m.bias is not None:
-                lin.bias.copy_(m.bias.float())
-            parent, _, attr = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, attr, lin)
-    for k, hook in list(net._forward_pre_hooks.items()):    # by identity: a deep copy's hook has its own key
-        if hook is _check_base_dtype:
-            del net._forward_pre_hooks[k]
-            net._forward_pre_hooks_with_kwargs.pop(k, None)
-    net.lora = None
-    return net.to(dtype).requires_grad_(True)
-
-
-def merge_lora_state_dict(base_sd, adapter_sd, rank, alpha):
-    """State-dict form of merge_lora: base weights + an adapter's tensors (factors and fully trained heads, keys
-    as lora_state_dict) -> a plain state dict. Merged weights are float32; heads replace the base's."""
-    scale = alpha / rank
-    out = dict(base_sd)
-    for k, v in adapter_sd.items():
-        if k.endswith(".lora_A"):
-            layer = k[: -len(".lora_A")]
-            if layer + ".weight" not in base_sd or layer + ".lora_B" not in adapter_sd:
-                raise KeyError(f"LoRA factor {k}: the base has no {layer}.weight or the adapter no {layer}.lora_B")
-            out[layer + ".weight"] = base_sd[layer + ".weight"].float() + lora_delta(v, adapter_sd[layer + ".lora_B"], scale)
-        elif not k.endswith(".lora_B"):
-            out[k] = v
-    return out
-
-
-def lora_param_counts(cfg: DiTConfig, rank, targets=None, train_full=LORA_TRAIN_FULL):
-    """{"lora", "heads", "trainable", "frozen", "total"} parameter counts of a LoRA net, from a network built on
-    the meta device (no memory): what the memory plan multiplies by bytes per parameter."""
-    with torch.device("meta"):
-        net = apply_lora(DiT(cfg), rank, targets=targets, train_full=train_full)
-    lora = sum(p.numel() for n, p in net.named_parameters() if n.endswith((".lora_A", ".lora_B")))
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in net.parameters())
-    return {"lora": lora, "heads": trainable - lora, "trainable": trainable, "frozen": total - trainable,
-            "total": total}
+def diffusion_loss(net, x0, cond, num_views, generator, *, t_shift, cond_latents, cond_t, loss_mean, loss_scale, fps,
+                   text_1_N_C=None):
+    """The training objective: velocity MSE at a logit-normal t, zero on the conditioned frames, times loss_scale;
+    averaged over all latent elements (loss_mean="all", the official normalisation) or over the non-conditioned
+    ones ("noisy"). cond: the batch's conditioning dict, passed to the network as is. cond_t None: conditioned
+    frames get the same t as the rest. Returns (loss, per-sample loss [B], t [B])."""
+    B, C, T, H, W = x0.shape
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    t = sample_t(B, t_shift, generator=generator, device=x0.device)
+    mask = condition_mask(B, num_views, T // num_views, H, W, cond_latents, device=x0.device)
+    x_t = noisy_latents(x0, eps, t.view(B, 1, 1, 1, 1))
+    text = None if text_1_N_C is None else text_1_N_C.expand(B, -1, -1)
+    v = predict_velocity(net, x_t, t, x0, mask, cond_t, **cond, num_views=num_views, crossattn_emb=text,
+                         fps=torch.full((B,), float(fps), device=x0.device))
+    keep = 1 - mask
+    err = (v.float() - velocity_target(x0, eps)).pow(2) * keep
+    n = C * T * H * W if loss_mean == "all" else keep.sum(dim=(1, 2, 3, 4)) * C
+    per_sample = loss_scale * err.sum(dim=(1, 2, 3, 4)) / n
+    return per_sample.mean(), per_sample.detach(), t

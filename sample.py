@@ -552,10 +552,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main with every known error as one line (UserError included until configurator.known_error knows it)."""
-    import convert
-    import data
-    return configurator.exit_on_known_errors(main, argv, (UserError, convert.CheckpointError, data.DataError))
+    """main with every known error as one line."""
+    return configurator.exit_on_known_errors(main, argv)
 
 
 if __name__ == "__main__":

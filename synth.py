@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data import DataError, euler_to_rotm, progress, relative_actions, write_mp4
+from configurator import UserError
+from data import euler_to_rotm, progress, relative_actions, write_mp4
 
 # the synthetic multi-camera robot world: a table, a big gripper with a red fin, cubes it pushes and carries.
 # Geometry is oriented boxes, ray cast per pixel (only inside each box group's projected rectangle),
@@ -397,6 +398,22 @@ def make_synthetic(out, episodes=100, cameras=4, frames=40, size=(128, 160), see
     return names
 
 
+def ensure(c, rank=0, say=print, barrier=None):
+    """Generate the synthetic world at c["data_root"] when it is the default synthetic root and missing
+    (synth_if_missing); any other root is left alone (data.make_dataset names a missing one)."""
+    root = c["data_root"]
+    if os.path.exists(root) or not c.get("synth_if_missing") or \
+            os.path.normpath(root) != os.path.normpath(c.get("synth_data_root", "")):
+        return
+    if rank == 0:
+        say(f"{root} not found: generating the synthetic world ({c['synth_episodes']} episodes, "
+            f"{max(c['cameras']) + 1} cameras)")
+        make_synthetic(root, episodes=c["synth_episodes"], cameras=max(c["cameras"]) + 1,
+                       size=tuple(c["frame_size"]), seed=c["seed"])
+    if barrier:
+        barrier()
+
+
 def _size(text):
     try:
         h, w = text.lower().split("x")
@@ -425,7 +442,7 @@ def main(argv):
                        fps=args.fps, workers=args.workers)
     except ValueError as e:
         p.error(str(e))  # one line and exit code 2, like every other argument error
-    except (DataError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.episodes} episodes x {args.cameras} cameras x {args.frames} frames at "

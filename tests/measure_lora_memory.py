@@ -63,7 +63,7 @@ def run_variant(name, steps=3):
     base = rss_gib()
     raw = train.build_model(c, cfg, torch.device("cpu"), say=lambda *a: None)
     if rank:
-        model.apply_lora(raw, rank, base_dtype=getattr(torch, base_dtype))
+        lora.apply_lora(raw, rank, base_dtype=getattr(torch, base_dtype))
     raw.gradient_checkpointing = ac
     trainable = [p for p in raw.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import configurator
+
 import data
 import vae
 from synth import make_synthetic
@@ -75,18 +77,18 @@ def test_settings_mismatch_names_the_field(world, tmp_path):
     for change, field in [(dict(cameras=(0,)), "cameras"), (dict(size=(8, 16)), "size"),
                           (dict(start_stride=1), "start_stride"), (dict(num_frames=5), "num_frames")]:
         other = data.cache_settings(dataset(world, **change), tok, "pixel")
-        with pytest.raises(data.DataError, match=f"{meta}: cache {field} is .* but this run has"):
+        with pytest.raises(configurator.UserError, match=f"{meta}: cache {field} is .* but this run has"):
             data.LatentCacheDataset(tmp_path / "c", expect=other)
-    with pytest.raises(data.DataError, match="tokenizer_sha256"):  # other weights, same architecture
+    with pytest.raises(configurator.UserError, match="tokenizer_sha256"):  # other weights, same architecture
         data.LatentCacheDataset(tmp_path / "c", expect=data.cache_settings(ds, vae.load_tokenizer("pixel", scale=3.0),
                                                                           "pixel"))
-    with pytest.raises(data.DataError, match="cache tokenizer is 'pixel' but this run has 'wan2.1'"):
+    with pytest.raises(configurator.UserError, match="cache tokenizer is 'pixel' but this run has 'wan2.1'"):
         data.LatentCacheDataset(tmp_path / "c", expect=data.cache_settings(ds, small_wan(0), "wan2.1"))
     video = world / "videos" / "cam1" / "ep00001.mp4"  # a dataset file that changed since the encode
     bigger = dict(settings, files=[[f, n + (f.endswith("cam1/ep00001.mp4"))] for f, n in settings["files"]])
-    with pytest.raises(data.DataError, match=f"files .*{video.relative_to(world)}"):
+    with pytest.raises(configurator.UserError, match=f"files .*{video.relative_to(world)}"):
         data.LatentCacheDataset(tmp_path / "c", expect=bigger)
-    with pytest.raises(data.DataError, match="cameras"):  # encoding into a finished cache of other settings
+    with pytest.raises(configurator.UserError, match="cameras"):  # encoding into a finished cache of other settings
         encode(dataset(world, cameras=(1,)), tok, tmp_path / "c")
 
 
@@ -106,7 +108,7 @@ def test_interrupted_encode_resumes(world, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         encode(ds, tok, tmp_path / "c", "wan2.1", shard_bytes=4000)
     assert not (tmp_path / "c" / "metadata.json").exists()
-    with pytest.raises(data.MissingFileError, match="not a finished latent cache"):
+    with pytest.raises(configurator.MissingError, match="not a finished latent cache"):
         data.LatentCacheDataset(tmp_path / "c", expect=settings)
     calls.clear()
     monkeypatch.setattr(data, "encode_shard", lambda *a: (calls.append(a[2].name), real(*a)))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import configurator
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
@@ -111,7 +113,7 @@ def test_dcp_training_checkpoint(tmp_path, nets):
 def test_load_errors_are_loud(tmp_path, nets):
     _, ema = nets
     sd = {"net." + k: v for k, v in ema.state_dict().items()}
-    with pytest.raises(convert.CheckpointError, match="nope.pt: no such file"):
+    with pytest.raises(configurator.UserError, match="nope.pt: no such file"):
         convert.load_weights(tmp_path / "nope.pt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a training checkpoint"):
@@ -121,7 +123,7 @@ def test_load_errors_are_loud(tmp_path, nets):
         convert.load_weights(tmp_path / "iter_000000009.tmp")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest_checkpoint.txt").write_text("iter_000000001")
-    with pytest.raises(convert.CheckpointError, match="iter_000000001"):
+    with pytest.raises(configurator.UserError, match="iter_000000001"):
         convert.load_weights(tmp_path)
     torch.save({"state_dict": sd}, tmp_path / "nested.pt")        # a training-framework wrapper, not a flat dict
     with pytest.raises(ValueError, match="flat dict"):
@@ -232,7 +234,7 @@ def test_not_a_checkpoint_is_one_clear_line(tmp_path, kind):
                            cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 1 and p.stderr.strip() == err and "Traceback" not in p.stderr
     if kind != "not_dit":
-        with pytest.raises(convert.CheckpointError, match="formats: a training checkpoint directory"):
+        with pytest.raises(configurator.UserError, match="formats: a training checkpoint directory"):
             convert.load_weights(f)
 
 

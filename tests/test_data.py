@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import configurator
+
 import data
 from synth import WORK_HI, WORK_LO, make_synthetic, simulate_episode
 
@@ -108,7 +110,7 @@ def test_read_frames_is_pyav_rgb(synth):
         got = data.read_frames(path, [len(ref) - 1, 0, 3])
         assert got.dtype == torch.uint8 and got.shape == (3, 3) + ref.shape[1:3]
         np.testing.assert_array_equal(got.permute(0, 2, 3, 1).numpy(), ref[[len(ref) - 1, 0, 3]])
-    with pytest.raises(data.DataError, match="has only 16 decodable frames, frame 16 was asked for"):
+    with pytest.raises(configurator.UserError, match="has only 16 decodable frames, frame 16 was asked for"):
         data.read_frames(paths[0], [16])
     with pytest.raises(ValueError, match="non-negative"):
         data.read_frames(paths[0], [-1])
@@ -204,9 +206,9 @@ def test_irasim_layout_matches_camera_folders(synth, irasim):
     for i in (0, len(a) - 1):
         assert torch.equal(a[i]["video"], b[i]["video"]) and torch.equal(a[i]["action"], b[i]["action"])
     assert a[0]["key"] == "0/0"
-    with pytest.raises(data.DataError, match=r"0\.json.*lists 3 camera\(s\).*camera 3"):
+    with pytest.raises(configurator.UserError, match=r"0\.json.*lists 3 camera\(s\).*camera 3"):
         data.RobotVideoDataset(irasim, "val", cameras=(3,))
-    with pytest.raises(data.DataError, match="split folder not found.*'train', 'val'"):
+    with pytest.raises(configurator.UserError, match="split folder not found.*'train', 'val'"):
         data.RobotVideoDataset(irasim, "test")
 
 
@@ -221,7 +223,7 @@ def test_camera_folders_without_split_folders(synth, tmp_path):
     val = data.list_annotations(root, "val", val_fraction=0.3)
     assert val and train and sorted(train + val) == sorted((root / "annotations").glob("*.json"))
     assert len(data.RobotVideoDataset(root, "val", num_frames=13, val_fraction=0.3, size=None)) == len(val) * (T - 12)
-    with pytest.raises(data.DataError, match="only 'train' and 'val'"):
+    with pytest.raises(configurator.UserError, match="only 'train' and 'val'"):
         data.list_annotations(root, "test")
 
 
@@ -236,7 +238,7 @@ def load(root, **kw):
 def test_missing_video(copy):
     video = copy / "videos" / "cam1" / "ep00001.mp4"
     video.unlink()
-    with pytest.raises(data.MissingFileError, match=f"{video}: video file not found"):
+    with pytest.raises(configurator.MissingError, match=f"{video}: video file not found"):
         load(copy)
     with pytest.raises(FileNotFoundError):
         load(copy)
@@ -247,7 +249,7 @@ def test_unreadable_video(copy, how):
     video = copy / "videos" / "cam2" / "ep00002.mp4"
     raw = video.read_bytes()
     video.write_bytes(raw[:len(raw) // 2] if how == "truncated" else b"not an mp4 " * 50)
-    with pytest.raises(data.DataError, match=f"{video}: cannot open video"):
+    with pytest.raises(configurator.UserError, match=f"{video}: cannot open video"):
         load(copy)
 
 
@@ -259,7 +261,7 @@ def test_corrupt_frames_inside_a_video(copy):
     raw[start:start + 2400] = bytes(2400)
     video.write_bytes(bytes(raw))
     ds = load(copy)
-    with pytest.raises(data.DataError, match=f"{video}: (cannot decode|has only)"):
+    with pytest.raises(configurator.UserError, match=f"{video}: (cannot decode|has only)"):
         ds[0]
 
 
@@ -278,14 +280,14 @@ def test_corrupt_frames_inside_a_video(copy):
 def test_bad_annotation(copy, breakage, message):
     ann = copy / "annotations" / "train" / "ep00001.json"
     edit_json(ann, breakage)
-    with pytest.raises(data.DataError, match=f"{ann}: .*{message}"):
+    with pytest.raises(configurator.UserError, match=f"{ann}: .*{message}"):
         load(copy)
 
 
 def test_truncated_json(copy):
     ann = copy / "annotations" / "train" / "ep00002.json"
     ann.write_text(ann.read_text()[:500])
-    with pytest.raises(data.DataError, match=f"{ann}: not valid JSON.*truncated"):
+    with pytest.raises(configurator.UserError, match=f"{ann}: not valid JSON.*truncated"):
         load(copy)
 
 
@@ -294,7 +296,7 @@ def test_fewer_video_frames_than_states(copy):
         video = copy / "videos" / f"cam{k}" / "ep00001.mp4"
         data.write_mp4(video, frames_of(video, T - 3))
     ann = copy / "annotations" / "train" / "ep00001.json"
-    with pytest.raises(data.DataError, match=f"cam0/ep00001.mp4: has {T - 3} frames but {ann} has {T} states"):
+    with pytest.raises(configurator.UserError, match=f"cam0/ep00001.mp4: has {T - 3} frames but {ann} has {T} states"):
         load(copy)
 
 
@@ -302,7 +304,7 @@ def test_cameras_with_different_frame_counts(copy):
     video = copy / "videos" / "cam2" / "ep00000.mp4"
     data.write_mp4(video, frames_of(video, T - 1))
     ann = copy / "annotations" / "train" / "ep00000.json"
-    with pytest.raises(data.DataError, match=f"{ann}: cameras have different frame counts: .*cam2/ep00000.mp4 has {T - 1}"):
+    with pytest.raises(configurator.UserError, match=f"{ann}: cameras have different frame counts: .*cam2/ep00000.mp4 has {T - 1}"):
         load(copy)
     assert len(data.RobotVideoDataset(copy, "train", num_frames=13, cameras=(0, 1), size=None)) == 3 * (T - 12)
 
@@ -310,7 +312,7 @@ def test_cameras_with_different_frame_counts(copy):
 def test_skip_bad_skips_and_says_so(copy, capsys):
     (copy / "videos" / "cam1" / "ep00001.mp4").unlink()
     edit_json(copy / "annotations" / "train" / "ep00002.json", lambda d: d["state"][0].__setitem__(0, float("nan")))
-    with pytest.raises(data.DataError):
+    with pytest.raises(configurator.UserError):
         load(copy)
     ds = load(copy, skip_bad=True)
     out = capsys.readouterr().out
@@ -318,14 +320,14 @@ def test_skip_bad_skips_and_says_so(copy, capsys):
     assert "skipping bad episode:" in out and "cam1/ep00001.mp4: video file not found" in out
     assert "ep00002.json: 'state' has 1 NaN" in out and "skipped 2 bad episode(s) of 3" in out
     (copy / "videos" / "cam1" / "ep00000.mp4").unlink()
-    with pytest.raises(data.DataError, match="no usable episodes"):
+    with pytest.raises(configurator.UserError, match="no usable episodes"):
         load(copy, skip_bad=True)
 
 
 def test_missing_dataset_and_unknown_layout(tmp_path):
-    with pytest.raises(data.MissingFileError, match="dataset folder not found"):
+    with pytest.raises(configurator.MissingError, match="dataset folder not found"):
         data.RobotVideoDataset(tmp_path / "nowhere")
-    with pytest.raises(data.DataError, match="neither annotation"):
+    with pytest.raises(configurator.UserError, match="neither annotation"):
         data.RobotVideoDataset(tmp_path)
 
 
@@ -497,7 +499,7 @@ def test_seek_reads_the_same_frames_as_decoding_from_the_start(tmp_path):
     for start in [0, 1, 11, 12, 13, 23, 24, 100, 187]:
         assert torch.equal(data.read_frames(path, range(start, start + 13)), full[start:start + 13]), start
     assert torch.equal(data.read_frames(path, [150, 152, 154]), full[[150, 152, 154]])
-    with pytest.raises(data.DataError, match="has only 200 decodable frames, frame 200 was asked for"):
+    with pytest.raises(configurator.UserError, match="has only 200 decodable frames, frame 200 was asked for"):
         data.read_frames(path, range(190, 201))
     if BRIDGE.is_dir():  # mpeg4, keyframes every 12
         video = BRIDGE / "videos" / "test" / "0" / "rgb.mp4"
@@ -531,7 +533,7 @@ def test_check_reads_what_training_will_read(copy, capsys):
     assert "cameras 0,1 (default: the camera folders found; pass --cameras" in capsys.readouterr().out
     problems = data.check_dataset(copy, cameras=(0, 1, 2), num_frames=13, workers=1)
     assert problems == [f"{copy / 'videos' / 'cam2'}: camera folder not found; the dataset has cam0, cam1"]
-    with pytest.raises(data.DataError, match=r"cam2: camera folder not found: the config asks for 3 camera\(s\) "
+    with pytest.raises(configurator.UserError, match=r"cam2: camera folder not found: the config asks for 3 camera\(s\) "
                                              r"\[0, 1, 2\] and the dataset has 2 \(cam0, cam1\)"):
         data.RobotVideoDataset(copy, "train", cameras=(0, 1, 2))
     (copy / "videos" / "cam1" / "ep00002.mp4").unlink()

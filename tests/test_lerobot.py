@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import configurator
+
 pa = pytest.importorskip("pyarrow", reason="LeRobot datasets need the optional pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -245,22 +247,22 @@ def test_stride_one_pairs_each_frame_with_its_own_action(folders, rows):
 
 def test_errors_name_the_problem(folders, tmp_path):
     root = folders["v3.0"]
-    with pytest.raises(data.DataError, match=r"no camera 'observation.images.front'; the cameras are 0 = "
+    with pytest.raises(configurator.UserError, match=r"no camera 'observation.images.front'; the cameras are 0 = "
                                              r"observation.images.top, 1 = observation.images.wrist, 2 = "):
         lerobot.LeRobotDataset(root, cameras=("observation.images.front",))
-    with pytest.raises(data.DataError, match="camera index 3 out of range"):
+    with pytest.raises(configurator.UserError, match="camera index 3 out of range"):
         lerobot.LeRobotDataset(root, cameras=(0, 3))
-    with pytest.raises(data.DataError, match="has 10 dimensions but the model takes action_dim=7: set action_dim=10"):
+    with pytest.raises(configurator.UserError, match="has 10 dimensions but the model takes action_dim=7: set action_dim=10"):
         lerobot.LeRobotDataset(root, action_dim=7)
-    with pytest.raises(data.DataError, match="fps=60 would repeat frames"):
+    with pytest.raises(configurator.UserError, match="fps=60 would repeat frames"):
         lerobot.LeRobotDataset(root, fps=60)
-    with pytest.raises(data.DataError, match="has no feature 'observation.joints'"):
+    with pytest.raises(configurator.UserError, match="has no feature 'observation.joints'"):
         lerobot.LeRobotDataset(root, action_type="delta_state", state_key="observation.joints")
     bad = tmp_path / "bad"
     shutil.copytree(root, bad)
     info = json.loads((bad / "meta" / "info.json").read_text())
     (bad / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v1.6"}))
-    with pytest.raises(data.DataError, match=r"info.json: codebase_version 'v1.6'"):
+    with pytest.raises(configurator.UserError, match=r"info.json: codebase_version 'v1.6'"):
         lerobot.LeRobotDataset(bad)
 
 

@@ -1,4 +1,4 @@
-"""LoRA (model.apply_lora / merge_lora, convert's LoRA checkpoints and adapters): step 0 is the base model bit for bit,
+"""LoRA (lora.apply_lora / merge_lora, convert's LoRA checkpoints and adapters): step 0 is the base model bit for bit,
 merged equals unmerged, only the factors and the new heads train (also under activation checkpointing,
 torch.compile, bf16 autocast, DDP and FSDP2 with 2 gloo processes), and an adapter only loads onto its own base."""
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import lora
 import model
 from test_model import tiny
 
@@ -17,7 +18,7 @@ from test_model import tiny
 def lora_tiny(**lora_kw):
     """A tiny grown-style net (per-frame actions, views, crossattn_proj) and its LoRA twin (same weights)."""
     base = tiny(action_mode="per_frame", n_views_emb=7, crossattn_proj_in_channels=48)
-    return base, model.apply_lora(copy.deepcopy(base), rank=4, **lora_kw)
+    return base, lora.apply_lora(copy.deepcopy(base), rank=4, **lora_kw)
 
 
 def inputs(views=2, T=3, B=2, seed=0):
@@ -47,7 +48,7 @@ def test_step0_is_the_base_model_bit_for_bit_and_keys_stay_official():
     layers = {k.rsplit(".", 1)[0] for k in extra}
     assert len(layers) == 2 * 6 and not any("cross_attn" in k for k in layers)
     # official weights load into a LoRA net unchanged: only the factors are missing
-    fresh = model.apply_lora(copy.deepcopy(base), rank=4)
+    fresh = lora.apply_lora(copy.deepcopy(base), rank=4)
     missing, unexpected = fresh.load_state_dict(base_sd, strict=False)
     assert set(missing) == extra and not unexpected
     trainable = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad and "lora_" not in n}
@@ -60,7 +61,7 @@ def test_bf16_base_under_autocast_is_the_base_model_bit_for_bit():
     with torch.no_grad():
         for p in base.parameters():                       # bf16-representable weights, as the released bf16 files
             p.copy_(p.bfloat16().float())
-    net = model.apply_lora(copy.deepcopy(base), rank=4, base_dtype=torch.bfloat16)
+    net = lora.apply_lora(copy.deepcopy(base), rank=4, base_dtype=torch.bfloat16)
     frozen = [p for p in net.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     assert all(p.dtype == torch.float32 for p in net.parameters() if p.requires_grad)
@@ -68,24 +69,24 @@ def test_bf16_base_under_autocast_is_the_base_model_bit_for_bit():
         assert torch.equal(net(**inputs()), base(**inputs()))
     with pytest.raises(TypeError, match="bfloat16.*autocast"):
         net(**inputs())
-    merged = model.merge_lora(copy.deepcopy(net))                       # a plain fp32 net again: no check left
+    merged = lora.merge_lora(copy.deepcopy(net))                       # a plain fp32 net again: no check left
     with torch.no_grad():
         assert torch.equal(merged(**inputs()), base(**inputs()))
 
 
 def test_merged_equals_unmerged_and_state_dict_merge_agrees():
-    base, net = lora_tiny(targets=model.default_lora_targets(text=True), alpha=8)
+    base, net = lora_tiny(targets=lora.default_lora_targets(text=True), alpha=8)
     randomise_factors(net)
     with torch.no_grad():
         unmerged = net(**inputs())
         assert not torch.allclose(unmerged, base(**inputs()), atol=1e-3)      # the factors do change the output
-        adapter = model.lora_state_dict(net)
-        merged = model.merge_lora(copy.deepcopy(net))
+        adapter = lora.lora_state_dict(net)
+        merged = lora.merge_lora(copy.deepcopy(net))
         got = merged(**inputs())
     assert type(merged.blocks[0].self_attn.q_proj) is torch.nn.Linear and merged.state_dict().keys() == base.state_dict().keys()
     err = ((got - unmerged).abs().max() / unmerged.abs().max()).item()
     assert err < 1e-5, err                                                  # fp32 reassociation only (measured 7e-7 to 8.5e-7)
-    sd = model.merge_lora_state_dict(base.state_dict(), adapter, rank=4, alpha=8)
+    sd = lora.merge_lora_state_dict(base.state_dict(), adapter, rank=4, alpha=8)
     assert all(torch.equal(sd[k], v) for k, v in merged.state_dict().items())
 
 
@@ -110,26 +111,26 @@ def test_only_trainable_tensors_change_and_checkpointing_gives_the_same_grads():
         opt.step()
     after = net.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed == set(model.lora_state_dict(net))
+    assert changed == set(lora.lora_state_dict(net))
 
 
 def test_target_errors_and_param_counts():
     base = tiny()
     with pytest.raises(ValueError, match="matches no linear"):
-        model.apply_lora(copy.deepcopy(base), rank=4, targets=["self_attn.qkv"])
+        lora.apply_lora(copy.deepcopy(base), rank=4, targets=["self_attn.qkv"])
     with pytest.raises(ValueError, match="trained in full"):
-        model.apply_lora(copy.deepcopy(base), rank=4, targets=["x_embedder.proj.1"])
+        lora.apply_lora(copy.deepcopy(base), rank=4, targets=["x_embedder.proj.1"])
     with pytest.raises(ValueError, match="rank"):
-        model.apply_lora(copy.deepcopy(base), rank=0)
-    net = model.apply_lora(copy.deepcopy(base), rank=4, targets=["blocks.1.*_proj"])       # a glob: block 1, both attentions
-    assert {n.rsplit(".", 1)[0] for n in model.lora_state_dict(net) if "lora" in n} == {
+        lora.apply_lora(copy.deepcopy(base), rank=0)
+    net = lora.apply_lora(copy.deepcopy(base), rank=4, targets=["blocks.1.*_proj"])       # a glob: block 1, both attentions
+    assert {n.rsplit(".", 1)[0] for n in lora.lora_state_dict(net) if "lora" in n} == {
         f"blocks.1.{a}.{p}_proj" for a in ("self_attn", "cross_attn") for p in ("q", "k", "v", "output")}
     with pytest.raises(ValueError, match="already"):
-        model.apply_lora(net, rank=4)
+        lora.apply_lora(net, rank=4)
     cfg = model.DiTConfig(model_channels=64, num_blocks=2, num_heads=4, adaln_lora_dim=16, crossattn_emb_channels=32,
                           action_mode="per_frame", n_views_emb=7)
-    counts = model.lora_param_counts(cfg, 8)
-    real = model.apply_lora(model.DiT(cfg), 8)
+    counts = lora.lora_param_counts(cfg, 8)
+    real = lora.apply_lora(model.DiT(cfg), 8)
     assert counts["trainable"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert counts["total"] == counts["trainable"] + counts["frozen"] == sum(p.numel() for p in real.parameters())
     # per block: self-attention 4 x r(D + D), MLP r(D + 4D) + r(4D + D)
@@ -232,7 +233,7 @@ def test_ddp_and_fsdp2_train_the_factors_as_one_process(tmp_path):
         net.train()
         with torch.no_grad():
             frozen = {k: v.float().clone() for k, v in net.state_dict().items()}
-        trainable = set(model.lora_state_dict(net))
+        trainable = set(lora.lora_state_dict(net))
         train_steps(net, net, bf16=bf16)
         want = net.state_dict()
         assert got.keys() == want.keys()
@@ -260,13 +261,13 @@ def lora_run(tmp_path, base_dtype=None, channels=16):
     net = model.DiT(cfg)
     net.init_weights()
     model.load_into(net, base.state_dict(), grow=True)
-    model.apply_lora(net, rank=4, alpha=8, base_dtype=base_dtype)
+    lora.apply_lora(net, rank=4, alpha=8, base_dtype=base_dtype)
     randomise_factors(net)
     with torch.no_grad():
         for n, p in net.named_parameters():
             if p.requires_grad and "lora_" not in n:
                 p.add_(torch.randn_like(p) * 0.05)                      # the heads trained too
-    ema = {k: v.clone() for k, v in model.lora_state_dict(net).items()}
+    ema = {k: v.clone() for k, v in lora.lora_state_dict(net).items()}
     regular = {k: v * 1.5 for k, v in ema.items()}                      # differs, so picking the wrong one shows
     ckpt = tmp_path / "out" / "checkpoints" / "iter_000000003"
     ckpt.mkdir(parents=True)

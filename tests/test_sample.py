@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import configurator
+
 import data
 import evaluate
 from synth import make_synthetic
@@ -551,11 +553,11 @@ def test_real_bridge_episode(tmp_path, monkeypatch):
 def test_clear_errors(synth, ckpt2, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import convert
-    with pytest.raises(convert.CheckpointError, match="nope/ckpt: no such file"):
+    with pytest.raises(configurator.UserError, match="nope/ckpt: no such file"):
         sample.main(["--dit_path", "nope/ckpt"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"continuous_gripper_state": [0, 0]}))
-    with pytest.raises(data.DataError, match=r"bad\.json.*'state'"):
+    with pytest.raises(configurator.UserError, match=r"bad\.json.*'state'"):
         sample.main(["--dit_path", str(ckpt2), "--annotation", str(bad), "--input_path",
                      str(synth / "videos/cam0/ep00002.mp4")])
     # camera 1's file missing: named
@@ -662,7 +664,7 @@ def test_text_embedding(tok, tmp_path):
     a = convert.load_text_embedding(tmp_path / "raw.safetensors", net.cfg)
     b = convert.load_text_embedding(tmp_path / "proj.safetensors", net.cfg)
     assert a.shape == (1, 8, 24) and b.shape == (1, 8, 16)
-    with pytest.raises(convert.CheckpointError, match=r"bad\.safetensors: text embedding of shape \[1, 8, 20\]"):
+    with pytest.raises(configurator.UserError, match=r"bad\.safetensors: text embedding of shape \[1, 8, 20\]"):
         convert.load_text_embedding(tmp_path / "bad.safetensors", net.cfg)
     first, actions = first_and_actions(B=2, V=1, N=12)
     kw = dict(num_steps=3, sampler="unipc", progress=False)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import configurator
+
 import data
 import synth
 import model
@@ -431,7 +433,7 @@ class BrokenClips(torch.utils.data.Dataset):
         return 4
 
     def __getitem__(self, i):
-        raise data.DataError("cam0/ep00001.mp4", "cannot decode frame 3")
+        raise configurator.UserError("cam0/ep00001.mp4", "cannot decode frame 3")
 
 
 def test_dataloader_worker_errors_are_unwrapped_to_one_line():
