@@ -125,9 +125,9 @@ def dry_run(c, raw, tok, shapes, say=print):
     return raw
 
 
-def time_steps(step_fn, steps, warmup, flops_per_step, device, say=print, world=1, tokens_per_step=None):
+def time_steps(step_fn, steps, warmup, flops_per_step, device, say=print, world=1, samples=None, tokens_per_sample=None):
     """Time step_fn (one full training step) `steps` times after `warmup` untimed steps; prints and returns step
-    time, steps/s and, on a known GPU, MFU per GPU (flops_per_step: the step's model FLOPs on this process)."""
+    time, steps/s, samples/s and tokens/s over the world and, on a known GPU, MFU per GPU (flops_per_step: the step's model FLOPs on this process)."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -141,8 +141,9 @@ def time_steps(step_fn, steps, warmup, flops_per_step, device, say=print, world=
         times.append(time.perf_counter() - t0)
     dt = sum(times[warmup:]) / max(1, len(times[warmup:]))
     res = {"step_s": dt, "steps_per_s": 1 / dt}
-    if tokens_per_step:
-        res["tokens_per_s"] = tokens_per_step * world / dt
+    if samples:     # per step of this process; summed over the world's processes
+        res["samples_per_s"] = samples * world / dt
+        res["tokens_per_s"] = res["samples_per_s"] * (tokens_per_sample or 0)
     if peak_flops(device):
         res["mfu"] = flops_per_step / dt / peak_flops(device)
     if device.type == "cuda":

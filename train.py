@@ -617,7 +617,7 @@ def write_sample_video(raw, tok, val_ds, c, step, env, text=None):
     frames = val_ds.episode_frames(0)                                      # [V,3,N+1,H,W]
     cond = {k: v[None].to(env.device) for k, v in val_ds.episode_cond(0).items()}
     with env.autocast():
-        video = sample.rollout(raw.eval(), tok, frames[:, :, 0][None].to(env.device), cond.pop("action"), cond=cond,
+        video = sample.rollout(raw.eval(), tok, frames[:, :, 0][None].to(env.device), cond=cond,
                                num_frames=c["num_frames"], num_steps=20, seed=0,
                                cond_t=None if c["cond_t"] < 0 else c["cond_t"], fps=c["fps"], crossattn_emb=text,
                                amp=torch.bfloat16 if env.bf16 else None, progress=False)
@@ -683,7 +683,7 @@ def main(argv=None):
     if c["bench"]:
         res = bench.time_steps(random_step(c, net, raw, opt, tok, tok_dtype, shapes, env), c["bench_steps"], 2,
                                c["batch_size"] * bench.flops_per_sample(cfg, shapes.tokens), env.device, say=env.say,
-                               world=env.world, tokens_per_step=c["batch_size"] * shapes.tokens)
+                               world=env.world, samples=c["batch_size"], tokens_per_sample=shapes.tokens)
         if env.ddp:
             del net
             shutdown()
@@ -733,8 +733,7 @@ def main(argv=None):
         if step % c["log_interval"] == 0 or last or stopping:
             s, n = meter.read(env), step - last_log
             if s[2] > 0:
-                raise FloatingPointError(f"non-finite loss between steps {last_log} and {step}: stopping. "
-                                         f"Last good checkpoint: {saver.last_good or 'none'} (left intact).")
+                raise non_finite(c, last_log, step, saver.last_good)
             stopping = stopping or s[3] > 0
             rec = log_record(s, n, G, shapes.tokens, time.time() - t0, sched.get_last_lr()[0], flops, peak, env.world)
             if env.device.type == "cuda":
@@ -749,6 +748,8 @@ def main(argv=None):
             if env.master:
                 bench.loss_curves(log_path, os.path.join(c["out_dir"], "loss.png"))
         if step % c["save_interval"] == 0 or last or stopping:
+            if meter.read(env, reset=False)[2] > 0:      # never save what a non-finite step produced
+                raise non_finite(c, last_log, step, saver.last_good)
             say(f"saved {saver.save(step)}")
         if c["sample_interval"] and step % c["sample_interval"] == 0 and len(val_ds) and (env.master or env.fsdp):
             write_sample_video(raw, tok, val_ds, c, step, env, text)
@@ -765,6 +766,12 @@ def main(argv=None):
         shutdown()
     if name:
         sys.exit(128 + stop.signum)
+
+
+def non_finite(c, since, step, last_good):
+    return configurator.UserError(os.path.join(c["out_dir"], "log.jsonl"), f"non-finite loss between steps {since} "
+                                  f"and {step}: stopping, not saving. Last good checkpoint: {last_good or 'none'} "
+                                  f"(left intact); lower lr or set grad_clip")
 
 
 def shutdown():

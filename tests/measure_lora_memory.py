@@ -6,7 +6,7 @@ for the memory plan. Each variant runs in its own process, since ru_maxrss is a 
     python tests/measure_lora_memory.py VARIANT    # one variant (what the table runs), prints one JSON line
 
 Measured (2-core shared CPU, torch 2.13, 3 AdamW steps; GiB; "state" = weights + grads + AdamW + EMA counted from
-the tensors; "plan" = train.memory_plan's model state + activations for the run, what --dry_run prints;
+the tensors; "plan" = bench.memory_plan's model state + activations for the run, what --dry_run prints;
 "peak" = peak RSS above the 0.23 GiB after imports):
     variant                 params  trainable  state   plan   peak   peak - plan
     full (fp32, act. ckpt)   40.1M    32.79M   0.666  0.910  1.991  +1.08
@@ -50,7 +50,10 @@ def run_variant(name, steps=3):
     sys.path.insert(0, str(ROOT))
     import torch
     import model
-    import train
+    import bench
+import lora
+import model
+import train
     rank, base_dtype, bf16, ac = VARIANTS[name]
     torch.set_num_threads(2)
     c = {k: getattr(train, k) for k in train._CONFIG_KEYS}
@@ -71,7 +74,7 @@ def run_variant(name, steps=3):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     for step in range(steps):
         with autocast:
-            loss, _, _ = train.diffusion_loss(raw, x0, action, V, c, g)
+            loss, _, _ = model.diffusion_loss(raw, x0, {"action": action}, V, g, **train.loss_settings(c))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -82,7 +85,7 @@ def run_variant(name, steps=3):
     state = weights + n_train * 4 + sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                                         if torch.is_tensor(t) and t.ndim) + sum(e.numel() * 4 for e in ema)
     # what train.py's plan predicts for this run (fp32 activations unless autocast): model state + activations
-    plan = train.memory_plan(cfg, n_all, n_train, tokens=V * 4 * (lat[1] // 2) * (lat[2] // 2), batch_size=B,
+    plan = bench.memory_plan(cfg, n_all, n_train, tokens=V * 4 * (lat[1] // 2) * (lat[2] // 2), batch_size=B,
                              ema_params=sum(e.numel() for e in ema), frozen_bytes=2 if base_dtype == "bfloat16" else 4,
                              act_bytes=2 if bf16 else 4)
     predicted = plan["model_state"] + plan["activations_checkpointed" if ac else "activations"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
+import model
 import sample
 import train
 from test_sample import tiny_net, write_checkpoint
@@ -27,7 +29,7 @@ def train_globals(monkeypatch):
 def test_train_bench_latents_skip_the_encode(train_globals, tmp_path, monkeypatch):
     """Both modes time the same step on the same latent shape; only the video mode calls the tokenizer."""
     encodes, shapes = [], {}
-    encode_views, diffusion_loss = train.encode_views, train.diffusion_loss
+    encode_views, diffusion_loss = train.encode_views, model.diffusion_loss
 
     def counting_encode(*a, **k):
         encodes.append(1)
@@ -38,7 +40,7 @@ def test_train_bench_latents_skip_the_encode(train_globals, tmp_path, monkeypatc
         return diffusion_loss(net, x0, *a, **k)
 
     monkeypatch.setattr(train, "encode_views", counting_encode)
-    monkeypatch.setattr(train, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(model, "diffusion_loss", recording_loss)
     res = {}
     for mode in (False, True):
         encodes.clear()
@@ -68,10 +70,10 @@ def test_sample_bench_net_is_the_multiview_preset():
     """sample.py --bench --model_size 2B times the net config/multiview_action.py trains (built on meta here)."""
     c = {k: getattr(train, k) for k in train._CONFIG_KEYS}
     exec((ROOT / "config" / "multiview_action.py").read_text(), {}, c)
-    net, run = sample.bench_net(dict(model_size="2B", seed=0), torch.device("meta"))
+    net, run = evaluate.bench_net(dict(model_size="2B", seed=0), torch.device("meta"))
     assert run is None and net.cfg == train.model_config(c, 16)
     with pytest.raises(sample.ConfigError, match="--model_size must be one of"):
-        sample.bench_net(dict(model_size="tiny", seed=0), torch.device("meta"))
+        evaluate.bench_net(dict(model_size="tiny", seed=0), torch.device("meta"))
 
 
 def test_vae_bench_several_sizes():

@@ -24,6 +24,8 @@ import pytest
 import torch
 
 import configurator
+import lora
+import model
 import train
 from test_train import ROOT, assert_same_state, ckpt, dataset, load_state, run, tiny_config  # noqa: F401 (dataset: a fixture)
 
@@ -88,7 +90,7 @@ def test_lora_resumes_exactly_and_refuses_a_changed_base(dataset, base, tmp_path
     c = tiny_config(lora_rank=8, init_from=str(own))
     raw = train.build_model(c, train.model_config(c, 12), torch.device("cpu"), say=lambda *a: None)
     with pytest.raises(train.RunError, match="LoRA rank 4, configured 8"):
-        train.check_lora_resume(str(ckpt(tmp_path / "b", 6)), raw)
+        lora.check_resume(str(ckpt(tmp_path / "b", 6)), raw)
     sd = torch.load(own, weights_only=True)
     sd["net.blocks.1.mlp.layer2.weight"][0, 0] += 1e-3
     torch.save(sd, own)

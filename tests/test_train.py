@@ -18,6 +18,7 @@ import configurator
 import data
 import synth
 import model
+import bench
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +272,7 @@ def test_frozen_set_is_exactly_the_zero_gradient_set(proj):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 12, 8, 4, 6, generator=g)
     with torch.enable_grad():                            # (sample.main switches autograd off for the process)
-        loss, _, _ = train.diffusion_loss(net, x0, torch.randn(2, 12, 7, generator=g), 2, c, g)
+        loss, _, _ = model.diffusion_loss(net, x0, {"action": torch.randn(2, 12, 7, generator=g)}, 2, g, **train.loss_settings(c))
         loss.backward()
     zero = {n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()}
     assert zero == train.zero_gradient_params(net, text=False)
@@ -334,7 +335,7 @@ def test_loss_normalisation_keys():
     losses = {}
     for mean, scale in (("noisy", 1.0), ("all", 1.0), ("all", 10.0)):
         g = torch.Generator().manual_seed(1)
-        losses[mean, scale] = train.diffusion_loss(net, x0, a, 2, {**c, "loss_mean": mean, "loss_scale": scale}, g)[0]
+        losses[mean, scale] = model.diffusion_loss(net, x0, {"action": a}, 2, g, **train.loss_settings({**c, "loss_mean": mean, "loss_scale": scale}))[0]
     # 2 views x 4 latent frames, 1 conditioned per view: "all" divides by 8 frames where "noisy" divides by 6
     assert losses["all", 1.0].item() == pytest.approx(losses["noisy", 1.0].item() * 6 / 8, rel=1e-5)
     assert losses["all", 10.0].item() == pytest.approx(10 * losses["all", 1.0].item(), rel=1e-5)
@@ -366,9 +367,9 @@ def test_dry_run_prints_the_plan_without_data_or_weights(args, tmp_path):
 def test_memory_plan_arithmetic():
     cfg = model.DiTConfig(**model.PRESETS["2B"])
     n = 2_000_000_000
-    m = train.memory_plan(cfg, n, n, tokens=1000, batch_size=1)
+    m = bench.memory_plan(cfg, n, n, tokens=1000, batch_size=1)
     assert m["weights"] + m["grads"] + m["optimizer"] + m["ema"] == 20 * n           # fp32 + grad + 2 moments + EMA
-    lora = train.memory_plan(cfg, n, 10_000_000, tokens=1000, batch_size=1, shards=8, ema_params=10_000_000,
+    lora = bench.memory_plan(cfg, n, 10_000_000, tokens=1000, batch_size=1, shards=8, ema_params=10_000_000,
                              frozen_bytes=2)                                        # LoRA: bf16 frozen base
     assert lora["weights"] == (2 * (n - 10_000_000) + 4 * 10_000_000) / 8 and lora["optimizer"] == 8e7 / 8
     assert m["activations_checkpointed"] < m["activations"]
@@ -424,7 +425,7 @@ def test_bad_episodes_and_save_leftovers(dataset, tmp_path):
     (tmp_path / "o" / "checkpoints" / "model").mkdir(parents=True)
     (tmp_path / "o" / "checkpoints" / "model" / "iter_000000009.pt.tmp").write_text("")
     p = run(common + ["--skip_bad=True"])
-    assert "skip_bad: 1 bad episodes skipped" in p.stdout
+    assert "skipped 1 bad episode(s) of" in p.stdout
     assert not (tmp_path / "o" / "checkpoints" / "model" / "iter_000000009.pt.tmp").exists()
 
 
@@ -441,8 +442,8 @@ def test_dataloader_worker_errors_are_unwrapped_to_one_line():
     with pytest.raises(Exception) as e:
         next(iter(loader))
     assert "Traceback" in str(e.value)                                 # what torch hands over: the worker's text
-    assert train.known_error(e.value) == "cam0/ep00001.mp4: cannot decode frame 3"
-    assert train.known_error(KeyError("x")) is None                    # unexpected errors keep their traceback
+    assert configurator.known_error(e.value) == "cam0/ep00001.mp4: cannot decode frame 3"
+    assert configurator.known_error(KeyError("x")) is None                    # unexpected errors keep their traceback
 
 
 def test_no_config_key_is_shadowed_by_a_function():

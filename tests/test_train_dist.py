@@ -46,7 +46,8 @@ def check_fsdp_forward(out):
     import torch
     import torch.distributed as dist
     import model
-    import train
+    import model
+import train
     dist.init_process_group("gloo")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 12, 8, 8, 10, generator=g)                  # 2 views x 4 latent frames
@@ -59,9 +60,9 @@ def check_fsdp_forward(out):
         want32 = net(x, t, None, mask, **kw)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             want16 = net(x, t, None, mask, **kw).float()
-    env = train.Env(True, dist.get_rank(), dist.get_world_size(), torch.device("cpu"), True, "fsdp")
-    c = {"hsdp_replicas": 1, "compile": False}
-    train.wrap_model(net, c, env)
+    env = train.Env(True, dist.get_rank(), dist.get_world_size(), torch.device("cpu"), True, True)
+    c = {"hsdp_replicas": 1, "compile": ""}
+    train.parallelize(net, c, env)
     seen = {}
     net.blocks[0].register_forward_pre_hook(      # after FSDP's own hook: what the block really receives
         lambda m, args: seen.update(x=str(args[0].dtype), emb=str(args[1].dtype), lora=str(args[2].dtype),
@@ -101,11 +102,11 @@ def check_val_sharding(out):
     with torch.no_grad():
         for p in one.parameters():
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
-    single = train.Env(False, 0, 1, torch.device("cpu"), False, "fsdp")
+    single = train.Env(False, 0, 1, torch.device("cpu"), False, False)
     want = train.evaluate(one, one, tok, torch.float32, val, c, shapes, single)
     batches = [i for i, w, _ in train.val_batches(val, c, rank, world) if w]
-    env = train.Env(True, rank, world, torch.device("cpu"), False, "fsdp")
-    train.wrap_model(one, c, env)
+    env = train.Env(True, rank, world, torch.device("cpu"), False, False)
+    train.parallelize(one, c, env)
     got = train.evaluate(one, one, tok, torch.float32, val, c, shapes, env)
     all_batches = [None] * world
     dist.all_gather_object(all_batches, batches)
