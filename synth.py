@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import DataError, euler_to_rotm, progress, relative_actions, write_mp4
+from data import UserError as DataError, euler_to_rotm, progress, relative_actions, write_mp4
 
 # the synthetic multi-camera robot world: a table, a big gripper with a red fin, cubes it pushes and carries.
 # Geometry is oriented boxes, ray cast per pixel (only inside each box group's projected rectangle),

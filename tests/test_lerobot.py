@@ -18,7 +18,9 @@ import torch
 pa = pytest.importorskip("pyarrow", reason="LeRobot datasets need the optional pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
+import checks
 import data
+from configurator import UserError
 import lerobot
 
 FPS, H, W, A = 30, 48, 64, 10
@@ -180,7 +182,7 @@ def test_items_clip_counts_and_splits(folders, version):
         assert len(ds) == sum(max(0, e.num_frames - 30) for e in ds.episodes)
     item = tr[len(tr) - 1]
     assert item["video"].shape == (3, 3, 5, 32, 40) and item["video"].dtype == torch.uint8
-    assert item["action"].shape == (4, A) and item["action"].dtype == torch.float32
+    assert item["cond"]["action"].shape == (4, A) and item["cond"]["action"].dtype == torch.float32
     e = tr.episodes[-1]
     assert item["task"] == TASKS[e.index % 2] and item["key"] == f"{e.name}/{e.num_frames - 31}"
     batch = next(iter(torch.utils.data.DataLoader(tr, batch_size=2)))
@@ -240,27 +242,27 @@ def test_action_types_and_normalisation(folders, rows, mode, norm):
 def test_stride_one_pairs_each_frame_with_its_own_action(folders, rows):
     ds = lerobot.LeRobotDataset(folders["v3.0"], "train", num_frames=4, size=(16, 16), action_norm="none", val_fraction=0)
     assert ds.fps == FPS and len(ds) == sum(n - 3 for n in LENGTHS)
-    np.testing.assert_allclose(ds[0]["action"].numpy(), rows[0]["action"][:3])
+    np.testing.assert_allclose(ds[0]["cond"]["action"].numpy(), rows[0]["action"][:3])
 
 
 def test_errors_name_the_problem(folders, tmp_path):
     root = folders["v3.0"]
-    with pytest.raises(data.DataError, match=r"no camera 'observation.images.front'; the cameras are 0 = "
+    with pytest.raises(UserError, match=r"no camera 'observation.images.front'; the cameras are 0 = "
                                              r"observation.images.top, 1 = observation.images.wrist, 2 = "):
         lerobot.LeRobotDataset(root, cameras=("observation.images.front",))
-    with pytest.raises(data.DataError, match="camera index 3 out of range"):
+    with pytest.raises(UserError, match="camera index 3 out of range"):
         lerobot.LeRobotDataset(root, cameras=(0, 3))
-    with pytest.raises(data.DataError, match="has 10 dimensions but the model takes action_dim=7: set action_dim=10"):
+    with pytest.raises(UserError, match="has 10 dimensions but the model takes action_dim=7: set action_dim=10"):
         lerobot.LeRobotDataset(root, action_dim=7)
-    with pytest.raises(data.DataError, match="fps=60 would repeat frames"):
+    with pytest.raises(UserError, match="fps=60 would repeat frames"):
         lerobot.LeRobotDataset(root, fps=60)
-    with pytest.raises(data.DataError, match="has no feature 'observation.joints'"):
+    with pytest.raises(UserError, match="has no feature 'observation.joints'"):
         lerobot.LeRobotDataset(root, action_type="delta_state", state_key="observation.joints")
     bad = tmp_path / "bad"
     shutil.copytree(root, bad)
     info = json.loads((bad / "meta" / "info.json").read_text())
     (bad / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v1.6"}))
-    with pytest.raises(data.DataError, match=r"info.json: codebase_version 'v1.6'"):
+    with pytest.raises(UserError, match=r"info.json: codebase_version 'v1.6'"):
         lerobot.LeRobotDataset(bad)
 
 
@@ -271,7 +273,7 @@ def test_pyarrow_missing_is_one_clear_line(folders, monkeypatch):
 
 
 def test_check_reports_cameras_and_problems(folders, rows, tmp_path, capsys):
-    assert lerobot.check_lerobot(folders["v3.0"], num_frames=5, fps=4) == []
+    assert checks.check_lerobot(folders["v3.0"], num_frames=5, fps=4) == []
     out = capsys.readouterr().out
     total = sum(LENGTHS)
     assert f"observation.images.wrist{'':10}{'av1':>8}{'30.0':>6}{'48x64':>11}{total:>9}{1:>7}" in out
@@ -286,7 +288,7 @@ def test_check_reports_cameras_and_problems(folders, rows, tmp_path, capsys):
     pq.write_table(rows_table([r], fixed=False), bad / "data/chunk-000/episode_000002.parquet")
     short = bad / "videos/chunk-000/observation.images.top/episode_000001.mp4"
     write_video(short, [paint(1, i) for i in range(LENGTHS[1] - 3)], "libx264")
-    problems = lerobot.check_lerobot(bad, fast=True)
+    problems = checks.check_lerobot(bad, fast=True)
     assert problems == [f"{bad}/data/chunk-000/episode_000002.parquet: episode 2: 1 NaN/inf in 'action', first at row 7",
                         f"{short}: episode 1 has {LENGTHS[1] - 3} video frames ({(LENGTHS[1] - 3) / 30:.3f} s) but "
                         f"{LENGTHS[1]} parquet rows ({LENGTHS[1] / 30:.3f} s)"]
@@ -294,7 +296,7 @@ def test_check_reports_cameras_and_problems(folders, rows, tmp_path, capsys):
 
 
 def test_bench_counts_decoded_frames(folders):
-    figures = lerobot.bench_lerobot(folders["v3.0"], cameras=(1,), size=(32, 32), num_frames=5, fps=4, workers=0,
+    figures = checks.bench_lerobot(folders["v3.0"], cameras=(1,), size=(32, 32), num_frames=5, fps=4, workers=0,
                                     batch_size=2, batches=3)
     assert figures["dataset_clips_per_s"] > 0 and figures["loader_clips_per_s"] > 0
     assert 5 <= figures["decoded_frames_per_clip"] <= 31 + GOP + 3   # the clip's span and at most one GOP before it
