@@ -529,7 +529,7 @@ def check_rates(info_path, fps, episodes):
 def config_kwargs(c):
     """LeRobotDataset keyword arguments from a train.py / sample.py settings dict (keys of the same names)."""
     if c.get("frame_stride", 1) != 1:
-        raise UserError(f"--frame_stride={c['frame_stride']!r}", f"a LeRobot folder ({c['data_root']}) takes its clip "
+        raise UserError(f"--frame_stride={c['frame_stride']!r}", f"a LeRobot folder ({c.get('data_root')}) takes its clip "
                         f"rate from fps (frames chosen by timestamp): set fps (now {c['fps']}) instead of frame_stride")
     return dict(num_frames=c["num_frames"], cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]), fps=c["fps"],
                 action_key=c["action_key"], action_type=c["action_type"], action_norm=c["action_norm"],

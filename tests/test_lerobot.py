@@ -233,7 +233,7 @@ def test_action_types_and_normalisation(folders, rows, mode, norm):
                 offset, scale = (mean, std) if norm == "mean_std" else ((hi + lo) / 2, (hi - lo) / 2)
                 ref = (ref - offset) / scale if mode == "absolute" else ref / scale
             np.testing.assert_allclose(ds.episode_actions(e, 6, 5).numpy(), ref, rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(ep.actions[:4], ds.episode_actions(e, 0, 5).numpy())
+            np.testing.assert_allclose(ds.episode_cond(e)["action"][:4], ds.episode_actions(e, 0, 5).numpy())
         if norm == "min_max" and mode == "absolute":
             whole = np.concatenate([ds.episode_actions(e, 0, None, ) for e in range(len(ds.episodes))])
             assert whole.min() >= -1 - 1e-5 and whole.max() <= 1 + 1e-5
@@ -252,8 +252,14 @@ def test_errors_name_the_problem(folders, tmp_path):
         lerobot.LeRobotDataset(root, cameras=("observation.images.front",))
     with pytest.raises(UserError, match="camera index 3 out of range"):
         lerobot.LeRobotDataset(root, cameras=(0, 3))
-    with pytest.raises(UserError, match="has 10 dimensions but the model takes action_dim=7: set action_dim=10"):
-        lerobot.LeRobotDataset(root, action_dim=7)
+    c = train_config(root)
+    with pytest.raises(UserError, match=r"--action_dim=7: the actions of .* have 10 dimensions but the model takes 7: "
+                                        r"set action_dim=10"):
+        data.make_dataset(dict(c, action_dim=7), "train")
+    with pytest.raises(UserError, match=r"--frame_stride=2: a LeRobot folder .* takes its clip rate from fps"):
+        data.make_dataset(dict(c, frame_stride=2), "train")
+    with pytest.raises(UserError, match=r"--action_type='relative': must be one of absolute, delta, delta_state"):
+        data.make_dataset(dict(c, action_type="relative"), "train")
     with pytest.raises(UserError, match="fps=60 would repeat frames"):
         lerobot.LeRobotDataset(root, fps=60)
     with pytest.raises(UserError, match="has no feature 'observation.joints'"):
@@ -264,6 +270,28 @@ def test_errors_name_the_problem(folders, tmp_path):
     (bad / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v1.6"}))
     with pytest.raises(UserError, match=r"info.json: codebase_version 'v1.6'"):
         lerobot.LeRobotDataset(bad)
+
+
+def train_config(root, **kw):
+    """train.py's config block (its defaults) for a LeRobot folder: what data.make_dataset is given."""
+    import configurator
+    c = configurator.script_defaults(str(Path(__file__).resolve().parents[1] / "train.py"))
+    return dict(c, data_root=str(root), cameras=(0, 2), action_dim=A, frame_size=(16, 16), num_frames=5, **kw)
+
+
+def test_make_dataset_reads_lerobot_folders(folders):
+    """The factory finds the format from the folder; the protocol's attributes and cond items; no latent cache."""
+    ds = data.make_dataset(train_config(folders["v3.0"]), "train", say=lambda *a: None)
+    assert isinstance(ds, lerobot.LeRobotDataset) and ds.action_dim == A and ds.num_frames == 5
+    assert ds.episode_names == [ep.name for ep in ds.episodes] and len(ds.window_episode) == len(ds)
+    item = ds[3]
+    e, s = int(ds.window_episode[3]), int(ds.window_start[3])
+    assert item["video"].shape == (2, 3, 5, 16, 16) and torch.equal(item["cond"]["action"], ds.episode_cond(e, s, 5)["action"])
+    assert ds.episode_frames(e).shape[2] == ds.episode_cond(e)["action"].shape[0] + 1
+    val = data.make_dataset(train_config(folders["v3.0"]), "val", say=lambda *a: None)
+    assert (np.diff(val.window_start[val.window_episode == val.window_episode[0]]) == 4).all()   # distinct clips
+    with pytest.raises(UserError, match="--latent_cache='c': latent caches are built from Bridge/IRASim"):
+        data.make_dataset(train_config(folders["v3.0"], latent_cache="c"), "train", say=lambda *a: None)
 
 
 def test_pyarrow_missing_is_one_clear_line(folders, monkeypatch):
