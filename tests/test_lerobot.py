@@ -323,6 +323,88 @@ def test_check_reports_cameras_and_problems(folders, rows, tmp_path, capsys):
     assert "FAILED: 2 problem(s)" in capsys.readouterr().out
 
 
+def with_info(src, dst, **changes):
+    """A copy of a LeRobot folder with info.json fields changed."""
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "meta" / "info.json").read_text())
+    (dst / "meta" / "info.json").write_text(json.dumps({**info, **changes}))
+    return dst
+
+
+def test_declared_fps_that_the_data_contradicts_is_refused(folders, tmp_path):
+    """info.json says 15 fps: the parquet timestamps (30 per second) contradict it; with the timestamps rewritten
+    to 15 per second, the videos' own 30 fps do. The reader refuses both naming the file, and check lists them."""
+    bad = with_info(folders["v2.1"], tmp_path / "fps15", fps=15)
+    parquet = bad / "data/chunk-000/episode_000000.parquet"
+    with pytest.raises(UserError, match=f"{parquet}: episode 0: the timestamps run at 30 per second but "
+                                        f".*info.json says fps 15"):
+        lerobot.LeRobotDataset(bad, fps=4)
+    problems = checks.check_lerobot(bad, fast=True)
+    assert sum("the timestamps run at 30 per second" in p for p in problems) == len(LENGTHS)
+    for path in sorted((bad / "data").glob("*/*.parquet")):
+        t = pq.read_table(path)
+        pq.write_table(t.set_column(t.schema.get_field_index("timestamp"), "timestamp",
+                                    pa.array(t.column("timestamp").to_numpy() * 2, pa.float32())), path)
+    video = bad / "videos/chunk-000/observation.images.top/episode_000000.mp4"
+    with pytest.raises(UserError, match=f"{video}: the video runs at 30 fps but .*info.json says fps 15"):
+        lerobot.LeRobotDataset(bad, fps=4)
+    assert any(p.startswith(f"{video}: the video runs at 30 fps") for p in checks.check_lerobot(bad, fast=True))
+
+
+def test_nan_in_the_actions_is_refused_before_training(folders, rows, tmp_path):
+    """What check finds, the reader refuses when the dataset is opened (not 5 steps into training)."""
+    bad = tmp_path / "nan"
+    shutil.copytree(folders["v2.1"], bad)
+    r = dict(rows[2], state=rows[2]["state"].copy())
+    r["state"][4, 1] = np.inf
+    path = bad / "data/chunk-000/episode_000002.parquet"
+    pq.write_table(rows_table([r], fixed=False), path)
+    lerobot.LeRobotDataset(bad, val_fraction=0)   # absolute actions: the state column is not read
+    with pytest.raises(UserError, match=f"{path}: episode 2: 1 NaN/inf in 'observation.state', first at row 4"):
+        lerobot.LeRobotDataset(bad, action_type="delta_state", val_fraction=0)
+
+
+def run_data_py(*args):
+    return subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "data.py"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_check_takes_training_settings(folders, tmp_path):
+    """Without meta/stats.json, training's default action_norm refuses the folder: so does check, saying which
+    settings it used; with --action-norm none (what such a run must set) it passes."""
+    bare = tmp_path / "nostats"
+    shutil.copytree(folders["v3.0"], bare)
+    (bare / "meta" / "stats.json").unlink()
+    p = run_data_py("check", bare, "--fast", "--num-frames", "5")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "settings (as training: train.py's defaults unless given): fps=4, " in p.stdout
+    assert "action_norm='mean_std'" in p.stdout
+    assert f"{bare / 'meta' / 'stats.json'}: not found" in p.stdout and "(action_norm='mean_std';" in p.stdout
+    p = run_data_py("check", bare, "--fast", "--num-frames", "5", "--action-norm", "none")
+    assert p.returncode == 0 and "OK: 5 episodes" in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("info, problem", [
+    (dict(codebase_version="v4.0"), "codebase_version 'v4.0'; nanocosmos reads v2.0, v2.1, v3.0"),
+    (dict(fps="thirty"), "'fps' must be a positive number, got 'thirty'"),
+    (dict(features=["action"]), "'features' must be an object"),
+    ("[1, 2]", "must be a JSON object, got list"),
+    ('{"fps": 30,', "cannot read JSON"),
+])
+def test_bad_info_json_is_one_line(folders, tmp_path, info, problem):
+    bad = tmp_path / "bad"
+    if isinstance(info, dict):
+        with_info(folders["v3.0"], bad, **info)
+    else:
+        shutil.copytree(folders["v3.0"], bad)
+        (bad / "meta" / "info.json").write_text(info)
+    for command in ("check", "bench"):
+        p = run_data_py(command, bad)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().startswith(f"error: {bad / 'meta' / 'info.json'}: {problem}")
+        assert len(p.stderr.strip().splitlines()) == 1
+
+
 def test_bench_counts_decoded_frames(folders):
     figures = checks.bench_lerobot(folders["v3.0"], cameras=(1,), size=(32, 32), num_frames=5, fps=4, workers=0,
                                     batch_size=2, batches=3)
