@@ -227,6 +227,45 @@ def test_camera_folders_without_split_folders(synth, tmp_path):
         data.list_annotations(root, "test")
 
 
+def train_config(root, **kw):
+    """train.py's config block (its defaults), for data.make_dataset."""
+    import configurator
+    c = configurator.script_defaults(str(ROOT / "train.py"))
+    return {**c, **dict(data_root=str(root), cameras=(0, 2), frame_size=(H, W), num_frames=5, start_stride=2), **kw}
+
+
+def test_make_dataset_protocol(synth, irasim):
+    """Both annotation layouts through the one factory: the protocol's attributes, cond items, episode methods;
+    validation windows do not overlap; the run is told the clip counts."""
+    said = []
+    for root in (synth, irasim):
+        ds = data.make_dataset(train_config(root), "train", say=said.append)
+        assert isinstance(ds, data.RobotVideoDataset) and ds.cameras == (0, 2) and ds.num_frames == 5
+        assert ds.action_dim == 7 and len(ds.episode_names) == EPISODES - VAL and ds.start_stride == 2
+        item = ds[len(ds) - 1]
+        e, start = int(ds.window_episode[-1]), int(ds.window_start[-1])
+        assert item["video"].shape == (2, 3, 5, H, W) and item["video"].dtype == torch.uint8
+        assert torch.equal(item["video"], ds.episode_frames(e, start, 5))
+        assert torch.equal(item["cond"]["action"], ds.episode_cond(e, start, 5)["action"])
+        assert item["key"] == f"{ds.episode_names[e]}/{start}"
+        assert ds.episode_frames(e).shape == (2, 3, T, H, W) and ds.episode_cond(e)["action"].shape == (T - 1, 7)
+        batch = torch.utils.data.default_collate([ds[0], ds[1]])
+        assert batch["cond"]["action"].shape == (2, 4, 7)
+        val = data.make_dataset(train_config(root), "val", say=said.append)
+        assert val.start_stride == 4 and len(val) == VAL * ((T - 5) // 4 + 1)
+    assert said[0] == f"dataset {synth} split 'train': {len(ds)} clips of 5 frames from {EPISODES - VAL} episodes"
+
+
+def test_make_dataset_names_the_nearest_folder(synth):
+    typo = synth.parent / "sin"
+    with pytest.raises(UserError, match=f"{typo}: data_root not found \\(did you mean {synth}\\?\\)"):
+        data.make_dataset(train_config(typo), "train")
+    with pytest.raises(UserError, match=r"--action_dim=10: the actions of .* have 7 dimensions"):
+        data.make_dataset(train_config(synth, action_dim=10), "train", say=lambda *a: None)
+    with pytest.raises(UserError, match="no training clips of 33 frames"):
+        data.make_dataset(train_config(synth, num_frames=33), "train", say=lambda *a: None)
+
+
 # -----------------------------------------------------------------------------
 # bad data: every error names the file
 
@@ -318,6 +357,9 @@ def test_skip_bad_skips_and_says_so(copy, capsys):
     assert [e.name for e in ds.episodes] == ["ep00000"] and len(ds) == T - 12
     assert "skipping bad episode:" in out and "cam1/ep00001.mp4: video file not found" in out
     assert "ep00002.json: 'state' has 1 NaN" in out and "skipped 2 bad episode(s) of 3" in out
+    said = []
+    assert len(data.make_dataset(train_config(copy, cameras=(0, 1, 2), skip_bad=True), "train", say=said.append)) == (T - 5) // 2 + 1
+    assert said[-1].endswith("from 1 episodes | skip_bad: 2 bad episodes skipped")
     (copy / "videos" / "cam1" / "ep00000.mp4").unlink()
     with pytest.raises(UserError, match="no usable episodes"):
         load(copy, skip_bad=True)

@@ -276,7 +276,7 @@ def train_config(root, **kw):
     """train.py's config block (its defaults) for a LeRobot folder: what data.make_dataset is given."""
     import configurator
     c = configurator.script_defaults(str(Path(__file__).resolve().parents[1] / "train.py"))
-    return dict(c, data_root=str(root), cameras=(0, 2), action_dim=A, frame_size=(16, 16), num_frames=5, **kw)
+    return {**c, **dict(data_root=str(root), cameras=(0, 2), action_dim=A, frame_size=(16, 16), num_frames=5), **kw}
 
 
 def test_make_dataset_reads_lerobot_folders(folders):
