@@ -236,13 +236,8 @@ def report_check(root, layout, entries, results, cameras, num_frames, splits, pr
               f"missing: camera {k}: {len(names)} of {len(entries)} episodes lack its video (e.g. {', '.join(names[:3])})")
     for note in notes:
         print(f"note: {note}")
-    if problems:
-        print(f"FAILED: {len(problems)} problem(s) in {sum(s['bad'] for s in stats.values())} of {len(entries)} episodes:")
-        for p in problems:
-            print(f"  {p}")
-    else:
-        print(f"OK: {len(entries)} episodes, no problems found")
-    return problems
+    return report(problems, f"{len(entries)} episodes", f" in {sum(s['bad'] for s in stats.values())} of {len(entries)} "
+                                                        f"episodes")
 
 
 
@@ -341,9 +336,10 @@ def check_lerobot(root, cameras=None, num_frames=13, fast=False, val_fraction=0.
     return report(problems, f"{len(eps)} episodes")
 
 
-def report(problems, what):
+def report(problems, what, where=""):
+    """The last lines of a check: every problem with its file, or OK. Returns the problems."""
     if problems:
-        print(f"FAILED: {len(problems)} problem(s):")
+        print(f"FAILED: {len(problems)} problem(s){where}:")
         for p in problems:
             print(f"  {p}")
     else:

@@ -96,6 +96,19 @@ def test_settings_mismatch_names_the_field(world, tmp_path):
         encode(dataset(world, cameras=(1,)), tok, tmp_path / "c")
 
 
+def test_a_long_field_difference_is_one_short_line(world, tmp_path):
+    """A field holding thousands of values (the file list of a cache that has none) is shown cut short, one line."""
+    ds, tok = dataset(world), vae.load_tokenizer("pixel")
+    _, settings = encode(ds, tok, tmp_path / "c")
+    path = tmp_path / "c" / "metadata.json"
+    meta = json.loads(path.read_text())
+    del meta["settings"]["files"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"cache files is '\(absent\)' but this run has \[\['annotations/") as e:
+        cache.LatentCacheDataset(tmp_path / "c", expect=dict(settings, files=settings["files"] * 100))
+    assert len(str(e.value)) < 300 + 2 * len(str(tmp_path)) and "\n" not in str(e.value)
+
+
 def test_interrupted_encode_resumes(world, tmp_path, monkeypatch):
     ds, tok = dataset(world), small_wan(1)
     clean, settings = encode(ds, tok, tmp_path / "clean", "wan2.1", shard_bytes=4000)
