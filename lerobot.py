@@ -41,20 +41,22 @@ frame j, in force until frame j+1, as LeRobot pairs them:
 Normalised with the stats of the action column (action_norm): "mean_std" (x - mean) / std, "min_max" to [-1, 1],
 "none". A delta is a difference of two values, so only the scale applies to it (a change of one std gives 1).
 A dimension whose std (or range) is zero is left unscaled.
+Refused when the dataset is opened (one line naming the file): info.json's fps contradicted by the parquet
+timestamps or the videos' own rate, NaN / inf in the action or state columns read, a frame_stride (fps sets the
+rate). `python lerobot.py check|bench ROOT ...` = `python data.py check|bench ROOT ...` (checks.py).
+Imports only leaf helpers (video.py, configurator.py): data.py finds this file, never the reverse.
 """
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
-from configurator import MissingError, UserError
-from data import is_held_out, resize_frames, single_threaded_worker
+from configurator import UserError
+from video import frame_rate, is_held_out, open_video, resize_frames
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
 ACTION_TYPES = ("absolute", "delta", "delta_state")
@@ -74,17 +76,13 @@ def _pyarrow():
 # metadata: info.json, episodes, tasks, stats; every problem names its file
 
 
-def is_lerobot(root):
-    return (Path(root) / "meta" / "info.json").is_file()
-
-
 def read_json(path, lines=False):
     """A JSON file, or with lines=True a JSON-lines file as a list."""
     try:
         text = Path(path).read_text()
         return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
     except FileNotFoundError as e:
-        raise MissingError(path, "not found") from e
+        raise UserError(path, "not found") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(path, f"cannot read JSON ({e})") from e
 
@@ -99,7 +97,7 @@ def read_parquet(path, columns):
             raise UserError(path, f"has no column(s) {missing}; its columns: {names}")
         table = pa.parquet.read_table(path, columns=list(columns))
     except FileNotFoundError as e:
-        raise MissingError(path, "parquet file not found") from e
+        raise UserError(path, "parquet file not found") from e
     except (OSError, pa.ArrowException) as e:
         raise UserError(path, f"cannot read parquet ({e})") from e
     out = {}
@@ -118,13 +116,22 @@ def read_parquet(path, columns):
 
 
 def load_info(root):
+    """meta/info.json, checked for what the reader relies on (a version it knows, fps, features, path templates)."""
     path = Path(root) / "meta" / "info.json"
     info = read_json(path)
+    if not isinstance(info, dict):
+        raise UserError(path, f"must be a JSON object, got {type(info).__name__}")
     if info.get("codebase_version") not in VERSIONS:
         raise UserError(path, f"codebase_version {info.get('codebase_version')!r}; nanocosmos reads {', '.join(VERSIONS)}")
     for key in ("fps", "features", "data_path", "video_path"):
         if not info.get(key):
             raise UserError(path, f"missing {key!r}" + (" (a dataset without videos)" if key == "video_path" else ""))
+    for key, ok, want in (("fps", isinstance(info["fps"], (int, float)) and info["fps"] > 0, "a positive number"),
+                          ("features", isinstance(info["features"], dict), "an object {name: {dtype, shape, ...}}"),
+                          ("data_path", isinstance(info["data_path"], str), "a path template string"),
+                          ("video_path", isinstance(info["video_path"], str), "a path template string")):
+        if not ok:
+            raise UserError(path, f"{key!r} must be {want}, got {str(info[key])[:60]!r}")
     return info
 
 
@@ -167,7 +174,7 @@ def load_episodes(root, info, cameras):
         return sorted(eps, key=lambda e: e["index"])
     files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
     if not files:
-        raise MissingError(root / "meta" / "episodes", "no episode metadata (meta/episodes/chunk-*/file-*.parquet)")
+        raise UserError(root / "meta" / "episodes", "no episode metadata (meta/episodes/chunk-*/file-*.parquet)")
     per_cam = ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
     columns = ["episode_index", "length", "data/chunk_index", "data/file_index"]
     columns += [f"videos/{k}/{c}" for k in cameras for c in per_cam]
@@ -200,7 +207,7 @@ def load_stats(root, key):
     meta = Path(root) / "meta"
     path = meta / "stats.json" if (meta / "stats.json").is_file() else meta / "episodes_stats.jsonl"
     if not path.is_file():
-        raise MissingError(meta / "stats.json", "not found (nor episodes_stats.jsonl): set action_norm='none'")
+        raise UserError(meta / "stats.json", "not found (nor episodes_stats.jsonl): set action_norm='none'")
     try:
         if path.name == "stats.json":
             s = read_json(path)[key]
@@ -217,7 +224,7 @@ def load_stats(root, key):
 
 def split_episodes(root, info, indices, split, val_fraction):
     """Episode indices of a split: info.json's "splits" ranges ("0:40"); a "val" split that is not there is held out
-    of "train" by a hash of the episode name (data.is_held_out; at least the last episode when none is)."""
+    of "train" by a hash of the episode name (video.is_held_out; at least the last episode when none is)."""
     ranges = {s: range(*(int(x) for x in r.split(":"))) for s, r in (info.get("splits") or {}).items()}
     if split in ranges and (split != "train" or "val" in ranges):
         return [i for i in indices if i in ranges[split]]
@@ -326,32 +333,24 @@ def decode_at(path, times, tol):
     (LeRobot encodes a keyframe every 2 frames: a 4 fps clip of 30 fps video then decodes ~1.5 frames per frame).
     """
     rgb = VideoReformatter()  # one per call: frame.to_ndarray would build a swscale context per frame
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise UserError(path, "has no video stream")
-            stream = container.streams.video[0]
-            keys, picked, decoded = keyframe_times(container, stream, times[0], times[-1]), [], 0
-            while len(picked) < len(times):
-                start = _key_before(keys, times[len(picked)])
-                container.seek(round(start / stream.time_base), stream=stream, backward=True, any_frame=False)
-                got, n = _decode_run(path, container.decode(stream), times[len(picked):], keys, tol)
-                decoded += n
-                if got is None and keys:  # the container's seek landed late: find keyframes from the file's start
-                    keys = []
-                    continue
-                if not got:
-                    raise UserError(path, f"no frame near {times[len(picked)]:.4f} s ({stream.frames} frames in the file)")
-                picked += got
-            converted = {}
-            for frame, t in picked:
-                if t not in converted:
-                    converted[t] = rgb.reformat(frame, format="rgb24").to_ndarray()
-            x = np.stack([converted[t] for _, t in picked])
-    except FileNotFoundError as e:
-        raise MissingError(path, "video file not found") from e
-    except av.error.FFmpegError as e:
-        raise UserError(path, f"cannot decode video ({e})") from e
+    with open_video(path) as (container, stream):
+        keys, picked, decoded = keyframe_times(container, stream, times[0], times[-1]), [], 0
+        while len(picked) < len(times):
+            start = _key_before(keys, times[len(picked)])
+            container.seek(round(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+            got, n = _decode_run(path, container.decode(stream), times[len(picked):], keys, tol)
+            decoded += n
+            if got is None and keys:  # the container's seek landed late: find keyframes from the file's start
+                keys = []
+                continue
+            if not got:
+                raise UserError(path, f"no frame near {times[len(picked)]:.4f} s ({stream.frames} frames in the file)")
+            picked += got
+        converted = {}
+        for frame, t in picked:
+            if t not in converted:
+                converted[t] = rgb.reformat(frame, format="rgb24").to_ndarray()
+        x = np.stack([converted[t] for _, t in picked])
     return torch.from_numpy(x).permute(0, 3, 1, 2), decoded
 
 # -----------------------------------------------------------------------------
@@ -390,22 +389,22 @@ class LeRobotEpisode:
     state: np.ndarray        # float64 [num_frames, A] (action_type "delta_state"), else None
     task_index: np.ndarray   # int64 [num_frames]
     videos: list             # per camera (mp4 path, from_timestamp, to_timestamp or None)
-    actions: np.ndarray = None  # float32 [clip frames - 1, A]: the whole episode at the training fps (= episode_actions)
-
+    data: Path = None        # the parquet file of its rows
 
 class LeRobotDataset(torch.utils.data.Dataset):
     """
     Clips of `num_frames` frames at `fps` (None: the dataset's own) from a LeRobot folder; items are
-    {"video": uint8 [V,3,T,H,W], "action": float32 [T-1,A], "task": str, "key": "<episode>/<start row>"}, the same
-    interface as data.RobotVideoDataset (episodes, episode_frames, episode_actions). No randomness.
+    {"video": uint8 [V,3,T,H,W], "cond": {"action": float32 [T-1,A]}, "task": str, "key": "<episode>/<start row>"},
+    and the methods of data.make_dataset's protocol. No randomness. Refused before any training step: an fps in
+    info.json that the parquet timestamps or the videos contradict, NaN / inf in the columns it reads.
     """
 
     def __init__(self, root, split="train", num_frames=13, cameras=None, size=(256, 320), fps=None, start_stride=1,
                  action_key="action", action_type="absolute", action_norm="mean_std", state_key="observation.state",
-                 action_dim=None, val_fraction=0.1):
-        if action_type not in ACTION_TYPES or action_norm not in ACTION_NORMS:
-            raise ValueError(f"action_type must be one of {ACTION_TYPES} and action_norm one of {ACTION_NORMS}, "
-                             f"got {action_type!r}, {action_norm!r}")
+                 val_fraction=0.1):
+        for key, value, allowed in (("action_type", action_type, ACTION_TYPES), ("action_norm", action_norm, ACTION_NORMS)):
+            if value not in allowed:
+                raise UserError(f"--{key}={value!r}", f"must be one of {', '.join(allowed)}")
         assert num_frames >= 2 and start_stride >= 1, (num_frames, start_stride)
         self.root, self.split, self.info = Path(root), split, load_info(root)
         info_path = self.root / "meta" / "info.json"
@@ -428,45 +427,40 @@ class LeRobotDataset(torch.utils.data.Dataset):
             raise UserError(self.root, f"split {split!r} has no episodes")
         load_rows(metas, ["timestamp", "task_index", *keys])
         self.episodes = [self._episode(e, keys) for e in metas]
+        self.episode_names = [ep.name for ep in self.episodes]
+        check_rates(info_path, self.source_fps, self.episodes)
         dims = sorted({ep.action.shape[1] for ep in self.episodes})
         if len(dims) > 1:
             raise UserError(self.root / "data", f"{action_key!r} has {dims} dimensions in different episodes")
         self.action_dim = dims[0]
-        if action_dim is not None and action_dim != self.action_dim:
-            raise UserError(info_path, f"{action_key!r} has {self.action_dim} dimensions but the model takes "
-                                       f"action_dim={action_dim}: set action_dim={self.action_dim}")
         self.stats = None if action_norm == "none" else load_stats(root, action_key)
         if self.stats is not None and any(len(v) != self.action_dim for v in self.stats.values()):
             raise UserError(self.root / "meta", f"the stats of {action_key!r} are not {self.action_dim}-D")
-        episode_of, starts = [], []
-        for i, ep in enumerate(self.episodes):
-            ep.actions = self.episode_actions(i).numpy()
-            for name, x in ((action_key, ep.action), (state_key, ep.state)):   # what check finds, before step 1
-                bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float64))) if x is not None else []
-                if len(bad):
-                    raise UserError(self.root / "data", f"episode {ep.name}: {name!r} has {len(bad)} NaN/inf values "
-                                                        f"(first at row {bad[0][0]}); fix or drop the episode")
-            s = np.arange(0, ep.num_frames, start_stride)
-            s = s[clips_that_fit(ep.timestamps, s, num_frames, self.fps, self.source_fps)]
-            episode_of.append(np.full(len(s), i))
-            starts.append(s)
-        self.window_episode = np.concatenate(episode_of).astype(np.int64)
+        starts = [np.arange(0, ep.num_frames, start_stride) for ep in self.episodes]
+        starts = [s[clips_that_fit(ep.timestamps, s, num_frames, self.fps, self.source_fps)]
+                  for s, ep in zip(starts, self.episodes)]
+        self.window_episode = np.concatenate([np.full(len(s), i) for i, s in enumerate(starts)]).astype(np.int64)
         self.window_start = np.concatenate(starts).astype(np.int64)
         self.decoded_frames = 0  # frames this process decoded (bench: decoded per clip vs delivered)
 
     def _episode(self, meta, keys):
-        rows, path = meta["rows"], meta["data"]
-        ts, action = rows["timestamp"].astype(np.float64), rows[keys[0]].astype(np.float64).reshape(len(rows["timestamp"]), -1)
+        rows, path, i = meta["rows"], meta["data"], meta["index"]
+        ts = rows["timestamp"].astype(np.float64)
+        action = rows[keys[0]].astype(np.float64).reshape(len(ts), -1)
         state = rows[keys[1]].astype(np.float64).reshape(len(ts), -1) if len(keys) > 1 else None
         if state is not None and state.shape != action.shape:
             raise UserError(path, f"delta_state needs {keys[0]!r} and {keys[1]!r} of one size: {action.shape[1]} vs {state.shape[1]}")
+        for k, x in zip(keys, (action, state)):  # what `check` checks, before the first step rather than at step 5
+            bad = np.argwhere(~np.isfinite(x))
+            if len(bad):
+                raise UserError(path, f"episode {i}: {len(bad)} NaN/inf in {k!r}, first at row {bad[0][0]}")
         if len(ts) > 1 and not (np.diff(ts) > 0).all():
-            raise UserError(path, f"episode {meta['index']}: timestamps are not increasing")
+            raise UserError(path, f"episode {i}: timestamps are not increasing")
         unknown = set(rows["task_index"].tolist()) - set(self.tasks)
         if unknown:
-            raise UserError(path, f"episode {meta['index']}: task_index {sorted(unknown)} not in meta/tasks")
-        return LeRobotEpisode(f"episode_{meta['index']:06d}", meta["index"], len(ts), ts, action, state,
-                              rows["task_index"].astype(np.int64), meta["videos"])
+            raise UserError(path, f"episode {i}: task_index {sorted(unknown)} not in meta/tasks")
+        return LeRobotEpisode(f"episode_{i:06d}", i, len(ts), ts, action, state, rows["task_index"].astype(np.int64),
+                              meta["videos"], meta["data"])
 
     def __len__(self):
         return len(self.window_start)
@@ -482,20 +476,15 @@ class LeRobotDataset(torch.utils.data.Dataset):
             raise IndexError(f"clip {i} out of range for {len(self)} clips")
         e, start = int(self.window_episode[i]), int(self.window_start[i])
         ep = self.episodes[e]
-        return {"video": self.episode_frames(e, start, self.num_frames),
-                "cond": self.episode_cond(e, start, self.num_frames),
+        return {"video": self.episode_frames(e, start, self.num_frames), "cond": self.episode_cond(e, start, self.num_frames),
                 "task": self.tasks[int(ep.task_index[start])], "key": f"{ep.name}/{start}"}
-
-    def _fits(self, e, start, count):
-        ep = self.episodes[e]
-        return 0 <= start < ep.num_frames and count >= 1 and bool(
-            clips_that_fit(ep.timestamps, np.array([start]), count, self.fps, self.source_fps)[0])
 
     def _rows(self, e, start, count):
         ep = self.episodes[e]
         if count is None:  # as many frames as fit
             count = 1 + int((ep.timestamps[-1] + 0.5 / self.source_fps + 1e-6 - ep.timestamps[start]) * self.fps)
-        if not self._fits(e, start, count):
+        if not (0 <= start < ep.num_frames and count >= 1 and
+                clips_that_fit(ep.timestamps, np.array([start]), count, self.fps, self.source_fps)[0]):
             raise IndexError(f"{ep.name} has {ep.num_frames} rows at {self.source_fps:g} fps: {count} frames at "
                              f"{self.fps:g} fps from row {start} do not fit")
         return clip_rows(ep.timestamps, start, count, self.fps)
@@ -511,14 +500,6 @@ class LeRobotDataset(torch.utils.data.Dataset):
             views.append(resize_frames(x, self.size))
         return torch.stack(views).transpose(1, 2).contiguous()
 
-    @property
-    def episode_names(self):
-        return [ep.name for ep in self.episodes]
-
-    def episode_cond(self, episode_index, start=0, num_frames=None):
-        """The conditioning of the frames episode_frames(episode_index, start, num_frames) returns: {"action": [n-1, A]}."""
-        return {"action": self.episode_actions(episode_index, start, num_frames)}
-
     def episode_actions(self, episode_index, start=0, count=None):
         """float32 [count-1, A]: the normalised actions between the frames episode_frames returns."""
         ep = self.episodes[episode_index]
@@ -526,168 +507,35 @@ class LeRobotDataset(torch.utils.data.Dataset):
         a = normalise(clip_actions(ep.action, ep.state, rows, self.action_type), self.stats, self.action_type, self.action_norm)
         return torch.from_numpy(a.astype(np.float32))
 
+    def episode_cond(self, episode_index, start=0, count=None):
+        return {"action": self.episode_actions(episode_index, start, count)}
+
+
+def check_rates(info_path, fps, episodes):
+    """The fps of info.json must be the rate of the parquet timestamps and of every camera's video (checked on the
+    first episode's files: a header read each): a disagreement would sample clips spanning another time than meant."""
+    for ep in episodes:
+        if ep.num_frames > 2:
+            rate = 1.0 / float(np.median(np.diff(ep.timestamps)))
+            if abs(rate - fps) > 0.01 * fps:
+                raise UserError(ep.data, f"episode {ep.index}: the timestamps run at {rate:.4g} per second but "
+                                         f"{info_path} says fps {fps:g}")
+    for path in dict.fromkeys(v[0] for v in episodes[0].videos):
+        rate = frame_rate(path)
+        if rate and abs(rate - fps) > 0.01 * fps:
+            raise UserError(path, f"the video runs at {rate:.4g} fps but {info_path} says fps {fps:g}")
+
 
 def config_kwargs(c):
     """LeRobotDataset keyword arguments from a train.py / sample.py settings dict (keys of the same names)."""
     if c.get("frame_stride", 1) != 1:
-        raise UserError(f"--frame_stride={c['frame_stride']}", "a LeRobot dataset takes its clip rate from fps "
-                        "(frames are chosen by timestamp): set fps instead and leave frame_stride=1")
+        raise UserError(f"--frame_stride={c['frame_stride']!r}", f"a LeRobot folder ({c.get('data_root')}) takes its clip "
+                        f"rate from fps (frames chosen by timestamp): set fps (now {c['fps']}) instead of frame_stride")
     return dict(num_frames=c["num_frames"], cameras=tuple(c["cameras"]), size=tuple(c["frame_size"]), fps=c["fps"],
                 action_key=c["action_key"], action_type=c["action_type"], action_norm=c["action_norm"],
-                state_key=c["state_key"], action_dim=c.get("action_dim"))
+                state_key=c["state_key"])
 
 
-# -----------------------------------------------------------------------------
-# check and bench (data.py's `check` and `bench` commands call these for a LeRobot folder)
-
-
-def video_timeline(path, decode=True):
-    """(sorted frame times in seconds, (codec, fps, height, width)): every frame decoded (certain) or, with
-    decode=False, the packet timestamps (no decoding)."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise UserError(path, "has no video stream")
-            s = container.streams.video[0]
-            meta = (s.codec.canonical_name, float(s.average_rate or s.base_rate or 0), s.codec_context.height, s.codec_context.width)
-            times = ([f.time for f in container.decode(s) if f.pts is not None] if decode else
-                     [float(p.pts * p.time_base) for p in container.demux(s) if p.pts is not None and p.size])
-    except FileNotFoundError as e:
-        raise MissingError(path, "video file not found") from e
-    except av.error.FFmpegError as e:
-        raise UserError(path, f"cannot decode video ({e})") from e
-    return np.sort(np.asarray(times, dtype=np.float64)), meta
-
-
-def _check_videos(eps, keys, fps, decode, problems):
-    """Per camera: codecs, fps, sizes, frames, files; per episode: video frames vs parquet rows, rows without a frame."""
-    summary, half = [], 0.5 / fps
-    for k, key in enumerate(keys):
-        timelines, metas = {}, set()
-        for path in dict.fromkeys(e["videos"][k][0] for e in eps):
-            try:
-                timelines[path], meta = video_timeline(path, decode)
-                metas.add(meta)
-            except UserError as err:
-                problems.append(str(err))
-        for e in eps:
-            path, t0, t1 = e["videos"][k]
-            if path not in timelines:
-                continue
-            times = timelines[path]
-            mine = times[(times >= t0 - half) & (times < (times[-1] + half if t1 is None else t1 - half))]
-            if len(mine) != e["length"]:
-                problems.append(f"{path}: episode {e['index']} has {len(mine)} video frames ({len(mine) / fps:.3f} s) "
-                                f"but {e['length']} parquet rows ({e['length'] / fps:.3f} s)")
-            elif "rows" in e and len(mine):
-                want = t0 + e["rows"]["timestamp"].astype(np.float64)
-                j = np.clip(np.searchsorted(mine, want), 1, len(mine) - 1) if len(mine) > 1 else np.zeros(len(want), int)
-                gap = np.minimum(np.abs(mine[j] - want), np.abs(mine[np.maximum(j - 1, 0)] - want))
-                if (gap > half).any():
-                    problems.append(f"{path}: episode {e['index']}: no frame within half a frame of row "
-                                    f"{int(np.argmax(gap > half))}'s timestamp {want[np.argmax(gap > half)]:.4f} s")
-        summary.append((key, metas, sum(len(t) for t in timelines.values()), len(timelines)))
-    return summary
-
-
-def check_lerobot(root, cameras=None, num_frames=13, fps=None, fast=False, action_key="action",
-                  state_key="observation.state", val_fraction=0.1):
-    """
-    Validate a LeRobot folder: print per camera codec, fps, resolution, frame count; list episodes whose parquet
-    length and video disagree, rows with no frame at their timestamp, NaN/inf in the action and state columns, and
-    the clip count per split. fast=True reads packet timestamps instead of decoding every frame. Returns the problems.
-    """
-    root, info = Path(root), load_info(root)
-    keys, source_fps = select_cameras(root, info, cameras), float(info["fps"])
-    eps, problems = load_episodes(root, info, keys), []
-    print(f"check {root} (LeRobot {info['codebase_version']}, {source_fps:g} fps, robot {info.get('robot_type')}): "
-          f"{len(eps)} episodes, {sum(e['length'] for e in eps)} frames, {len(keys)} camera(s), "
-          f"{'packet timestamps' if fast else 'decoding every frame'}")
-    columns = [c for c in (action_key, state_key) if c in info["features"]]
-    load_rows(eps, ["timestamp", *columns], problems)
-    for e in eps:
-        for c in columns if "rows" in e else ():
-            bad = np.argwhere(~np.isfinite(e["rows"][c].astype(np.float64)))
-            if len(bad):
-                problems.append(f"{e['data']}: episode {e['index']}: {len(bad)} NaN/inf in {c!r}, first at row {bad[0][0]}")
-    print(f"{'camera':<34}{'codec':>8}{'fps':>6}{'size':>11}{'frames':>9}{'files':>7}")
-    for key, metas, frames, files in _check_videos(eps, keys, source_fps, not fast, problems):
-        codec, vfps, size = ("|".join(sorted({str(m[i]) if i < 2 else f"{m[2]}x{m[3]}" for m in metas})) for i in (0, 1, 2))
-        print(f"{key:<34}{codec:>8}{vfps:>6}{size:>11}{frames:>9}{files:>7}")
-    rate = float(fps or source_fps)
-    for split in ("train", "val"):
-        chosen = set(split_episodes(root, info, [e["index"] for e in eps], split, val_fraction))
-        clips = sum(int(clips_that_fit(e["rows"]["timestamp"].astype(np.float64), np.arange(e["length"]), num_frames,
-                                       rate, source_fps).sum()) for e in eps if e["index"] in chosen and "rows" in e)
-        print(f"{split:<6}{len(chosen):>6} episodes {clips:>8} clips of {num_frames} frames at {rate:g} fps")
-    if problems:
-        print(f"FAILED: {len(problems)} problem(s):")
-        for p in problems:
-            print(f"  {p}")
-    else:
-        print(f"OK: {len(eps)} episodes, no problems found")
-    return problems
-
-
-def bench_lerobot(root, split="train", cameras=None, size=(256, 320), num_frames=13, fps=None, workers=2,
-                  batch_size=4, batches=20, **dataset_kw):
-    """Clips/s of dataset[i] in one process (and frames decoded per clip, which shows what seeking saves) and
-    through a DataLoader with `workers` processes. Returns the figures as a dict."""
-    ds = LeRobotDataset(root, split, num_frames=num_frames, cameras=cameras, size=size, fps=fps, **dataset_kw)
-    print(f"bench {ds}")
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
-    threads, n, decoded = torch.get_num_threads(), 0, ds.decoded_frames
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    while n == 0 or (time.perf_counter() - t0 < 2.0 and n < batches * batch_size):
-        ds[order[n % len(order)]]
-        n += 1
-    direct, per_clip = n / (time.perf_counter() - t0), (ds.decoded_frames - decoded) / n
-    torch.set_num_threads(threads)
-    V = len(ds.cameras)
-    print(f"dataset[i]  {direct:8.1f} clips/s  (1 process, 1 thread; {per_clip:.0f} frames decoded per clip for "
-          f"{V * num_frames} delivered, {V} camera(s) x {num_frames})")
-    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=batches * batch_size,
-                                             generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                         worker_init_fn=single_threaded_worker if workers else None,
-                                         prefetch_factor=4 if workers else None)
-    it = iter(loader)
-    next(it)  # worker start-up is not throughput
-    t1 = time.perf_counter()
-    rest = sum(1 for _ in it)
-    loader_cps = rest * batch_size / max(time.perf_counter() - t1, 1e-9)
-    print(f"DataLoader  {loader_cps:8.1f} clips/s  ({workers} workers, batch {batch_size}, {rest} batches timed)")
-    return dict(dataset_clips_per_s=direct, decoded_frames_per_clip=per_clip, loader_clips_per_s=loader_cps)
-
-
-def main(argv):
-    """`python data.py check|bench ROOT ...` on a LeRobot folder lands here (also `python lerobot.py ...`)."""
-    import argparse
-    cams = lambda t: tuple(int(x) if x.strip().isdigit() else x.strip() for x in t.split(",") if x.strip())  # noqa: E731
-    parser = argparse.ArgumentParser(prog="data.py", description="check / bench a LeRobot dataset folder")
-    parser.add_argument("command", choices=("check", "bench"))
-    parser.add_argument("root")
-    parser.add_argument("--cameras", type=cams, default=None, help="names or indices, e.g. observation.images.top,1 "
-                        "(default: every video feature)")
-    parser.add_argument("--num-frames", type=int, default=13)
-    parser.add_argument("--fps", type=float, default=None, help="clip rate (default: the dataset's fps)")
-    parser.add_argument("--fast", action="store_true", help="check: packet timestamps instead of decoding every frame")
-    parser.add_argument("--action-key", default="action")
-    parser.add_argument("--state-key", default="observation.state")
-    parser.add_argument("--split", default="train", help="bench: the split to read")
-    parser.add_argument("--size", type=lambda t: tuple(int(x) for x in t.lower().split("x")), default=(256, 320))
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=20)
-    a = parser.parse_args(argv)
-    if a.command == "check":
-        return 1 if check_lerobot(a.root, a.cameras, a.num_frames, a.fps, a.fast, a.action_key, a.state_key) else 0
-    bench_lerobot(a.root, a.split, a.cameras, a.size, a.num_frames, a.fps, a.workers, a.batch_size, a.batches,
-                  action_key=a.action_key, state_key=a.state_key)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # the commands live in checks.py, which imports this file (never the reverse)
+    import runpy
+    runpy.run_module("checks", run_name="__main__")

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from configurator import UserError
-from data import euler_to_rotm, progress, relative_actions, write_mp4
+from data import euler_to_rotm, relative_actions
+from video import progress, write_mp4
 
 # the synthetic multi-camera robot world: a table, a big gripper with a red fin, cubes it pushes and carries.
 # Geometry is oriented boxes, ray cast per pixel (only inside each box group's projected rectangle),

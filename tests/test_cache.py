@@ -1,4 +1,4 @@
-"""The latent cache (data.encode_dataset, data.LatentCacheDataset): what is read back equals online encoding of the
+"""The latent cache (cache.encode_dataset, cache.LatentCacheDataset): what is read back equals online encoding of the
 same windows, a cache of other settings is refused naming the field, an interrupted encode resumes and is never
 read half-written, and ranks that share the work give the same cache as one process."""
 import json
@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
-import configurator
-
+import cache
 import data
+from configurator import UserError
 import vae
 from synth import make_synthetic
 
@@ -45,8 +46,9 @@ def online(tok, video_V_3_T_H_W):
 
 
 def encode(ds, tok, out, name="pixel", **kw):
-    settings = data.cache_settings(ds, tok, name)
-    return data.encode_dataset(ds, tok, out, settings, log=lambda *a: None, **kw), settings
+    """(metadata or None, settings)"""
+    settings = cache.cache_settings(ds, tok, name)
+    return cache.encode_dataset(ds, tok, out, settings, log=lambda *a: None, **kw)[0], settings
 
 
 @pytest.mark.parametrize("name", ["pixel", "wan2.1"])
@@ -55,18 +57,20 @@ def test_cache_equals_online_encoding(world, tmp_path, name):
     tok = vae.load_tokenizer("pixel") if name == "pixel" else small_wan(0)
     meta, settings = encode(ds, tok, tmp_path / "c", name, batch_windows=3, shard_bytes=4000)
     assert meta is not None and len(meta["shards"]) > 1  # several shards, so offsets are exercised
-    cache = data.LatentCacheDataset(tmp_path / "c", expect=settings)
-    assert len(cache) == len(ds) and cache.cameras == CAMERAS
+    lc = cache.LatentCacheDataset(tmp_path / "c", expect=settings)
+    assert len(lc) == len(ds) and lc.cameras == CAMERAS and lc.action_dim == ds.action_dim == 7
+    assert (lc.window_episode == ds.window_episode).all() and (lc.window_start == ds.window_start).all()
+    assert lc.episode_names == ds.episode_names
     for i in range(len(ds)):
-        item, cached = ds[i], cache[i]
+        item, cached = ds[i], lc[i]
         ref = online(tok, item["video"])
-        assert cached["key"] == item["key"] and torch.equal(cached["action"], item["action"])
+        assert cached["key"] == item["key"] and torch.equal(cached["cond"]["action"], item["cond"]["action"])
         assert cached["latent"].dtype == ref.dtype and cached["latent"].shape == ref.shape
         if name == "pixel":  # the pooling is elementwise per clip: bit-exact
             assert torch.equal(cached["latent"], ref)
         else:  # convolutions over a batch of 6 clips vs 2: equal to float rounding
             torch.testing.assert_close(cached["latent"], ref, rtol=1e-5, atol=1e-5)
-    batch = next(iter(torch.utils.data.DataLoader(cache, batch_size=4, num_workers=1)))  # pickles, opens in workers
+    batch = next(iter(torch.utils.data.DataLoader(lc, batch_size=4, num_workers=1)))  # pickles, opens in workers
     assert batch["latent"].shape == (4, *meta["latent_shape"]) and len(batch["key"]) == 4
 
 
@@ -76,26 +80,39 @@ def test_settings_mismatch_names_the_field(world, tmp_path):
     meta = tmp_path / "c" / "metadata.json"
     for change, field in [(dict(cameras=(0,)), "cameras"), (dict(size=(8, 16)), "size"),
                           (dict(start_stride=1), "start_stride"), (dict(num_frames=5), "num_frames")]:
-        other = data.cache_settings(dataset(world, **change), tok, "pixel")
-        with pytest.raises(configurator.UserError, match=f"{meta}: cache {field} is .* but this run has"):
-            data.LatentCacheDataset(tmp_path / "c", expect=other)
-    with pytest.raises(configurator.UserError, match="tokenizer_sha256"):  # other weights, same architecture
-        data.LatentCacheDataset(tmp_path / "c", expect=data.cache_settings(ds, vae.load_tokenizer("pixel", scale=3.0),
+        other = cache.cache_settings(dataset(world, **change), tok, "pixel")
+        with pytest.raises(UserError, match=f"{meta}: cache {field} is .* but this run has"):
+            cache.LatentCacheDataset(tmp_path / "c", expect=other)
+    with pytest.raises(UserError, match="tokenizer_sha256"):  # other weights, same architecture
+        cache.LatentCacheDataset(tmp_path / "c", expect=cache.cache_settings(ds, vae.load_tokenizer("pixel", scale=3.0),
                                                                           "pixel"))
-    with pytest.raises(configurator.UserError, match="cache tokenizer is 'pixel' but this run has 'wan2.1'"):
-        data.LatentCacheDataset(tmp_path / "c", expect=data.cache_settings(ds, small_wan(0), "wan2.1"))
+    with pytest.raises(UserError, match="cache tokenizer is 'pixel' but this run has 'wan2.1'"):
+        cache.LatentCacheDataset(tmp_path / "c", expect=cache.cache_settings(ds, small_wan(0), "wan2.1"))
     video = world / "videos" / "cam1" / "ep00001.mp4"  # a dataset file that changed since the encode
-    bigger = dict(settings, files=[[f, n + (f.endswith("cam1/ep00001.mp4"))] for f, n in settings["files"]])
-    with pytest.raises(configurator.UserError, match=f"files .*{video.relative_to(world)}"):
-        data.LatentCacheDataset(tmp_path / "c", expect=bigger)
-    with pytest.raises(configurator.UserError, match="cameras"):  # encoding into a finished cache of other settings
+    bigger = dict(settings, files=[[f, n + (f.endswith("cam1/ep00001.mp4")), m] for f, n, m in settings["files"]])
+    with pytest.raises(UserError, match=f"files .*{video.relative_to(world)} changed since the encode \\(.* bytes"):
+        cache.LatentCacheDataset(tmp_path / "c", expect=bigger)
+    with pytest.raises(UserError, match="cameras"):  # encoding into a finished cache of other settings
         encode(dataset(world, cameras=(1,)), tok, tmp_path / "c")
+
+
+def test_a_long_field_difference_is_one_short_line(world, tmp_path):
+    """A field holding thousands of values (the file list of a cache that has none) is shown cut short, one line."""
+    ds, tok = dataset(world), vae.load_tokenizer("pixel")
+    _, settings = encode(ds, tok, tmp_path / "c")
+    path = tmp_path / "c" / "metadata.json"
+    meta = json.loads(path.read_text())
+    del meta["settings"]["files"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"cache files is '\(absent\)' but this run has \[\['annotations/") as e:
+        cache.LatentCacheDataset(tmp_path / "c", expect=dict(settings, files=settings["files"] * 100))
+    assert len(str(e.value)) < 300 + 2 * len(str(tmp_path)) and "\n" not in str(e.value)
 
 
 def test_interrupted_encode_resumes(world, tmp_path, monkeypatch):
     ds, tok = dataset(world), small_wan(1)
     clean, settings = encode(ds, tok, tmp_path / "clean", "wan2.1", shard_bytes=4000)
-    real, calls = data.encode_shard, []
+    real, calls = cache.encode_shard, []
 
     def dies_after_one(ds, tok, path, *a):
         calls.append(path.name)
@@ -104,18 +121,18 @@ def test_interrupted_encode_resumes(world, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(ds, tok, path, *a)
 
-    monkeypatch.setattr(data, "encode_shard", dies_after_one)
+    monkeypatch.setattr(cache, "encode_shard", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         encode(ds, tok, tmp_path / "c", "wan2.1", shard_bytes=4000)
     assert not (tmp_path / "c" / "metadata.json").exists()
-    with pytest.raises(configurator.MissingError, match="not a finished latent cache"):
-        data.LatentCacheDataset(tmp_path / "c", expect=settings)
+    with pytest.raises(UserError, match="not a finished latent cache"):
+        cache.LatentCacheDataset(tmp_path / "c", expect=settings)
     calls.clear()
-    monkeypatch.setattr(data, "encode_shard", lambda *a: (calls.append(a[2].name), real(*a)))
+    monkeypatch.setattr(cache, "encode_shard", lambda *a: (calls.append(a[2].name), real(*a)))
     meta, _ = encode(ds, tok, tmp_path / "c", "wan2.1", shard_bytes=4000)
     assert "shard_00000.safetensors" not in calls and len(calls) == len(meta["shards"]) - 1  # the first one was kept
     assert meta == clean
-    a, b = data.LatentCacheDataset(tmp_path / "c", settings), data.LatentCacheDataset(tmp_path / "clean", settings)
+    a, b = cache.LatentCacheDataset(tmp_path / "c", settings), cache.LatentCacheDataset(tmp_path / "clean", settings)
     for i in range(len(a)):
         assert torch.equal(a[i]["latent"], b[i]["latent"]) and a[i]["key"] == b[i]["key"]
 
@@ -128,7 +145,7 @@ def test_ranks_share_the_work(world, tmp_path):
     assert encode(ds, tok, tmp_path / "two", rank=1, world=2, shard_bytes=4000)[0] is None
     assert not (tmp_path / "two" / "metadata.json").exists()
     assert encode(ds, tok, tmp_path / "two", rank=0, world=2, shard_bytes=4000)[0] == one
-    a, b = data.LatentCacheDataset(tmp_path / "one", settings), data.LatentCacheDataset(tmp_path / "two", settings)
+    a, b = cache.LatentCacheDataset(tmp_path / "one", settings), cache.LatentCacheDataset(tmp_path / "two", settings)
     assert all(torch.equal(a[i]["latent"], b[i]["latent"]) for i in range(len(a)))
 
 
@@ -141,11 +158,116 @@ def test_encode_command_and_one_line_errors(world, tmp_path):
     assert "latent cache" in p.stdout and " windows x " in p.stdout and "wrote" in p.stdout
     meta = json.loads((tmp_path / "c" / "metadata.json").read_text())
     assert meta["settings"]["cameras"] == [0, 1] and meta["settings"]["pixel_factor"] == 8
-    assert len(data.LatentCacheDataset(tmp_path / "c")) == len(dataset(world))
+    assert len(cache.LatentCacheDataset(tmp_path / "c")) == len(dataset(world))
     p = run("encode", world, "--out", tmp_path / "c", "--cameras", "0", "--start_stride", "3", *common)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == (f"error: {tmp_path / 'c' / 'metadata.json'}: cache cameras is [0, 1] but this run "
                                 f"has [0]; encode another cache (a new --out) or delete {tmp_path / 'c'}")
+
+
+def run_data_py(*args, cwd, limit_bytes=None):
+    """`python data.py ...`; limit_bytes: a file-size limit (RLIMIT_FSIZE) in the child, i.e. a disk that is full."""
+    import resource
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))) if limit_bytes else None
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+ENCODE = ["--tokenizer", "pixel", "--num_frames", "9", "--size", f"{H}x{W}", "--workers", "0", "--cameras", "0,1",
+          "--start_stride", "3"]
+
+
+def test_stale_cache_is_refused_naming_the_file(world, tmp_path):
+    """An annotation edited in place (same size, new numbers) or a video rewritten since the encode: the cache is
+    refused with the file named, not silently trained from."""
+    import shutil
+    root = tmp_path / "syn"
+    shutil.copytree(world, root)
+    tok = vae.load_tokenizer("pixel")
+    encode(dataset(root), tok, tmp_path / "c")
+    ann = root / "annotations" / "train" / "ep00001.json"
+    text = ann.read_text()
+    i = next(i for i, ch in enumerate(text) if ch.isdigit() and ch != "9")
+    ann.write_text(text[:i] + str(int(text[i]) + 1) + text[i + 1:])   # one digit: the same byte size
+    assert len(ann.read_text()) == len(text)
+    with pytest.raises(UserError, match=f"files differ .*{ann.relative_to(root)} changed since the encode "
+                                        r"\(its content changed\)"):
+        cache.LatentCacheDataset(tmp_path / "c", expect=cache.cache_settings(dataset(root), tok, "pixel"))
+    ann.write_text(text)
+    video = root / "videos" / "cam0" / "ep00000.mp4"
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))
+    with pytest.raises(UserError, match=f"{video.relative_to(root)} changed since the encode \\(modified"):
+        cache.LatentCacheDataset(tmp_path / "c", expect=cache.cache_settings(dataset(root), tok, "pixel"))
+
+
+def test_truncated_or_deleted_shard_is_named(world, tmp_path):
+    """A truncated shard: opening the cache, `data.py bench --cache` and training name it in one line; `data.py
+    encode` encodes it again (and says so) instead of reporting a finished cache. A shard deleted after the cache
+    was opened is a UserError naming it inside a DataLoader worker."""
+    ds, tok = dataset(world), vae.load_tokenizer("pixel")
+    clean, settings = encode(ds, tok, tmp_path / "clean", shard_bytes=4000)
+    p = run_data_py("encode", world, "--out", tmp_path / "c", *ENCODE, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    shard = cache.shard_path(tmp_path / "c", 0)
+    full = shard.read_bytes()
+    shard.write_bytes(full[:len(full) // 2])
+    with pytest.raises(UserError, match=f"{shard}: truncated cache shard: {len(full) // 2} bytes, its header says "
+                                        f"{len(full)}"):
+        cache.LatentCacheDataset(tmp_path / "c")
+    p = run_data_py("bench", world, "--cameras", "0,1", "--size", f"{H}x{W}", "--num-frames", "9", "--workers", "0",
+                    "--batches", "2", "--cache", tmp_path / "c", cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {shard}: truncated cache shard")
+    shard.write_bytes(full[:5])
+    assert "truncated or not a cache shard" in str(pytest.raises(UserError, cache.LatentCacheDataset, tmp_path / "c").value)
+    p = run_data_py("encode", world, "--out", tmp_path / "c", *ENCODE, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"{shard}: truncated or not a cache shard" in p.stdout and "encoding it again" in p.stdout
+    assert "(1 shard(s) encoded now)" in p.stdout
+    (tmp_path / "whole").write_bytes(full)
+    again, whole = (safetensors.torch.load_file(f) for f in (shard, tmp_path / "whole"))
+    assert again.keys() == whole.keys() and all(torch.equal(again[k], whole[k]) for k in whole)
+    p = run_data_py("encode", world, "--out", tmp_path / "c", *ENCODE, cwd=tmp_path)
+    assert p.returncode == 0 and "nothing to encode" in p.stdout and "wrote" not in p.stdout
+    lc = cache.LatentCacheDataset(tmp_path / "c")
+    shard.unlink()
+    with pytest.raises(Exception, match=f"UserError: {shard}: cache shard not found") as e:
+        next(iter(torch.utils.data.DataLoader(lc, batch_size=2, num_workers=1)))
+    assert "DataLoader worker" in str(e.value)
+
+
+def test_disk_full_during_encode_is_one_line(world, tmp_path):
+    """A file-size limit in the child (what a full disk looks like to the writer): one line naming the shard, no
+    partial file left, and the same command without the limit resumes to a whole cache."""
+    p = run_data_py("encode", world, "--out", tmp_path / "c", *ENCODE, cwd=tmp_path, limit_bytes=2000)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    shard = cache.shard_path(tmp_path / "c", 0)
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {shard}: no space left on device writing it")
+    assert not list((tmp_path / "c").glob("*.tmp*")) and not shard.exists()
+    p = run_data_py("encode", world, "--out", tmp_path / "c", *ENCODE, cwd=tmp_path)
+    assert p.returncode == 0 and "wrote" in p.stdout, p.stderr
+    assert len(cache.LatentCacheDataset(tmp_path / "c")) == len(dataset(world))
+
+
+def test_make_dataset_builds_and_reads_the_cache(world, tmp_path):
+    """data.make_dataset with latent_cache: the train split is the cache (built on first use, read after), other
+    splits read video; a settings change names the field."""
+    c = dict(train_config(), data_root=str(world), latent_cache=str(tmp_path / "c"), cameras=CAMERAS, num_frames=9,
+             frame_size=(H, W), start_stride=3, tokenizer="pixel", num_workers=0)
+    tok, said = vae.load_tokenizer("pixel"), []
+    train = data.make_dataset(c, "train", tok, say=said.append)
+    assert isinstance(train, cache.LatentCacheDataset) and len(train) == len(dataset(world))
+    assert any(line.startswith("latent cache") for line in said) and said[-1].startswith("training on LatentCache")
+    val = data.make_dataset(c, "val", say=said.append)
+    assert isinstance(val, data.RobotVideoDataset) and val.start_stride == 8
+    assert len(data.make_dataset(c, "train", tok, say=said.append)) == len(train)     # read, not built again
+    with pytest.raises(UserError, match="cache start_stride is 3 but this run has 1"):
+        data.make_dataset(dict(c, start_stride=1), "train", tok, say=said.append)
+
+
+def train_config():
+    import configurator
+    return configurator.script_defaults(str(ROOT / "train.py"))
 
 
 # -----------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import configurator
-
+import checks
 import data
+from configurator import UserError
 from synth import WORK_HI, WORK_LO, make_synthetic, simulate_episode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_read_frames_is_pyav_rgb(synth):
         got = data.read_frames(path, [len(ref) - 1, 0, 3])
         assert got.dtype == torch.uint8 and got.shape == (3, 3) + ref.shape[1:3]
         np.testing.assert_array_equal(got.permute(0, 2, 3, 1).numpy(), ref[[len(ref) - 1, 0, 3]])
-    with pytest.raises(configurator.UserError, match="has only 16 decodable frames, frame 16 was asked for"):
+    with pytest.raises(UserError, match="has only 16 decodable frames, frame 16 was asked for"):
         data.read_frames(paths[0], [16])
     with pytest.raises(ValueError, match="non-negative"):
         data.read_frames(paths[0], [-1])
@@ -144,10 +144,10 @@ def test_item_shapes_dtypes_and_content(synth):
     item = ds[3]
     assert item["key"] == "ep00000/3"
     assert item["video"].dtype == torch.uint8 and item["video"].shape == (3, 3, 5, 24, 30)
-    assert item["action"].dtype == torch.float32 and item["action"].shape == (4, 7)
+    assert item["cond"]["action"].dtype == torch.float32 and item["cond"]["action"].shape == (4, 7)
     ann = data.parse_annotation(synth / "annotations" / "train" / "ep00000.json")
     idx = slice(3, 3 + 4 * 2 + 1, 2)
-    np.testing.assert_array_equal(item["action"].numpy(), data.compute_actions(ann["state"][idx], ann["gripper"][idx]))
+    np.testing.assert_array_equal(item["cond"]["action"].numpy(), data.compute_actions(ann["state"][idx], ann["gripper"][idx]))
     raw = data.read_frames(synth / "videos" / "cam1" / "ep00000.mp4", [3, 5, 7, 9, 11], (24, 30))
     assert torch.equal(item["video"][1].transpose(0, 1), raw)
     native = data.RobotVideoDataset(synth, "train", num_frames=13, cameras=(2,), size=None)[0]["video"]
@@ -175,7 +175,7 @@ def test_multi_camera_item(synth):
     a = data.RobotVideoDataset(synth, "train", num_frames=13, cameras=(0, 2), size=None)[1]
     b = data.RobotVideoDataset(synth, "train", num_frames=13, cameras=(2, 0), size=None)[1]
     assert torch.equal(a["video"][0], b["video"][1]) and torch.equal(a["video"][1], b["video"][0])
-    assert torch.equal(a["action"], b["action"])
+    assert torch.equal(a["cond"]["action"], b["cond"]["action"])
     for v, k in enumerate((0, 2)):
         raw = data.read_frames(synth / "videos" / f"cam{k}" / "ep00000.mp4", range(1, 14))
         assert torch.equal(a["video"][v].transpose(0, 1), raw)
@@ -188,7 +188,7 @@ def test_determinism_and_no_global_rng(synth):
     first = [ds[i] for i in (0, 5, 11)]
     again = [data.RobotVideoDataset(synth, "train", num_frames=13, cameras=(0, 1), size=(24, 30))[i] for i in (0, 5, 11)]
     for x, y in zip(first, again):
-        assert torch.equal(x["video"], y["video"]) and torch.equal(x["action"], y["action"]) and x["key"] == y["key"]
+        assert torch.equal(x["video"], y["video"]) and torch.equal(x["cond"]["action"], y["cond"]["action"]) and x["key"] == y["key"]
     assert torch.equal(ds[5]["video"], first[1]["video"])
     assert torch.equal(torch.random.get_rng_state(), torch_state)
     np_now = np.random.get_state()
@@ -204,11 +204,11 @@ def test_irasim_layout_matches_camera_folders(synth, irasim):
     assert len(a) == len(b) == VAL * (T - 12)
     assert a.episodes[0].videos[0] == irasim / "videos" / "val" / "0" / "rgb_1.mp4"
     for i in (0, len(a) - 1):
-        assert torch.equal(a[i]["video"], b[i]["video"]) and torch.equal(a[i]["action"], b[i]["action"])
+        assert torch.equal(a[i]["video"], b[i]["video"]) and torch.equal(a[i]["cond"]["action"], b[i]["cond"]["action"])
     assert a[0]["key"] == "0/0"
-    with pytest.raises(configurator.UserError, match=r"0\.json.*lists 3 camera\(s\).*camera 3"):
+    with pytest.raises(UserError, match=r"0\.json.*lists 3 camera\(s\).*camera 3"):
         data.RobotVideoDataset(irasim, "val", cameras=(3,))
-    with pytest.raises(configurator.UserError, match="split folder not found.*'train', 'val'"):
+    with pytest.raises(UserError, match="split folder not found.*'train', 'val'"):
         data.RobotVideoDataset(irasim, "test")
 
 
@@ -223,8 +223,47 @@ def test_camera_folders_without_split_folders(synth, tmp_path):
     val = data.list_annotations(root, "val", val_fraction=0.3)
     assert val and train and sorted(train + val) == sorted((root / "annotations").glob("*.json"))
     assert len(data.RobotVideoDataset(root, "val", num_frames=13, val_fraction=0.3, size=None)) == len(val) * (T - 12)
-    with pytest.raises(configurator.UserError, match="only 'train' and 'val'"):
+    with pytest.raises(UserError, match="only 'train' and 'val'"):
         data.list_annotations(root, "test")
+
+
+def train_config(root, **kw):
+    """train.py's config block (its defaults), for data.make_dataset."""
+    import configurator
+    c = configurator.script_defaults(str(ROOT / "train.py"))
+    return {**c, **dict(data_root=str(root), cameras=(0, 2), frame_size=(H, W), num_frames=5, start_stride=2), **kw}
+
+
+def test_make_dataset_protocol(synth, irasim):
+    """Both annotation layouts through the one factory: the protocol's attributes, cond items, episode methods;
+    validation windows do not overlap; the run is told the clip counts."""
+    said = []
+    for root in (synth, irasim):
+        ds = data.make_dataset(train_config(root), "train", say=said.append)
+        assert isinstance(ds, data.RobotVideoDataset) and ds.cameras == (0, 2) and ds.num_frames == 5
+        assert ds.action_dim == 7 and len(ds.episode_names) == EPISODES - VAL and ds.start_stride == 2
+        item = ds[len(ds) - 1]
+        e, start = int(ds.window_episode[-1]), int(ds.window_start[-1])
+        assert item["video"].shape == (2, 3, 5, H, W) and item["video"].dtype == torch.uint8
+        assert torch.equal(item["video"], ds.episode_frames(e, start, 5))
+        assert torch.equal(item["cond"]["action"], ds.episode_cond(e, start, 5)["action"])
+        assert item["key"] == f"{ds.episode_names[e]}/{start}"
+        assert ds.episode_frames(e).shape == (2, 3, T, H, W) and ds.episode_cond(e)["action"].shape == (T - 1, 7)
+        batch = torch.utils.data.default_collate([ds[0], ds[1]])
+        assert batch["cond"]["action"].shape == (2, 4, 7)
+        val = data.make_dataset(train_config(root), "val", say=said.append)
+        assert val.start_stride == 4 and len(val) == VAL * ((T - 5) // 4 + 1)
+    assert said[0] == f"dataset {synth} split 'train': {len(ds)} clips of 5 frames from {EPISODES - VAL} episodes"
+
+
+def test_make_dataset_names_the_nearest_folder(synth):
+    typo = synth.parent / "sin"
+    with pytest.raises(UserError, match=f"{typo}: data_root not found \\(did you mean {synth}\\?\\)"):
+        data.make_dataset(train_config(typo), "train")
+    with pytest.raises(UserError, match=r"--action_dim=10: the actions of .* have 7 dimensions"):
+        data.make_dataset(train_config(synth, action_dim=10), "train", say=lambda *a: None)
+    with pytest.raises(UserError, match="no training clips of 33 frames"):
+        data.make_dataset(train_config(synth, num_frames=33), "train", say=lambda *a: None)
 
 
 # -----------------------------------------------------------------------------
@@ -238,10 +277,9 @@ def load(root, **kw):
 def test_missing_video(copy):
     video = copy / "videos" / "cam1" / "ep00001.mp4"
     video.unlink()
-    with pytest.raises(configurator.MissingError, match=f"{video}: video file not found"):
+    with pytest.raises(UserError, match=f"{video}: video file not found") as e:
         load(copy)
-    with pytest.raises(FileNotFoundError):
-        load(copy)
+    assert e.value.path == str(video) and e.value.problem == "video file not found"  # the one error type
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
@@ -249,7 +287,7 @@ def test_unreadable_video(copy, how):
     video = copy / "videos" / "cam2" / "ep00002.mp4"
     raw = video.read_bytes()
     video.write_bytes(raw[:len(raw) // 2] if how == "truncated" else b"not an mp4 " * 50)
-    with pytest.raises(configurator.UserError, match=f"{video}: cannot open video"):
+    with pytest.raises(UserError, match=f"{video}: cannot open video"):
         load(copy)
 
 
@@ -261,7 +299,7 @@ def test_corrupt_frames_inside_a_video(copy):
     raw[start:start + 2400] = bytes(2400)
     video.write_bytes(bytes(raw))
     ds = load(copy)
-    with pytest.raises(configurator.UserError, match=f"{video}: (cannot decode|has only)"):
+    with pytest.raises(UserError, match=f"{video}: (cannot decode|has only)"):
         ds[0]
 
 
@@ -280,14 +318,14 @@ def test_corrupt_frames_inside_a_video(copy):
 def test_bad_annotation(copy, breakage, message):
     ann = copy / "annotations" / "train" / "ep00001.json"
     edit_json(ann, breakage)
-    with pytest.raises(configurator.UserError, match=f"{ann}: .*{message}"):
+    with pytest.raises(UserError, match=f"{ann}: .*{message}"):
         load(copy)
 
 
 def test_truncated_json(copy):
     ann = copy / "annotations" / "train" / "ep00002.json"
     ann.write_text(ann.read_text()[:500])
-    with pytest.raises(configurator.UserError, match=f"{ann}: not valid JSON.*truncated"):
+    with pytest.raises(UserError, match=f"{ann}: not valid JSON.*truncated"):
         load(copy)
 
 
@@ -296,7 +334,7 @@ def test_fewer_video_frames_than_states(copy):
         video = copy / "videos" / f"cam{k}" / "ep00001.mp4"
         data.write_mp4(video, frames_of(video, T - 3))
     ann = copy / "annotations" / "train" / "ep00001.json"
-    with pytest.raises(configurator.UserError, match=f"cam0/ep00001.mp4: has {T - 3} frames but {ann} has {T} states"):
+    with pytest.raises(UserError, match=f"cam0/ep00001.mp4: has {T - 3} frames but {ann} has {T} states"):
         load(copy)
 
 
@@ -304,7 +342,7 @@ def test_cameras_with_different_frame_counts(copy):
     video = copy / "videos" / "cam2" / "ep00000.mp4"
     data.write_mp4(video, frames_of(video, T - 1))
     ann = copy / "annotations" / "train" / "ep00000.json"
-    with pytest.raises(configurator.UserError, match=f"{ann}: cameras have different frame counts: .*cam2/ep00000.mp4 has {T - 1}"):
+    with pytest.raises(UserError, match=f"{ann}: cameras have different frame counts: .*cam2/ep00000.mp4 has {T - 1}"):
         load(copy)
     assert len(data.RobotVideoDataset(copy, "train", num_frames=13, cameras=(0, 1), size=None)) == 3 * (T - 12)
 
@@ -312,22 +350,25 @@ def test_cameras_with_different_frame_counts(copy):
 def test_skip_bad_skips_and_says_so(copy, capsys):
     (copy / "videos" / "cam1" / "ep00001.mp4").unlink()
     edit_json(copy / "annotations" / "train" / "ep00002.json", lambda d: d["state"][0].__setitem__(0, float("nan")))
-    with pytest.raises(configurator.UserError):
+    with pytest.raises(UserError):
         load(copy)
     ds = load(copy, skip_bad=True)
     out = capsys.readouterr().out
     assert [e.name for e in ds.episodes] == ["ep00000"] and len(ds) == T - 12
     assert "skipping bad episode:" in out and "cam1/ep00001.mp4: video file not found" in out
     assert "ep00002.json: 'state' has 1 NaN" in out and "skipped 2 bad episode(s) of 3" in out
+    said = []
+    assert len(data.make_dataset(train_config(copy, cameras=(0, 1, 2), skip_bad=True), "train", say=said.append)) == (T - 5) // 2 + 1
+    assert said[-1].endswith("from 1 episodes | skip_bad: 2 bad episodes skipped")
     (copy / "videos" / "cam1" / "ep00000.mp4").unlink()
-    with pytest.raises(configurator.UserError, match="no usable episodes"):
+    with pytest.raises(UserError, match="no usable episodes"):
         load(copy, skip_bad=True)
 
 
 def test_missing_dataset_and_unknown_layout(tmp_path):
-    with pytest.raises(configurator.MissingError, match="dataset folder not found"):
+    with pytest.raises(UserError, match="dataset folder not found"):
         data.RobotVideoDataset(tmp_path / "nowhere")
-    with pytest.raises(configurator.UserError, match="neither annotation"):
+    with pytest.raises(UserError, match="neither annotation"):
         data.RobotVideoDataset(tmp_path)
 
 
@@ -341,7 +382,7 @@ def test_synthetic_world_is_consistent(synth):
     for ann_path in sorted((synth / "annotations").glob("*/*.json")):
         ann = data.parse_annotation(ann_path)
         a = data.relative_actions(ann["state"], ann["gripper"])
-        stored = data.stored_action(ann_path, ann)
+        stored = checks.stored_action(ann_path, ann)
         np.testing.assert_allclose(stored[:, :6], a[:, :6], atol=1e-9)    # stored like Bridge: unscaled,
         np.testing.assert_array_equal(stored[:, 6], ann["state"][1:, 6])  # column 6 = the open flag
         assert set(np.unique(ann["state"][:, 6])) <= {0.0, 1.0}
@@ -394,7 +435,7 @@ def test_bridge_windows_load():
     assert sorted(lengths) == [26, 28, 32] and len(ds) == sum(n - 12 for n in lengths)
     item = ds[len(ds) - 1]
     assert item["video"].shape == (1, 3, 13, 64, 80) and item["video"].dtype == torch.uint8
-    assert item["action"].shape == (12, 7) and item["video"].float().std() > 20
+    assert item["cond"]["action"].shape == (12, 7) and item["video"].float().std() > 20
 
 
 @bridge
@@ -405,7 +446,7 @@ def test_bridge_recomputed_actions_equal_the_stored_ones():
     ds = data.RobotVideoDataset(BRIDGE, "test", num_frames=13, cameras=(0,), size=(64, 80))
     for e, ep in enumerate(ds.episodes):
         ann = data.parse_annotation(ep.annotation)
-        stored = data.stored_action(ep.annotation, ann)
+        stored = checks.stored_action(ep.annotation, ann)
         np.testing.assert_allclose(ep.actions[:, :6], 20 * stored[:, :6], atol=1e-6, rtol=0)
         np.testing.assert_allclose(ep.actions[:, 6], ann["gripper"][1:], atol=1e-6, rtol=0)
         np.testing.assert_array_equal(stored[:, 6], ann["state"][1:, 6])
@@ -459,10 +500,10 @@ def test_synth_and_bench_commands(tmp_path, capsys):
     assert synth.main(["--out", str(out), "--episodes", "3", "--val-episodes", "1", "--cameras", "2",
                        "--frames", "14", "--size", "32x40", "--workers", "1"]) == 0
     assert sorted(p.name for p in (out / "videos" / "cam1").iterdir()) == ["ep00000.mp4", "ep00001.mp4", "ep00002.mp4"]
-    assert data.main(["check", str(out)]) == 0
-    assert data.main(["encode", str(out), "--out", str(tmp_path / "cache"), "--tokenizer", "pixel", "--cameras", "0,1",
+    assert checks.main(["check", str(out)]) == 0
+    assert checks.main(["encode", str(out), "--out", str(tmp_path / "cache"), "--tokenizer", "pixel", "--cameras", "0,1",
                       "--size", "32x40", "--workers", "0"]) == 0
-    assert data.main(["bench", str(out), "--cameras", "0,1", "--size", "32x40", "--workers", "1", "--batch-size", "2",
+    assert checks.main(["bench", str(out), "--cameras", "0,1", "--size", "32x40", "--workers", "1", "--batch-size", "2",
                       "--batches", "3", "--cache", str(tmp_path / "cache")]) == 0
     text = capsys.readouterr().out
     assert "wrote 3 episodes" in text and "raw PyAV decode" in text and "x raw decode" in text
@@ -476,12 +517,12 @@ def test_check_split_workers_and_notes(tmp_path, capsys):
     video = root / "videos" / "cam0" / "ep00016.mp4"  # val
     data.write_mp4(video, np.concatenate([frames_of(video)] * 2))
     (root / "videos" / "cam0" / "ep00003.mp4").unlink()  # train
-    one = data.check_dataset(root, num_frames=4, workers=1)
-    assert one == data.check_dataset(root, num_frames=4, workers=2) and len(one) == 1 and "ep00003.mp4" in one[0]
-    assert data.check_dataset(root, num_frames=4, splits=("val",)) == []
+    one = checks.check_dataset(root, num_frames=4, workers=1)
+    assert one == checks.check_dataset(root, num_frames=4, workers=2) and len(one) == 1 and "ep00003.mp4" in one[0]
+    assert checks.check_dataset(root, num_frames=4, splits=("val",)) == []
     out = capsys.readouterr().out
     assert "ep00016.mp4: 8 frames for 4 states" in out and "in val" in out and "OK: 2 episodes" in out
-    assert data.main(["check", str(root), "--split", "train", "--num-frames", "4"]) == 1
+    assert checks.main(["check", str(root), "--split", "train", "--num-frames", "4"]) == 1
 
 
 # -----------------------------------------------------------------------------
@@ -499,7 +540,7 @@ def test_seek_reads_the_same_frames_as_decoding_from_the_start(tmp_path):
     for start in [0, 1, 11, 12, 13, 23, 24, 100, 187]:
         assert torch.equal(data.read_frames(path, range(start, start + 13)), full[start:start + 13]), start
     assert torch.equal(data.read_frames(path, [150, 152, 154]), full[[150, 152, 154]])
-    with pytest.raises(configurator.UserError, match="has only 200 decodable frames, frame 200 was asked for"):
+    with pytest.raises(UserError, match="has only 200 decodable frames, frame 200 was asked for"):
         data.read_frames(path, range(190, 201))
     if BRIDGE.is_dir():  # mpeg4, keyframes every 12
         video = BRIDGE / "videos" / "test" / "0" / "rgb.mp4"
@@ -512,8 +553,8 @@ def test_stored_action_is_ignored_by_training_and_checked_by_check(copy):
     ann = copy / "annotations" / "train" / "ep00001.json"
     edit_json(ann, lambda d: d.update(action=d["action"][:-2]))
     ds = data.RobotVideoDataset(copy, "train", num_frames=13, cameras=(0,), size=None)
-    assert len(ds.episodes) == 3 and ds[ds.window_start.tolist().index(0, 4)]["action"].shape == (12, 7)
-    problems = data.check_dataset(copy, num_frames=13, workers=1)
+    assert len(ds.episodes) == 3 and ds[ds.window_start.tolist().index(0, 4)]["cond"]["action"].shape == (12, 7)
+    problems = checks.check_dataset(copy, num_frames=13, workers=1)
     assert len(problems) == 1 and f"{ann}: 'action' must be [15, 7]" in problems[0]
 
 
@@ -521,7 +562,7 @@ def test_check_flags_nan_anywhere_in_the_json(copy):
     ann = copy / "annotations" / "val" / "ep00003.json"
     edit_json(ann, lambda d: (d["action"][3].__setitem__(2, float("nan")), d.update(extra={"x": [1.0, float("inf")]})))
     assert len(data.RobotVideoDataset(copy, "val", num_frames=13, cameras=(0,), size=None).episodes) == 2
-    problems = data.check_dataset(copy, num_frames=13, workers=1)
+    problems = checks.check_dataset(copy, num_frames=13, workers=1)
     assert f"{ann}: 2 NaN/Infinity value(s) in the JSON, first at action[3][2]" in problems
 
 
@@ -529,16 +570,16 @@ def test_check_reads_what_training_will_read(copy, capsys):
     """Default cameras are the folders found, and check says so; a camera asked for with no folder at all is one
     problem (not one per episode), and so is the training error; a folder lacking some episodes is counted."""
     shutil.rmtree(copy / "videos" / "cam2")
-    assert data.check_dataset(copy, num_frames=13, workers=1) == []
+    assert checks.check_dataset(copy, num_frames=13, workers=1) == []
     assert "cameras 0,1 (default: the camera folders found; pass --cameras" in capsys.readouterr().out
-    problems = data.check_dataset(copy, cameras=(0, 1, 2), num_frames=13, workers=1)
+    problems = checks.check_dataset(copy, cameras=(0, 1, 2), num_frames=13, workers=1)
     assert problems == [f"{copy / 'videos' / 'cam2'}: camera folder not found; the dataset has cam0, cam1"]
-    with pytest.raises(configurator.UserError, match=r"cam2: camera folder not found: the config asks for 3 camera\(s\) "
+    with pytest.raises(UserError, match=r"cam2: camera folder not found: the config asks for 3 camera\(s\) "
                                              r"\[0, 1, 2\] and the dataset has 2 \(cam0, cam1\)"):
         data.RobotVideoDataset(copy, "train", cameras=(0, 1, 2))
     (copy / "videos" / "cam1" / "ep00002.mp4").unlink()
     capsys.readouterr()
-    problems = data.check_dataset(copy, cameras=(0, 1), num_frames=13, workers=1)
+    problems = checks.check_dataset(copy, cameras=(0, 1), num_frames=13, workers=1)
     assert len(problems) == 1 and "cam1/ep00002.mp4: video file not found" in problems[0]
     assert f"missing: {copy / 'videos' / 'cam1'}: has no video for 1 of {EPISODES} episodes (e.g. ep00002)" in \
         capsys.readouterr().out

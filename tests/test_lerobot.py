@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-import configurator
-
 pa = pytest.importorskip("pyarrow", reason="LeRobot datasets need the optional pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
+import checks
 import data
+from configurator import UserError
 import lerobot
 
 FPS, H, W, A = 30, 48, 64, 10
@@ -182,7 +182,7 @@ def test_items_clip_counts_and_splits(folders, version):
         assert len(ds) == sum(max(0, e.num_frames - 30) for e in ds.episodes)
     item = tr[len(tr) - 1]
     assert item["video"].shape == (3, 3, 5, 32, 40) and item["video"].dtype == torch.uint8
-    assert item["action"].shape == (4, A) and item["action"].dtype == torch.float32
+    assert item["cond"]["action"].shape == (4, A) and item["cond"]["action"].dtype == torch.float32
     e = tr.episodes[-1]
     assert item["task"] == TASKS[e.index % 2] and item["key"] == f"{e.name}/{e.num_frames - 31}"
     batch = next(iter(torch.utils.data.DataLoader(tr, batch_size=2)))
@@ -233,7 +233,7 @@ def test_action_types_and_normalisation(folders, rows, mode, norm):
                 offset, scale = (mean, std) if norm == "mean_std" else ((hi + lo) / 2, (hi - lo) / 2)
                 ref = (ref - offset) / scale if mode == "absolute" else ref / scale
             np.testing.assert_allclose(ds.episode_actions(e, 6, 5).numpy(), ref, rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(ep.actions[:4], ds.episode_actions(e, 0, 5).numpy())
+            np.testing.assert_allclose(ds.episode_cond(e)["action"][:4], ds.episode_actions(e, 0, 5).numpy())
         if norm == "min_max" and mode == "absolute":
             whole = np.concatenate([ds.episode_actions(e, 0, None, ) for e in range(len(ds.episodes))])
             assert whole.min() >= -1 - 1e-5 and whole.max() <= 1 + 1e-5
@@ -242,28 +242,56 @@ def test_action_types_and_normalisation(folders, rows, mode, norm):
 def test_stride_one_pairs_each_frame_with_its_own_action(folders, rows):
     ds = lerobot.LeRobotDataset(folders["v3.0"], "train", num_frames=4, size=(16, 16), action_norm="none", val_fraction=0)
     assert ds.fps == FPS and len(ds) == sum(n - 3 for n in LENGTHS)
-    np.testing.assert_allclose(ds[0]["action"].numpy(), rows[0]["action"][:3])
+    np.testing.assert_allclose(ds[0]["cond"]["action"].numpy(), rows[0]["action"][:3])
 
 
 def test_errors_name_the_problem(folders, tmp_path):
     root = folders["v3.0"]
-    with pytest.raises(configurator.UserError, match=r"no camera 'observation.images.front'; the cameras are 0 = "
+    with pytest.raises(UserError, match=r"no camera 'observation.images.front'; the cameras are 0 = "
                                              r"observation.images.top, 1 = observation.images.wrist, 2 = "):
         lerobot.LeRobotDataset(root, cameras=("observation.images.front",))
-    with pytest.raises(configurator.UserError, match="camera index 3 out of range"):
+    with pytest.raises(UserError, match="camera index 3 out of range"):
         lerobot.LeRobotDataset(root, cameras=(0, 3))
-    with pytest.raises(configurator.UserError, match="has 10 dimensions but the model takes action_dim=7: set action_dim=10"):
-        lerobot.LeRobotDataset(root, action_dim=7)
-    with pytest.raises(configurator.UserError, match="fps=60 would repeat frames"):
+    c = train_config(root)
+    with pytest.raises(UserError, match=r"--action_dim=7: the actions of .* have 10 dimensions but the model takes 7: "
+                                        r"set action_dim=10"):
+        data.make_dataset(dict(c, action_dim=7), "train")
+    with pytest.raises(UserError, match=r"--frame_stride=2: a LeRobot folder .* takes its clip rate from fps"):
+        data.make_dataset(dict(c, frame_stride=2), "train")
+    with pytest.raises(UserError, match=r"--action_type='relative': must be one of absolute, delta, delta_state"):
+        data.make_dataset(dict(c, action_type="relative"), "train")
+    with pytest.raises(UserError, match="fps=60 would repeat frames"):
         lerobot.LeRobotDataset(root, fps=60)
-    with pytest.raises(configurator.UserError, match="has no feature 'observation.joints'"):
+    with pytest.raises(UserError, match="has no feature 'observation.joints'"):
         lerobot.LeRobotDataset(root, action_type="delta_state", state_key="observation.joints")
     bad = tmp_path / "bad"
     shutil.copytree(root, bad)
     info = json.loads((bad / "meta" / "info.json").read_text())
     (bad / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v1.6"}))
-    with pytest.raises(configurator.UserError, match=r"info.json: codebase_version 'v1.6'"):
+    with pytest.raises(UserError, match=r"info.json: codebase_version 'v1.6'"):
         lerobot.LeRobotDataset(bad)
+
+
+def train_config(root, **kw):
+    """train.py's config block (its defaults) for a LeRobot folder: what data.make_dataset is given."""
+    import configurator
+    c = configurator.script_defaults(str(Path(__file__).resolve().parents[1] / "train.py"))
+    return {**c, **dict(data_root=str(root), cameras=(0, 2), action_dim=A, frame_size=(16, 16), num_frames=5), **kw}
+
+
+def test_make_dataset_reads_lerobot_folders(folders):
+    """The factory finds the format from the folder; the protocol's attributes and cond items; no latent cache."""
+    ds = data.make_dataset(train_config(folders["v3.0"]), "train", say=lambda *a: None)
+    assert isinstance(ds, lerobot.LeRobotDataset) and ds.action_dim == A and ds.num_frames == 5
+    assert ds.episode_names == [ep.name for ep in ds.episodes] and len(ds.window_episode) == len(ds)
+    item = ds[3]
+    e, s = int(ds.window_episode[3]), int(ds.window_start[3])
+    assert item["video"].shape == (2, 3, 5, 16, 16) and torch.equal(item["cond"]["action"], ds.episode_cond(e, s, 5)["action"])
+    assert ds.episode_frames(e).shape[2] == ds.episode_cond(e)["action"].shape[0] + 1
+    val = data.make_dataset(train_config(folders["v3.0"]), "val", say=lambda *a: None)
+    assert (np.diff(val.window_start[val.window_episode == val.window_episode[0]]) == 4).all()   # distinct clips
+    with pytest.raises(UserError, match="--latent_cache='c': latent caches are built from Bridge/IRASim"):
+        data.make_dataset(train_config(folders["v3.0"], latent_cache="c"), "train", say=lambda *a: None)
 
 
 def test_pyarrow_missing_is_one_clear_line(folders, monkeypatch):
@@ -273,7 +301,7 @@ def test_pyarrow_missing_is_one_clear_line(folders, monkeypatch):
 
 
 def test_check_reports_cameras_and_problems(folders, rows, tmp_path, capsys):
-    assert lerobot.check_lerobot(folders["v3.0"], num_frames=5, fps=4) == []
+    assert checks.check_lerobot(folders["v3.0"], num_frames=5, fps=4) == []
     out = capsys.readouterr().out
     total = sum(LENGTHS)
     assert f"observation.images.wrist{'':10}{'av1':>8}{'30.0':>6}{'48x64':>11}{total:>9}{1:>7}" in out
@@ -288,15 +316,97 @@ def test_check_reports_cameras_and_problems(folders, rows, tmp_path, capsys):
     pq.write_table(rows_table([r], fixed=False), bad / "data/chunk-000/episode_000002.parquet")
     short = bad / "videos/chunk-000/observation.images.top/episode_000001.mp4"
     write_video(short, [paint(1, i) for i in range(LENGTHS[1] - 3)], "libx264")
-    problems = lerobot.check_lerobot(bad, fast=True)
+    problems = checks.check_lerobot(bad, fast=True)
     assert problems == [f"{bad}/data/chunk-000/episode_000002.parquet: episode 2: 1 NaN/inf in 'action', first at row 7",
                         f"{short}: episode 1 has {LENGTHS[1] - 3} video frames ({(LENGTHS[1] - 3) / 30:.3f} s) but "
                         f"{LENGTHS[1]} parquet rows ({LENGTHS[1] / 30:.3f} s)"]
     assert "FAILED: 2 problem(s)" in capsys.readouterr().out
 
 
+def with_info(src, dst, **changes):
+    """A copy of a LeRobot folder with info.json fields changed."""
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "meta" / "info.json").read_text())
+    (dst / "meta" / "info.json").write_text(json.dumps({**info, **changes}))
+    return dst
+
+
+def test_declared_fps_that_the_data_contradicts_is_refused(folders, tmp_path):
+    """info.json says 15 fps: the parquet timestamps (30 per second) contradict it; with the timestamps rewritten
+    to 15 per second, the videos' own 30 fps do. The reader refuses both naming the file, and check lists them."""
+    bad = with_info(folders["v2.1"], tmp_path / "fps15", fps=15)
+    parquet = bad / "data/chunk-000/episode_000000.parquet"
+    with pytest.raises(UserError, match=f"{parquet}: episode 0: the timestamps run at 30 per second but "
+                                        f".*info.json says fps 15"):
+        lerobot.LeRobotDataset(bad, fps=4)
+    problems = checks.check_lerobot(bad, fast=True)
+    assert sum("the timestamps run at 30 per second" in p for p in problems) == len(LENGTHS)
+    for path in sorted((bad / "data").glob("*/*.parquet")):
+        t = pq.read_table(path)
+        pq.write_table(t.set_column(t.schema.get_field_index("timestamp"), "timestamp",
+                                    pa.array(t.column("timestamp").to_numpy() * 2, pa.float32())), path)
+    video = bad / "videos/chunk-000/observation.images.top/episode_000000.mp4"
+    with pytest.raises(UserError, match=f"{video}: the video runs at 30 fps but .*info.json says fps 15"):
+        lerobot.LeRobotDataset(bad, fps=4)
+    assert any(p.startswith(f"{video}: the video runs at 30 fps") for p in checks.check_lerobot(bad, fast=True))
+
+
+def test_nan_in_the_actions_is_refused_before_training(folders, rows, tmp_path):
+    """What check finds, the reader refuses when the dataset is opened (not 5 steps into training)."""
+    bad = tmp_path / "nan"
+    shutil.copytree(folders["v2.1"], bad)
+    r = dict(rows[2], state=rows[2]["state"].copy())
+    r["state"][4, 1] = np.inf
+    path = bad / "data/chunk-000/episode_000002.parquet"
+    pq.write_table(rows_table([r], fixed=False), path)
+    lerobot.LeRobotDataset(bad, val_fraction=0)   # absolute actions: the state column is not read
+    with pytest.raises(UserError, match=f"{path}: episode 2: 1 NaN/inf in 'observation.state', first at row 4"):
+        lerobot.LeRobotDataset(bad, action_type="delta_state", val_fraction=0)
+
+
+def run_data_py(*args):
+    return subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "data.py"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_check_takes_training_settings(folders, tmp_path):
+    """Without meta/stats.json, training's default action_norm refuses the folder: so does check, saying which
+    settings it used; with --action-norm none (what such a run must set) it passes."""
+    bare = tmp_path / "nostats"
+    shutil.copytree(folders["v3.0"], bare)
+    (bare / "meta" / "stats.json").unlink()
+    p = run_data_py("check", bare, "--fast", "--num-frames", "5")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "settings (as training: train.py's defaults unless given): fps=4, " in p.stdout
+    assert "action_norm='mean_std'" in p.stdout
+    assert f"{bare / 'meta' / 'stats.json'}: not found" in p.stdout and "(action_norm='mean_std';" in p.stdout
+    p = run_data_py("check", bare, "--fast", "--num-frames", "5", "--action-norm", "none")
+    assert p.returncode == 0 and "OK: 5 episodes" in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("info, problem", [
+    (dict(codebase_version="v4.0"), "codebase_version 'v4.0'; nanocosmos reads v2.0, v2.1, v3.0"),
+    (dict(fps="thirty"), "'fps' must be a positive number, got 'thirty'"),
+    (dict(features=["action"]), "'features' must be an object"),
+    ("[1, 2]", "must be a JSON object, got list"),
+    ('{"fps": 30,', "cannot read JSON"),
+])
+def test_bad_info_json_is_one_line(folders, tmp_path, info, problem):
+    bad = tmp_path / "bad"
+    if isinstance(info, dict):
+        with_info(folders["v3.0"], bad, **info)
+    else:
+        shutil.copytree(folders["v3.0"], bad)
+        (bad / "meta" / "info.json").write_text(info)
+    for command in ("check", "bench"):
+        p = run_data_py(command, bad)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().startswith(f"error: {bad / 'meta' / 'info.json'}: {problem}")
+        assert len(p.stderr.strip().splitlines()) == 1
+
+
 def test_bench_counts_decoded_frames(folders):
-    figures = lerobot.bench_lerobot(folders["v3.0"], cameras=(1,), size=(32, 32), num_frames=5, fps=4, workers=0,
+    figures = checks.bench_lerobot(folders["v3.0"], cameras=(1,), size=(32, 32), num_frames=5, fps=4, workers=0,
                                     batch_size=2, batches=3)
     assert figures["dataset_clips_per_s"] > 0 and figures["loader_clips_per_s"] > 0
     assert 5 <= figures["decoded_frames_per_clip"] <= 31 + GOP + 3   # the clip's span and at most one GOP before it

@@ -46,8 +46,7 @@ def check_fsdp_forward(out):
     import torch
     import torch.distributed as dist
     import model
-    import model
-import train
+    import train
     dist.init_process_group("gloo")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 12, 8, 8, 10, generator=g)                  # 2 views x 4 latent frames
