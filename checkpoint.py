@@ -267,11 +267,8 @@ def write_consolidated(ckpt_dir, full, cfg_json, step, is_lora):
     os.makedirs(mdir, exist_ok=True)
     path = os.path.join(mdir, name + (".safetensors" if is_lora else ".pt"))
     try:
-        if is_lora:
-            convert.save_weights(convert.prefixed(full), path + ".tmp", metadata=convert.adapter_metadata(cfg_json))
-        else:
-            torch.save({"net." + k: v for k, v in full.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        convert.save_weights(convert.prefixed(full), path,        # through path.tmp, renamed when complete
+                             metadata=convert.adapter_metadata(cfg_json) if is_lora else None, say=None)
         with open(os.path.join(mdir, name + ".json"), "w") as f:
             json.dump(cfg_json, f, indent=1)
     except BaseException:

@@ -327,10 +327,11 @@ def load_text_embedding(path, cfg, device="cpu"):
 # -----------------------------------------------------------------------------
 # writing
 
-def save_weights(sd, path, config=None, metadata=None):
+def save_weights(sd, path, config=None, metadata=None, say=print):
     """Flat dict -> .pt or .safetensors (chosen by the suffix), written to a temporary name and renamed so that
     an interrupted conversion never leaves a truncated file under the real name. config: written as
-    <path>.json beside it (what load_weights reads back). metadata: extra safetensors header strings."""
+    <path>.json beside it (what load_weights reads back). metadata: extra safetensors header strings. say: None
+    writes silently (training's background writes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -343,7 +344,8 @@ def save_weights(sd, path, config=None, metadata=None):
     if config is not None:
         path.with_suffix(".json").write_text(json.dumps(config, indent=1) + "\n")
     n = sum(v.numel() for v in sd.values())
-    print(f"convert: wrote {path} ({len(sd)} tensors, {n:,} values, {path.stat().st_size / 2**20:,.1f} MiB)")
+    if say:
+        say(f"convert: wrote {path} ({len(sd)} tensors, {n:,} values, {path.stat().st_size / 2**20:,.1f} MiB)")
 
 
 def prefixed(sd, prefix="net."):
@@ -375,17 +377,17 @@ def export(checkpoint, dest, safetensors=False, lora_only=False, base=None):
         raise ValueError(f"{src} must hold 'model' and 'ema' weights (has {sorted(groups)}); the EMA files need "
                          "EMA weights: train with ema=True")
     rc = run_config_for(src)
-    lora = (rc or {}).get("lora")
+    spec = (rc or {}).get("lora")
     if lora_only:
         return export_adapter(src, dest)
     dest, ext = Path(dest), ".safetensors" if safetensors else ".pt"
     ema = model.clean_state_dict(read_dcp(src, "ema"))
     regular = model.clean_state_dict(read_dcp(src, "model"))
-    if lora:
-        base_sd = load_lora_base(lora, src, base)
-        ema, regular = merge_adapter(base_sd, ema, lora, rc, src), merge_adapter(base_sd, regular, lora, rc, src)
+    if spec:
+        base_sd = load_lora_base(spec, src, base)
+        ema, regular = merge_adapter(base_sd, ema, spec, rc, src), merge_adapter(base_sd, regular, spec, rc, src)
         del base_sd
-        rc = {**{k: v for k, v in rc.items() if k != "lora"}, "merged_lora": lora}
+        rc = {**{k: v for k, v in rc.items() if k != "lora"}, "merged_lora": spec}
     save_weights({**prefixed(regular), **prefixed(ema, "net_ema.")}, dest / ("model" + ext))
     del regular                                        # one model's worth of memory less for the rest
     save_weights(prefixed(cast(ema, torch.float32)), dest / ("model_ema_fp32" + ext))
@@ -506,39 +508,39 @@ def lora_spec(p):
     return None
 
 
-def load_lora_base(lora, where, base=None):
+def load_lora_base(spec, where, base=None):
     """The base state dict of a LoRA checkpoint or adapter `where`, after checking its fingerprint. base: the same
     file at another path (it moved)."""
-    path = Path(base or lora["base"])
+    path = Path(base or spec["base"])
     if not path.exists():
         raise MissingError(where, f"its LoRA base {path} does not exist (the adapter holds only the "
                                             f"factors; pass the base file: convert.py export --base PATH)")
     found = base_fingerprint(path)
-    if found != lora["base_fingerprint"]:
+    if found != spec["base_fingerprint"]:
         raise UserError(where, f"its LoRA base {path} is not the file it was trained on (fingerprint "
-                                     f"{found[:19]} != {lora['base_fingerprint'][:19]}): LoRA factors only fit their "
+                                     f"{found[:19]} != {spec['base_fingerprint'][:19]}): LoRA factors only fit their "
                                      f"exact base weights")
-    sd, _ = load_weights(path, ema=lora["base_ema"])
+    sd, _ = load_weights(path, ema=spec["base_ema"])
     return sd
 
 
-def merge_adapter(base_sd, adapter_sd, lora, run_config, where):
+def merge_adapter(base_sd, adapter_sd, spec, run_config, where):
     """Base + adapter -> full state dict (lora.merge_lora_state_dict). Base tensors the trained model had no place
     for (train.py's init_from ignores them) are dropped, as training did."""
     if any(k.endswith(".lora_A") for k in base_sd):
-        raise ValueError(f"{where}: the LoRA base itself holds LoRA factors; merge it first (convert.py export)")
+        raise UserError(where, "its LoRA base itself holds LoRA factors; merge it first (convert.py export)")
     if run_config is not None:
         _, unexpected = check_keys({k: v for k, v in base_sd.items() if k not in adapter_sd},
                                    model.config_from_dict(run_config["model"]))
         base_sd = {k: v for k, v in base_sd.items() if k not in unexpected}
-    return lora.merge_lora_state_dict(base_sd, adapter_sd, lora["rank"], lora["alpha"])
+    return lora.merge_lora_state_dict(base_sd, adapter_sd, spec["rank"], spec["alpha"])
 
 
 def load_lora(path, ema=True, base=None):
     """(merged state dict, run config) of a LoRA training checkpoint or adapter file; what load_weights returns for
     them, so train.py's init_from and sample.py take either unchanged."""
     p = resolve(path)
-    lora = lora_spec(p)
+    spec = lora_spec(p)
     if p.is_dir():
         groups = {k.split(".", 1)[0] for k in _dcp_metadata(p)}
         group = "ema" if ema and "ema" in groups else "model"
@@ -549,10 +551,10 @@ def load_lora(path, ema=True, base=None):
             meta = f.metadata()
         adapter = model.clean_state_dict(read_file(p))
         run_config = json.loads(meta["nanocosmos_run"]) if "nanocosmos_run" in meta else None
-    sd = merge_adapter(load_lora_base(lora, p, base), adapter, lora, run_config, p)
+    sd = merge_adapter(load_lora_base(spec, p, base), adapter, spec, run_config, p)
     n = sum(k.endswith(".lora_A") for k in adapter)
-    print(f"convert: merged {p} (LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, {n} layers, "
-          f"{len(adapter) - 2 * n} heads) onto its base {base or lora['base']}")
+    print(f"convert: merged {p} (LoRA rank {spec['rank']}, alpha {spec['alpha']:g}, {n} layers, "
+          f"{len(adapter) - 2 * n} heads) onto its base {base or spec['base']}")
     return sd, run_config
 
 

@@ -14,6 +14,7 @@ checkpoint.py, LoRA in lora.py, the datasets in data.py, the plan and benchmarks
 the run with one line `error: <path>: <problem>`; SIGTERM / SIGINT save a checkpoint and exit non-zero.
 """
 
+import gc
 import json
 import math
 import os
@@ -31,8 +32,16 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 
+import bench as perf  # bench.py, the plan and the benchmarks (`bench` is a config key)
+import checkpoint
 import configurator
+import convert
+import data
+import lora
 import model
+import sample
+import synth
+import vae
 from model import DiT, DiTConfig
 
 # -----------------------------------------------------------------------------
@@ -171,7 +180,6 @@ def model_config(c, latent_channels):
 
 def configure(argv):
     """The config after files and overrides, checked before any work starts."""
-    import lora
     # on a copy: the module's defaults stay the defaults when main runs twice in one process (tests, notebooks)
     c = configurator.configure({k: globals()[k] for k in _CONFIG_KEYS}, _CONFIG_KEYS, argv, source=__file__)
     bad = lambda key, problem: configurator.UserError(f"--{key}={c[key]!r}", problem)  # noqa: E731
@@ -260,7 +268,6 @@ class Shapes:
 
 def load_tokenizer(c, env, meta=False):
     """The frozen tokenizer (meta=True: its shapes only, no weights read), its dtype and the clip shapes."""
-    import vae
     dtype = torch.bfloat16 if env.bf16 and c["tokenizer"] != "pixel" else torch.float32   # the VAE runs in bf16
     kw = {"spatial_factor": c["pixel_factor"]} if c["tokenizer"] == "pixel" else {}
     if meta:
@@ -282,8 +289,6 @@ def build_model(c, cfg, device, init=True, say=print):
     """The DiT, built on the meta device first (no host-memory spike for big models), then (unless device is
     meta) materialised on `device` and initialised from scratch or from c["init_from"]. Parameters that cannot
     learn with the run's text context are frozen (zero_gradient_params); LoRA is applied last."""
-    import checkpoint
-    import lora
     with torch.device("meta"):
         raw = DiT(cfg)
     if str(device) != "meta":
@@ -296,7 +301,6 @@ def build_model(c, cfg, device, init=True, say=print):
     for n, p in raw.named_parameters():
         p.requires_grad_(n not in zero_gradient_params(raw, text=bool(c["text_embedding"])))
     if c["lora_rank"]:       # after loading, before DDP / FSDP / compile (they must see the factors)
-        import convert
         lora.apply(raw, c, None if str(device) == "meta" else convert.resolve(c["init_from"]))
     return raw
 
@@ -361,7 +365,6 @@ def load_text(c, cfg, env):
     """The run's text context [1,N,C] (None: all-zero text, the action models' case)."""
     if not c["text_embedding"]:
         return None
-    import convert
     return convert.load_text_embedding(c["text_embedding"], cfg, env.device)
 
 
@@ -400,7 +403,6 @@ def lr_factor(step, c):
 def ema_tracked(raw):
     """(names, parameters) the EMA covers: all of them, or under LoRA the trainable ones (the frozen base is its
     own EMA, and an fp32 copy of it would cost 4 bytes a parameter)."""
-    import lora
     named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad or not lora.enabled(raw)]
     return [n for n, _ in named], [p for _, p in named]
 
@@ -480,7 +482,6 @@ def val_batches(val_ds, c, rank, world):
 def encode_views(tok, video_B_V_3_T_H_W, dtype):
     """uint8 camera videos -> latents [B, C, V*t, h, w] (views concatenated along latent time, as (v t)). All B*V
     clips go through the tokenizer in as few calls as memory allows (vae.encode_batched)."""
-    import vae
     B, V = video_B_V_3_T_H_W.shape[:2]
     lat = vae.encode_batched(tok, video_B_V_3_T_H_W.flatten(0, 1), dtype=dtype)   # [-1, 1] on the device
     return rearrange(lat, "(b v) c t h w -> b c (v t) h w", b=B, v=V).float()
@@ -613,7 +614,6 @@ def evaluate(net, raw, tok, tok_dtype, val_ds, c, shapes, env, text=None):
 def write_sample_video(raw, tok, val_ds, c, step, env, text=None):
     """A rollout of the first val episode as an mp4 beside the ground truth (under FSDP every rank runs the
     collective forwards; rank 0 writes)."""
-    import sample
     frames = val_ds.episode_frames(0)                                      # [V,3,N+1,H,W]
     cond = {k: v[None].to(env.device) for k, v in val_ds.episode_cond(0).items()}
     with env.autocast():
@@ -655,17 +655,12 @@ def random_step(c, net, raw, opt, tok, tok_dtype, shapes, env):
 # the run
 
 def main(argv=None):
-    import bench
-    import checkpoint
-    import data
-    import lora
-    import synth
     c = configure(sys.argv[1:] if argv is None else argv)
     env = setup(c)
     tok, tok_dtype, shapes = load_tokenizer(c, env, meta=c["dry_run"])
     cfg = model_config(c, tok.latent_channels)
     if c["dry_run"]:       # the plan of the configured run, counted on the meta device: no data, no weights, no GPU
-        return bench.dry_run(c, build_model(c, cfg, "meta"), tok, shapes, say=env.say)
+        return perf.dry_run(c, build_model(c, cfg, "meta"), tok, shapes, say=env.say)
 
     ckpt_dir = checkpoint.prepare_out_dir(c["out_dir"], env.rank, barrier)
     resume_path = checkpoint.latest(ckpt_dir, c["resume_from"]) if c["resume"] else None
@@ -679,10 +674,10 @@ def main(argv=None):
     G = c["batch_size"] * c["grad_accum"] * env.world
     saver = checkpoint.Saver(c, run_cfg, raw, opt, sched, ema_names, ema_params, G, env.rank, env.world, barrier)
     step, data_step = saver.resume(resume_path, c["lr"], lambda s: lr_factor(s, c), env.say) if resume_path else (0, 0)
-    bench.summary(c, raw, tok, shapes, env.world, env.device, say=env.say, bf16=env.bf16)
+    perf.summary(c, raw, tok, shapes, env.world, env.device, say=env.say, bf16=env.bf16)
     if c["bench"]:
-        res = bench.time_steps(random_step(c, net, raw, opt, tok, tok_dtype, shapes, env), c["bench_steps"], 2,
-                               c["batch_size"] * bench.flops_per_sample(cfg, shapes.tokens), env.device, say=env.say,
+        res = perf.time_steps(random_step(c, net, raw, opt, tok, tok_dtype, shapes, env), c["bench_steps"], 2,
+                               c["batch_size"] * perf.flops_per_sample(cfg, shapes.tokens), env.device, say=env.say,
                                world=env.world, samples=c["batch_size"], tokens_per_sample=shapes.tokens)
         if env.ddp:
             del net
@@ -695,7 +690,7 @@ def main(argv=None):
     batches = iter(make_loader(train_ds, c, env, data_step))
     text = load_text(c, cfg, env)
     meter, stop = Meter(env.device), StopSignal()
-    flops, peak = bench.flops_per_sample(cfg, shapes.tokens), bench.peak_flops(env.device)
+    flops, peak = perf.flops_per_sample(cfg, shapes.tokens), perf.peak_flops(env.device)
     log_path, t0, t_start, last_log, start_step = os.path.join(c["out_dir"], "log.jsonl"), time.time(), time.time(), step, step
 
     def say(text, record=None):
@@ -746,7 +741,7 @@ def main(argv=None):
             say(f"val loss {ev['val_loss']:.4f} | shuffled actions {ev['val_loss_shuffled']:.4f} | "
                 f"action gain {ev['action_gain']:+.4f}", ev)
             if env.master:
-                bench.loss_curves(log_path, os.path.join(c["out_dir"], "loss.png"))
+                perf.loss_curves(log_path, os.path.join(c["out_dir"], "loss.png"))
         if step % c["save_interval"] == 0 or last or stopping:
             if meter.read(env, reset=False)[2] > 0:      # never save what a non-finite step produced
                 raise non_finite(c, last_log, step, saver.last_good)
@@ -760,7 +755,8 @@ def main(argv=None):
     name = signal.Signals(stop.signum).name if stop.signum else ""
     env.say(f"stopped by {name} at step {step}: saved {saver.last_good}; the same command resumes it" if name else
             f"done. log: {log_path} | checkpoints: {ckpt_dir} (latest: {saver.last_good})\n"
-            f"next: python sample.py --dit_path {saver.consolidated_path(step) or saver.last_good}")
+            f"next: python sample.py --dit_path {saver.consolidated_path(step) or saver.last_good}"
+            + (f" | merged official files: python convert.py export {saver.last_good} DEST" if lora.enabled(raw) else ""))
     if env.ddp:
         del net, saver     # DDP's reducer holds the process group: drop it while the group is alive
         shutdown()
@@ -777,7 +773,6 @@ def non_finite(c, since, step, last_good):
 def shutdown():
     """End the process group with every rank present: when one rank had already left, gloo's destructor (run by
     DDP's reducer after the group ended) waited forever for it (seen on a 2-core CPU)."""
-    import gc
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

@@ -89,7 +89,7 @@ def test_lora_resumes_exactly_and_refuses_a_changed_base(dataset, base, tmp_path
     # line): one line, before any step
     c = tiny_config(lora_rank=8, init_from=str(own))
     raw = train.build_model(c, train.model_config(c, 12), torch.device("cpu"), say=lambda *a: None)
-    with pytest.raises(train.RunError, match="LoRA rank 4, configured 8"):
+    with pytest.raises(configurator.UserError, match="LoRA rank 4, configured 8"):
         lora.check_resume(str(ckpt(tmp_path / "b", 6)), raw)
     sd = torch.load(own, weights_only=True)
     sd["net.blocks.1.mlp.layer2.weight"][0, 0] += 1e-3
@@ -108,7 +108,7 @@ def test_lora_config_errors_before_work(monkeypatch):
                        (["--lora_rank=-1"], "must be >= 0"), (["--base_dtype=float16"], "must be one of")):
         for k, v in defaults.items():
             setattr(train, k, v)
-        with pytest.raises(configurator.ConfigError, match=says):
+        with pytest.raises(configurator.UserError, match=says):
             train.configure(args + ["--dry_run=True"])
 
 
