@@ -188,21 +188,6 @@ def merge_lora_state_dict(base_sd, adapter_sd, rank, alpha):
     return out
 
 
-def lora_param_counts(cfg, rank, targets=None, train_full=LORA_TRAIN_FULL):
-    """{"lora", "heads", "trainable", "frozen", "total"} parameter counts of a LoRA net, from a network built on
-    the meta device (no memory): what the memory plan multiplies by bytes per parameter."""
-    with torch.device("meta"):
-        net = apply_lora(model.DiT(cfg), rank, targets=targets, train_full=train_full)
-    lora = sum(p.numel() for n, p in net.named_parameters() if n.endswith((".lora_A", ".lora_B")))
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in net.parameters())
-    return {"lora": lora, "heads": trainable - lora, "trainable": trainable, "frozen": total - trainable,
-            "total": total}
-
-
-# -----------------------------------------------------------------------------
-# what a training run checks and records
-
 def check_config(c):
     """LoRA settings that cannot work, as one line before any work (c: train.py's config)."""
     bad = lambda key, problem: UserError(f"--{key}={c[key]!r}", problem)  # noqa: E731

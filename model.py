@@ -590,10 +590,6 @@ def sigma_to_t(sigma):
     return sigma / (1 + sigma)
 
 
-def t_to_sigma(t):
-    return t / (1 - t)
-
-
 def noisy_latents(x0, eps, t):
     return (1 - t) * x0 + t * eps
 
