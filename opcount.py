@@ -59,7 +59,8 @@ class OpCounter(TorchDispatchMode):
             row[1] += f
         elif base in ATTN_OPS:
             # backward recomputes P and does 4 GEMMs: ~2.5x the forward
-            f = int(_attn_flops(args) * (2.5 if base != name else 1))
+            bwd = base != name  # backward args start with grad_out, then q, k
+            f = int(_attn_flops(args[1:] if bwd else args) * (2.5 if bwd else 1))
             self.flops["attention"] += f
             row[1] += f
         elif name not in VIEW_OPS:
@@ -68,3 +69,75 @@ class OpCounter(TorchDispatchMode):
             self.kernels += 1
             row[2] += b
         return out
+
+
+def _storage_key(t):
+    # Meta tensors have no data_ptr; the untyped storage object identifies shared storage.
+    try:
+        return id(t.untyped_storage()) if t.is_meta else t.untyped_storage().data_ptr()
+    except Exception:
+        return id(t)
+
+
+def saved_bytes(fn, params=()):
+    """Bytes autograd saves for backward during fn(): (activation_bytes, param_bytes, result)."""
+    pkeys = {_storage_key(p) for p in params}
+    seen = {}
+    keep = []  # hold tensors so ids stay unique for the duration
+
+    def pack(t):
+        keep.append(t)
+        k = _storage_key(t)
+        if k not in seen:
+            try:
+                seen[k] = t.untyped_storage().nbytes()
+            except Exception:
+                seen[k] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    act = sum(b for k, b in seen.items() if k not in pkeys)
+    par = sum(b for k, b in seen.items() if k in pkeys)
+    return act, par, out
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that force the host to wait for the device."""
+    SYNC = {"_local_scalar_dense", "nonzero", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.ops = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        sync = name in self.SYNC
+        if name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = _tensors(out)[0]
+            sync = dst.device.type == "cpu" and src.device.type != "cpu"
+        if sync:
+            self.count += 1
+            self.ops.append(name)
+        return out
+
+
+# Dense bf16 tensor-core FLOP/s (no sparsity) and memory bandwidth, from NVIDIA datasheets
+# (H100/H200 datasheet, A100 datasheet, L40S datasheet, Ada RTX 4090 whitepaper).
+GPUS = {"H100 SXM": (989e12, 3.35e12), "H100 PCIe": (756e12, 2.0e12), "H200": (989e12, 4.8e12),
+        "A100 80GB": (312e12, 2.0e12), "L40S": (362e12, 0.864e12), "RTX 4090": (165e12, 1.0e12)}
+
+
+def roofline(counts, gpu="H100 SXM", gemm_eff=0.7, attn_eff=0.5, bw_eff=0.8, launch_s=5e-6):
+    """Serial roofline: each part at its own efficiency, plus one launch per kernel."""
+    peak, bw = GPUS[gpu]
+    t = {"gemm": counts["flops"].get("gemm", 0) / (peak * gemm_eff),
+         "attention": counts["flops"].get("attention", 0) / (peak * attn_eff),
+         "memory": counts["bytes"] / (bw * bw_eff),
+         "launch": counts["kernels"] * launch_s}
+    t["total"] = sum(t.values())
+    flops = sum(counts["flops"].values())
+    t["mfu"] = flops / (t["total"] * peak) if t["total"] else 0.0
+    return t
