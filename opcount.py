@@ -3,6 +3,7 @@ of a training step with TorchDispatchMode, and turn them into a roofline step-ti
 Works on meta tensors, so a 2B model is counted on a CPU in seconds."""
 from collections import defaultdict
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -39,16 +40,56 @@ def _attn_flops(args):
     return 4 * B * H * Lq * k.shape[-2] * D
 
 
+# Ops that are one fused kernel on CUDA but decompose before dispatch on CPU/meta; counted
+# at the torch-function level as one kernel moving inputs + output once.
+FUSED_FNS = {torch.nn.functional.rms_norm: "fused_rms_norm"}
+
+
+class _FusedFns(TorchFunctionMode):
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in FUSED_FNS or self.counter.paused:
+            return func(*args, **kwargs)
+        self.counter.paused = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.counter.paused = False
+        b = _nbytes(_tensors((args, kwargs))) + _nbytes(_tensors(out))
+        self.counter.bytes += b
+        self.counter.kernels += 1
+        row = self.counter.table[FUSED_FNS[func]]
+        row[0] += 1
+        row[2] += b
+        return out
+
+
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
+        self.paused = False
+        self._fns = _FusedFns(self)
         self.flops = defaultdict(int)        # kind -> FLOPs
         self.bytes = 0                       # memory-bound bytes moved
         self.kernels = 0                     # memory-bound kernel launches
         self.table = defaultdict(lambda: [0, 0, 0])  # op -> [calls, flops, bytes]
 
+    def __enter__(self):
+        self._fns.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._fns.__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
         name = func.overloadpacket.__name__
         base = name[:-len("_backward")] if name.endswith("_backward") else name
         row = self.table[name]
