@@ -182,3 +182,40 @@ def roofline(counts, gpu="H100 SXM", gemm_eff=0.7, attn_eff=0.5, bw_eff=0.8, lau
     flops = sum(counts["flops"].values())
     t["mfu"] = flops / (t["total"] * peak) if t["total"] else 0.0
     return t
+
+
+def _snapshot(c):
+    return {"flops": dict(c.flops), "bytes": c.bytes, "kernels": c.kernels, "table": dict(c.table)}
+
+
+def count_step(net, inputs_kwargs, loss_fn=None):
+    """Forward and backward of net(**inputs_kwargs), counted separately, plus saved bytes."""
+    loss_fn = loss_fn or (lambda out: out.float().sum())
+    params = list(net.parameters())
+    with OpCounter() as fwd:
+        act, par, out = saved_bytes(lambda: net(**inputs_kwargs), params)
+        loss = loss_fn(out)
+    with OpCounter() as bwd:
+        loss.backward()
+    return {"forward": _snapshot(fwd), "backward": _snapshot(bwd),
+            "saved_act_bytes": act, "saved_param_bytes": par}
+
+
+def _merge(a, b):
+    kinds = set(a["flops"]) | set(b["flops"])
+    return {"flops": {k: a["flops"].get(k, 0) + b["flops"].get(k, 0) for k in kinds},
+            "bytes": a["bytes"] + b["bytes"], "kernels": a["kernels"] + b["kernels"]}
+
+
+def report(result, gpu="H100 SXM", say=print):
+    step = _merge(result["forward"], result["backward"])
+    say(f"{'part':10s} {'gemm TF':>9s} {'attn TF':>9s} {'mem GB':>9s} {'kernels':>8s} {'est ms':>8s}")
+    for part, c in (("forward", result["forward"]), ("backward", result["backward"]), ("step", step)):
+        r = roofline(c, gpu)
+        say(f"{part:10s} {c['flops'].get('gemm', 0) / 1e12:9.2f} {c['flops'].get('attention', 0) / 1e12:9.2f} "
+            f"{c['bytes'] / 1e9:9.1f} {c['kernels']:8d} {r['total'] * 1e3:8.1f}")
+    r = roofline(step, gpu)
+    say(f"saved activations {result['saved_act_bytes'] / 2**30:.2f} GiB (+ params {result['saved_param_bytes'] / 2**30:.2f} GiB)")
+    say(f"{gpu}: gemm {r['gemm']*1e3:.1f} ms, attention {r['attention']*1e3:.1f} ms, memory {r['memory']*1e3:.1f} ms, "
+        f"launch {r['launch']*1e3:.1f} ms -> step {r['total']*1e3:.1f} ms, MFU {r['mfu']:.1%}")
+    return r
