@@ -219,3 +219,32 @@ def report(result, gpu="H100 SXM", say=print):
     say(f"{gpu}: gemm {r['gemm']*1e3:.1f} ms, attention {r['attention']*1e3:.1f} ms, memory {r['memory']*1e3:.1f} ms, "
         f"launch {r['launch']*1e3:.1f} ms -> step {r['total']*1e3:.1f} ms, MFU {r['mfu']:.1%}")
     return r
+
+
+def main(argv=None):
+    import argparse
+    import model
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model_size", default="2B", choices=("2B", "tiny"))
+    p.add_argument("--frames", type=int, default=13)
+    p.add_argument("--size", default="256x320")
+    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--gpu", default="H100 SXM", choices=tuple(GPUS))
+    a = p.parse_args(argv)
+    arch = dict(model.PRESETS["2B"]) if a.model_size == "2B" else dict(
+        model_channels=64, num_blocks=2, num_heads=4, adaln_lora_dim=16, crossattn_emb_channels=32)
+    cfg = model.DiTConfig(**arch, in_channels=16, out_channels=16, n_views_emb=7, timestep_scale=0.001)
+    H, W = (int(s) // 8 for s in a.size.split("x"))   # Wan2.1 VAE: 8x spatial
+    T = a.views * (1 + (a.frames - 1) // 4)           # 4x temporal, views stacked on T
+    with torch.device("meta"):
+        net = model.DiT(cfg).to(torch.bfloat16)       # FSDP2 bf16 compute
+        net.gradient_checkpointing = a.checkpointing
+        kw = dict(x_B_C_T_H_W=torch.randn(a.batch, 16, T, H, W, dtype=torch.bfloat16),
+                  timesteps_B_T=torch.rand(a.batch, 1), num_views=a.views)
+    report(count_step(net, kw), a.gpu)
+
+
+if __name__ == "__main__":
+    main()
