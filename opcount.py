@@ -1,0 +1,250 @@
+"""opcount: count FLOPs, memory-bound bytes/kernels, saved activations and host syncs
+of a training step with TorchDispatchMode, and turn them into a roofline step-time estimate.
+Works on meta tensors, so a 2B model is counted on a CPU in seconds."""
+from collections import defaultdict
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+
+# Pure view/metadata ops launch no kernel and move no bytes.
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "slice",
+            "select", "split", "split_with_sizes", "unsqueeze", "squeeze", "as_strided", "detach",
+            "alias", "empty", "empty_strided", "lift_fresh", "unbind", "chunk", "_reshape_alias"}
+GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm"}
+ATTN_OPS = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+            "_scaled_dot_product_attention_math"}
+
+
+def _tensors(tree):
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _nbytes(ts):
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _gemm_flops(name, args, out):
+    # 2*M*N*K: the output has M*N (times batch) elements, each a K-long dot product.
+    a = args[1] if name in ("addmm", "baddbmm") else args[0]
+    return 2 * out.numel() * a.shape[-1]
+
+
+def _attn_flops(args):
+    # QK^T and PV: 2 GEMMs of 2*B*H*Lq*Lk*D each.
+    q, k = args[0], args[1]
+    B, H, Lq, D = q.shape
+    return 4 * B * H * Lq * k.shape[-2] * D
+
+
+# Ops that are one fused kernel on CUDA but decompose before dispatch on CPU/meta; counted
+# at the torch-function level as one kernel moving inputs + output once.
+FUSED_FNS = {torch.nn.functional.rms_norm: "fused_rms_norm"}
+
+
+class _FusedFns(TorchFunctionMode):
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in FUSED_FNS or self.counter.paused:
+            return func(*args, **kwargs)
+        self.counter.paused = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.counter.paused = False
+        b = _nbytes(_tensors((args, kwargs))) + _nbytes(_tensors(out))
+        self.counter.bytes += b
+        self.counter.kernels += 1
+        row = self.counter.table[FUSED_FNS[func]]
+        row[0] += 1
+        row[2] += b
+        return out
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.paused = False
+        self._fns = _FusedFns(self)
+        self.flops = defaultdict(int)        # kind -> FLOPs
+        self.bytes = 0                       # memory-bound bytes moved
+        self.kernels = 0                     # memory-bound kernel launches
+        self.table = defaultdict(lambda: [0, 0, 0])  # op -> [calls, flops, bytes]
+
+    def __enter__(self):
+        self._fns.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._fns.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
+        name = func.overloadpacket.__name__
+        base = name[:-len("_backward")] if name.endswith("_backward") else name
+        row = self.table[name]
+        row[0] += 1
+        if base in GEMM_OPS:
+            f = _gemm_flops(base, args, _tensors(out)[0])
+            self.flops["gemm"] += f
+            row[1] += f
+        elif base in ATTN_OPS:
+            # backward recomputes P and does 4 GEMMs: ~2.5x the forward
+            bwd = base != name  # backward args start with grad_out, then q, k
+            f = int(_attn_flops(args[1:] if bwd else args) * (2.5 if bwd else 1))
+            self.flops["attention"] += f
+            row[1] += f
+        elif name not in VIEW_OPS:
+            b = _nbytes(_tensors(args)) + _nbytes(_tensors(out))
+            self.bytes += b
+            self.kernels += 1
+            row[2] += b
+        return out
+
+
+def _storage_key(t):
+    # Meta tensors have no data_ptr; the untyped storage object identifies shared storage.
+    try:
+        return id(t.untyped_storage()) if t.is_meta else t.untyped_storage().data_ptr()
+    except Exception:
+        return id(t)
+
+
+def saved_bytes(fn, params=()):
+    """Bytes autograd saves for backward during fn(): (activation_bytes, param_bytes, result)."""
+    pkeys = {_storage_key(p) for p in params}
+    seen = {}
+    keep = []  # hold tensors so ids stay unique for the duration
+
+    def pack(t):
+        keep.append(t)
+        k = _storage_key(t)
+        if k not in seen:
+            try:
+                seen[k] = t.untyped_storage().nbytes()
+            except Exception:
+                seen[k] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    act = sum(b for k, b in seen.items() if k not in pkeys)
+    par = sum(b for k, b in seen.items() if k in pkeys)
+    return act, par, out
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that force the host to wait for the device."""
+    SYNC = {"_local_scalar_dense", "nonzero", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.ops = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        sync = name in self.SYNC
+        if name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = _tensors(out)[0]
+            sync = dst.device.type == "cpu" and src.device.type != "cpu"
+        if sync:
+            self.count += 1
+            self.ops.append(name)
+        return out
+
+
+# Dense bf16 tensor-core FLOP/s (no sparsity) and memory bandwidth, from NVIDIA datasheets
+# (H100/H200 datasheet, A100 datasheet, L40S datasheet, Ada RTX 4090 whitepaper).
+GPUS = {"H100 SXM": (989e12, 3.35e12), "H100 PCIe": (756e12, 2.0e12), "H200": (989e12, 4.8e12),
+        "A100 80GB": (312e12, 2.0e12), "L40S": (362e12, 0.864e12), "RTX 4090": (165e12, 1.0e12)}
+
+
+def roofline(counts, gpu="H100 SXM", gemm_eff=0.7, attn_eff=0.5, bw_eff=0.8, launch_s=5e-6):
+    """Serial roofline: each part at its own efficiency, plus one launch per kernel."""
+    peak, bw = GPUS[gpu]
+    t = {"gemm": counts["flops"].get("gemm", 0) / (peak * gemm_eff),
+         "attention": counts["flops"].get("attention", 0) / (peak * attn_eff),
+         "memory": counts["bytes"] / (bw * bw_eff),
+         "launch": counts["kernels"] * launch_s}
+    t["total"] = sum(t.values())
+    flops = sum(counts["flops"].values())
+    t["mfu"] = flops / (t["total"] * peak) if t["total"] else 0.0
+    return t
+
+
+def _snapshot(c):
+    return {"flops": dict(c.flops), "bytes": c.bytes, "kernels": c.kernels, "table": dict(c.table)}
+
+
+def count_step(net, inputs_kwargs, loss_fn=None):
+    """Forward and backward of net(**inputs_kwargs), counted separately, plus saved bytes."""
+    loss_fn = loss_fn or (lambda out: out.float().sum())
+    params = list(net.parameters())
+    with OpCounter() as fwd:
+        act, par, out = saved_bytes(lambda: net(**inputs_kwargs), params)
+        loss = loss_fn(out)
+    with OpCounter() as bwd:
+        loss.backward()
+    return {"forward": _snapshot(fwd), "backward": _snapshot(bwd),
+            "saved_act_bytes": act, "saved_param_bytes": par}
+
+
+def _merge(a, b):
+    kinds = set(a["flops"]) | set(b["flops"])
+    return {"flops": {k: a["flops"].get(k, 0) + b["flops"].get(k, 0) for k in kinds},
+            "bytes": a["bytes"] + b["bytes"], "kernels": a["kernels"] + b["kernels"]}
+
+
+def report(result, gpu="H100 SXM", say=print):
+    step = _merge(result["forward"], result["backward"])
+    say(f"{'part':10s} {'gemm TF':>9s} {'attn TF':>9s} {'mem GB':>9s} {'kernels':>8s} {'est ms':>8s}")
+    for part, c in (("forward", result["forward"]), ("backward", result["backward"]), ("step", step)):
+        r = roofline(c, gpu)
+        say(f"{part:10s} {c['flops'].get('gemm', 0) / 1e12:9.2f} {c['flops'].get('attention', 0) / 1e12:9.2f} "
+            f"{c['bytes'] / 1e9:9.1f} {c['kernels']:8d} {r['total'] * 1e3:8.1f}")
+    r = roofline(step, gpu)
+    say(f"saved activations {result['saved_act_bytes'] / 2**30:.2f} GiB (+ params {result['saved_param_bytes'] / 2**30:.2f} GiB)")
+    say(f"{gpu}: gemm {r['gemm']*1e3:.1f} ms, attention {r['attention']*1e3:.1f} ms, memory {r['memory']*1e3:.1f} ms, "
+        f"launch {r['launch']*1e3:.1f} ms -> step {r['total']*1e3:.1f} ms, MFU {r['mfu']:.1%}")
+    return r
+
+
+def main(argv=None):
+    import argparse
+    import model
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model_size", default="2B", choices=("2B", "tiny"))
+    p.add_argument("--frames", type=int, default=13)
+    p.add_argument("--size", default="256x320")
+    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--gpu", default="H100 SXM", choices=tuple(GPUS))
+    a = p.parse_args(argv)
+    arch = dict(model.PRESETS["2B"]) if a.model_size == "2B" else dict(
+        model_channels=64, num_blocks=2, num_heads=4, adaln_lora_dim=16, crossattn_emb_channels=32)
+    cfg = model.DiTConfig(**arch, in_channels=16, out_channels=16, n_views_emb=7, timestep_scale=0.001)
+    H, W = (int(s) // 8 for s in a.size.split("x"))   # Wan2.1 VAE: 8x spatial
+    T = a.views * (1 + (a.frames - 1) // 4)           # 4x temporal, views stacked on T
+    with torch.device("meta"):
+        net = model.DiT(cfg).to(torch.bfloat16)       # FSDP2 bf16 compute
+        net.gradient_checkpointing = a.checkpointing
+        kw = dict(x_B_C_T_H_W=torch.randn(a.batch, 16, T, H, W, dtype=torch.bfloat16),
+                  timesteps_B_T=torch.rand(a.batch, 1), num_views=a.views)
+    report(count_step(net, kw), a.gpu)
+
+
+if __name__ == "__main__":
+    main()
