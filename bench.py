@@ -121,6 +121,11 @@ def dry_run(c, raw, tok, shapes, say=print):
     model built on the meta device: nothing is read, nothing trained, no GPU needed."""
     world = int(os.environ.get("WORLD_SIZE", 0)) or c["plan_gpus"]
     summary(c, raw, tok, shapes, world, "cuda", say=say, bf16=c["dtype"] != "float32")
+    import opcount
+    say(f"op count of one sample's DiT step (bf16, activation ckpt {c['activation_checkpointing']}), priced on "
+        f"{c['plan_gpu']} (opcount.py; roofline at 70% GEMM / 50% attention / 80% bandwidth efficiency):")
+    opcount.report(opcount.count_run(raw, shapes.V, shapes.T, shapes.h, shapes.w, 1, c["activation_checkpointing"]),
+                   c["plan_gpu"], say=lambda s: say("  " + s))
     say(f"dry run: planned for {world} GPU(s) (plan_gpus); nothing was read or trained")
     return raw
 

@@ -65,7 +65,7 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         # in-place adds: a linear's output is not saved for its backward, and one [tokens, out] temporary less
         # per layer is what the peak of a checkpointed block's recomputation is made of
-        if torch.is_autocast_enabled(x.device.type):
+        if not x.is_meta and torch.is_autocast_enabled(x.device.type):     # (meta: no autocast)
             return F.linear(x, self.weight, self.bias).add_(F.linear(F.linear(x, self.lora_A), self.lora_B),
                                                             alpha=self.scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -85,6 +85,8 @@ def _matches(name, pattern):
 
 def _check_base_dtype(module, args, kwargs):
     x = args[0] if args else kwargs["x_B_C_T_H_W"]
+    if x.is_meta:         # shapes only (the plan's op count): no autocast on meta, nothing to check
+        return
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != module.lora["base_dtype_t"]:
         raise TypeError(f"the frozen base weights are {module.lora['base_dtype']} and the input {x.dtype}: run the "
                         f"network under torch.autocast (train.py dtype=bfloat16) or keep base_dtype float32")

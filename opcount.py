@@ -1,6 +1,7 @@
 """opcount: count FLOPs, memory-bound bytes/kernels, saved activations and host syncs
 of a training step with TorchDispatchMode, and turn them into a roofline step-time estimate.
 Works on meta tensors, so a 2B model is counted on a CPU in seconds."""
+import copy
 from collections import defaultdict
 import torch
 from torch.overrides import TorchFunctionMode
@@ -68,6 +69,42 @@ class _FusedFns(TorchFunctionMode):
         return out
 
 
+_ACTIVE = []   # the OpCounter in use (the backward pass runs under its own counter)
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _counted_sdpa(q, k, v, **kwargs):
+    """F.scaled_dot_product_attention while an OpCounter is active: a module attribute, not a function mode, so
+    that activation checkpointing's recomputation in backward takes the same path."""
+    if not _ACTIVE or _ACTIVE[-1].paused:
+        return _SDPA(q, k, v, **kwargs)
+    return _FlashAttention.apply(q, k, v, kwargs)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """F.scaled_dot_product_attention counted as the one fused kernel it is on CUDA (flash / cuDNN): its FLOPs,
+    one launch each way, and only q, k, v, out saved for backward (on CPU and meta it decomposes into bmm +
+    softmax and would save the L x L scores). Counting only: its backward returns empty gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kwargs):
+        counter = _ACTIVE[-1]
+        counter.paused = True
+        try:
+            out = _SDPA(q, k, v, **kwargs)
+        finally:
+            counter.paused = False
+        ctx.save_for_backward(q, k, v, out)
+        counter.count_fused("flash_attention", _attn_flops((q, k)))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _ = ctx.saved_tensors
+        _ACTIVE[-1].count_fused("flash_attention_backward", int(2.5 * _attn_flops((q, k))))   # P recomputed + 4 GEMMs
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+
+
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -79,12 +116,24 @@ class OpCounter(TorchDispatchMode):
         self.table = defaultdict(lambda: [0, 0, 0])  # op -> [calls, flops, bytes]
 
     def __enter__(self):
+        _ACTIVE.append(self)
+        torch.nn.functional.scaled_dot_product_attention = _counted_sdpa
         self._fns.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
         self._fns.__exit__(*exc)
+        _ACTIVE.remove(self)
+        if not _ACTIVE:
+            torch.nn.functional.scaled_dot_product_attention = _SDPA
+
+    def count_fused(self, name, flops):
+        self.flops["attention"] += flops
+        self.kernels += 1
+        row = self.table[name]
+        row[0] += 1
+        row[1] += flops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -219,6 +268,21 @@ def report(result, gpu="H100 SXM", say=print):
     say(f"{gpu}: gemm {r['gemm']*1e3:.1f} ms, attention {r['attention']*1e3:.1f} ms, memory {r['memory']*1e3:.1f} ms, "
         f"launch {r['launch']*1e3:.1f} ms -> step {r['total']*1e3:.1f} ms, MFU {r['mfu']:.1%}")
     return r
+
+
+def count_run(raw, V, T, h, w, batch=1, checkpointing=False):
+    """count_step of the DiT `raw` (built on the meta device) at a run's shapes: V views of T pixel frames, latents
+    h x w, bf16 compute weights as under FSDP2, the action input of its config."""
+    cfg = raw.cfg
+    t = V * (1 + (T - 1) // 4)                        # Wan2.1: 4x temporal; views stacked on T
+    with torch.device("meta"):
+        net = copy.deepcopy(raw).to(torch.bfloat16)
+        net.gradient_checkpointing = checkpointing
+        kw = dict(x_B_C_T_H_W=torch.randn(batch, cfg.in_channels, t, h, w, dtype=torch.bfloat16),
+                  timesteps_B_T=torch.rand(batch, 1), num_views=V)
+        if cfg.action_mode != "none":
+            kw["action"] = torch.randn(batch, T - 1, cfg.action_dim)
+    return count_step(net, kw)
 
 
 def main(argv=None):

@@ -39,6 +39,7 @@ import convert
 import data
 import lora
 import model
+import opcount
 import sample
 import synth
 import vae
@@ -144,7 +145,7 @@ bench = False                  # time bench_steps steps on random inputs at the 
 bench_steps = 5                # timed steps, after 2 warm-up steps
 bench_latents = False          # bench: random latents instead of video (no tokenizer encode: a latent-cache step)
 dry_run = False                # count one step's ops on the meta device, print the plan (bench.py), read nothing
-plan_gpu = "H100 SXM"          # dry run: the GPU the plan prices the step on (bench.GPUS)
+plan_gpu = "H100 SXM"          # dry run: the GPU the op count prices the step on (opcount.GPUS)
 plan_gpus = 8                  # dry run: processes to plan for (torchrun's WORLD_SIZE when launched by it)
 # LoRA (lora.py): post-train init_from's weights frozen, low-rank factors + the new heads trained in fp32
 lora_rank = 0                  # 0: full fine-tuning | >0: LoRA of this rank (needs init_from: the frozen base)
@@ -163,7 +164,8 @@ MODEL_PRESETS = {
 CHOICES = {"lr_schedule": ("constant", "linear", "cosine", "lambda_linear"), "loss_mean": ("all", "noisy"),
            "parallel": ("ddp", "fsdp"), "model_size": tuple(MODEL_PRESETS), "compile": ("", "blocks", "model"),
            "action_mode": ("none", "global", "per_frame"), "action_type": ("absolute", "delta", "delta_state"),
-           "action_norm": ("mean_std", "min_max", "none"), "tokenizer": ("pixel", "wan2.1")}
+           "action_norm": ("mean_std", "min_max", "none"), "tokenizer": ("pixel", "wan2.1"),
+           "plan_gpu": tuple(opcount.GPUS)}
 
 
 def model_config(c, latent_channels):

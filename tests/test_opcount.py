@@ -45,3 +45,18 @@ def test_fused_rms_norm_moves_fewer_bytes():
     with opcount.OpCounter() as unfused:
         x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
     assert 0 < fused.bytes < unfused.bytes, (fused.bytes, unfused.bytes)
+
+
+def test_attention_is_one_fused_kernel_with_its_flops():
+    """SDPA counts its 4*B*H*L*L*D FLOPs forward (2.5x backward) as attention, saves q, k, v and out only (not the
+    L x L scores its CPU decomposition would), and is one launch each way."""
+    B, H, L, D = 2, 4, 256, 32
+    q, k, v = (torch.randn(B, H, L, D, device="meta", requires_grad=True) for _ in range(3))
+    with opcount.OpCounter() as fwd:
+        act, _, out = opcount.saved_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    with opcount.OpCounter() as bwd:
+        out.sum().backward()
+    assert fwd.flops["attention"] == 4 * B * H * L * L * D and fwd.flops["gemm"] == 0
+    assert bwd.flops["attention"] == int(2.5 * 4 * B * H * L * L * D)
+    assert fwd.table["flash_attention"][0] == 1 and act == 4 * B * H * L * D * 4
+    assert q.grad.shape == q.shape

@@ -361,6 +361,7 @@ def test_dry_run_prints_the_plan_without_data_or_weights(args, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "memory per GPU: model state" in p.stdout and "TFLOP/step" in p.stdout and "tokens/step" in p.stdout
     assert "sharded 8 ways" in p.stdout and "dry run" in p.stdout
+    assert "op count of one sample's DiT step" in p.stdout and "saved activations" in p.stdout and "MFU" in p.stdout
     assert not any(tmp_path.iterdir())                                  # nothing written, nothing generated
 
 
