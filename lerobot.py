@@ -48,6 +48,7 @@ Imports only leaf helpers (video.py, configurator.py): data.py finds this file, 
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,10 @@ ACTION_NORMS = ("mean_std", "min_max", "none")
 
 
 def _pyarrow():
+    # pyarrow's bundled jemalloc starts a background thread at import; a process forked after that (DataLoader
+    # workers, subprocess) can deadlock on its lock before exec (seen: a child hung in futex_wait in CI). Off,
+    # before the first import (the setting is read once, when jemalloc starts).
+    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
     try:
         import pyarrow
         import pyarrow.parquet

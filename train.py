@@ -14,6 +14,7 @@ checkpoint.py, LoRA in lora.py, the datasets in data.py, the plan and benchmarks
 the run with one line `error: <path>: <problem>`; SIGTERM / SIGINT save a checkpoint and exit non-zero.
 """
 
+import functools
 import gc
 import json
 import math
@@ -402,13 +403,15 @@ def lr_factor(step, c):
     return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def ema_tracked(raw):
-    """(names, parameters) the EMA covers: all of them, or under LoRA the trainable ones (the frozen base is its
-    own EMA, and an fp32 copy of it would cost 4 bytes a parameter)."""
+def ema_tracked(raw, ema=True):
+    """(names, parameters, their fp32 EMA copies: [] without ema) the EMA covers: all parameters, or under LoRA the
+    trainable ones (the frozen base is its own EMA, and an fp32 copy of it would cost 4 bytes a parameter)."""
     named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad or not lora.enabled(raw)]
-    return [n for n, _ in named], [p for _, p in named]
+    params = [p for _, p in named]
+    return [n for n, _ in named], params, [p.detach().float().clone() for p in params] if ema else []
 
 
+@functools.lru_cache   # once per run, not every step
 def power_ema_gamma(sigma_rel):
     s2 = sigma_rel ** -2
     roots = np.roots([1, 7, 16 - s2, 12 - s2])
@@ -417,6 +420,8 @@ def power_ema_gamma(sigma_rel):
 
 @torch.no_grad()
 def ema_update(ema_params, params, step, gamma):
+    if not ema_params:
+        return
     beta = 0.0 if step < 1 else (1 - 1 / (step + 1)) ** (gamma + 1)
     torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1 - beta)
 
@@ -450,6 +455,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return 2 ** 62
+
+
+def make_data(c, tok, env, data_step):
+    """(the training batches from data position data_step on, the validation dataset)."""
+    synth.ensure(c, env.rank, env.say, barrier)     # the default synthetic world, generated when missing
+    train_ds = data.make_dataset(c, c["train_split"], tok, env.rank, env.world, env.say, barrier)
+    val_ds = data.make_dataset(c, c["val_split"], say=env.say)
+    return iter(make_loader(train_ds, c, env, data_step)), val_ds
 
 
 def make_loader(train_ds, c, env, step_pos):
@@ -555,14 +568,24 @@ class Meter:
         return s.tolist()
 
 
-def log_record(s, n, G, tokens, dt, lr, flops, peak, world):
+def log_record(s, n, G, tokens, dt, lr, flops, peak, env):
     b = Meter.BUCKETS
     rec = {"loss": s[0] / n, "lr": lr, "grad_norm": s[1] / n, "samples_per_s": n * G / dt,
            "tokens_per_s": n * G * tokens / dt,
            "loss_t": {f"{b[i]:.2f}-{min(1, b[i + 1]):.2f}": (s[4 + i] / s[8 + i] if s[8 + i] else None) for i in range(4)}}
     if peak:
-        rec["mfu"] = n * G * flops / dt / (world * peak)
+        rec["mfu"] = n * G * flops / dt / (env.world * peak)
+    if env.device.type == "cuda":
+        rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
     return rec
+
+
+def report(env, log_path, step, text, record=None):
+    """A log line on rank 0's terminal and, with a record, a line of log_path (JSON)."""
+    env.say(f"step {step}: {text}")
+    if record is not None and env.master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
 
 
 def log_text(rec, eta_s):
@@ -630,6 +653,12 @@ def write_sample_video(raw, tok, val_ds, c, step, env, text=None):
         sample.save_video(path, video[0].cpu(), gt=frames[:, :, : video.shape[3]], fps=c["fps"])
 
 
+def run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env):
+    return perf.time_steps(random_step(c, net, raw, opt, tok, tok_dtype, shapes, env), c["bench_steps"], 2,
+                           c["batch_size"] * perf.flops_per_sample(raw.cfg, shapes.tokens), env.device, say=env.say,
+                           world=env.world, samples=c["batch_size"], tokens_per_sample=shapes.tokens)
+
+
 def random_step(c, net, raw, opt, tok, tok_dtype, shapes, env):
     """One training step on random inputs at the configured shapes (the --bench step): uint8 video through the
     tokenizer (the online path), or with bench_latents random latents straight into the loss (a latent-cache
@@ -663,43 +692,26 @@ def main(argv=None):
     cfg = model_config(c, tok.latent_channels)
     if c["dry_run"]:       # the plan of the configured run, counted on the meta device: no data, no weights, no GPU
         return perf.dry_run(c, build_model(c, cfg, "meta"), tok, shapes, say=env.say)
-
     ckpt_dir = checkpoint.prepare_out_dir(c["out_dir"], env.rank, barrier)
     resume_path = checkpoint.latest(ckpt_dir, c["resume_from"]) if c["resume"] else None
     raw = build_model(c, cfg, env.device, init=not resume_path, say=env.say)
     net = parallelize(raw, c, env)
     trainable, opt, sched = make_optimizer(raw, c, env.device)
-    ema_names, params = ema_tracked(raw)
-    ema_params = [p.detach().float().clone() for p in params] if c["ema"] else []
-    gamma = power_ema_gamma(c["ema_sigma_rel"])
-    run_cfg = {"model": model.config_dict(raw.cfg), "train": c, "lora": lora.run_config(raw)}
+    ema_names, params, ema_params = ema_tracked(raw, c["ema"])
     G = c["batch_size"] * c["grad_accum"] * env.world
-    saver = checkpoint.Saver(c, run_cfg, raw, opt, sched, ema_names, ema_params, G, env.rank, env.world, barrier)
+    saver = checkpoint.Saver(c, {"model": model.config_dict(raw.cfg), "train": c, "lora": lora.run_config(raw)},
+                             raw, opt, sched, ema_names, ema_params, G, env.rank, env.world, barrier)
     step, data_step = saver.resume(resume_path, c["lr"], lambda s: lr_factor(s, c), env.say) if resume_path else (0, 0)
     perf.summary(c, raw, tok, shapes, env.world, env.device, say=env.say, bf16=env.bf16)
-    if c["bench"]:
-        res = perf.time_steps(random_step(c, net, raw, opt, tok, tok_dtype, shapes, env), c["bench_steps"], 2,
-                               c["batch_size"] * perf.flops_per_sample(cfg, shapes.tokens), env.device, say=env.say,
-                               world=env.world, samples=c["batch_size"], tokens_per_sample=shapes.tokens)
-        if env.ddp:
-            del net
-            shutdown()
+    if c["bench"]:          # time the step on random inputs at the configured shapes (bench.py), then exit
+        res = run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env)
+        del net            # DDP's reducer holds the process group: drop it while the group is alive
+        shutdown()
         return res
-
-    synth.ensure(c, env.rank, env.say, barrier)     # the default synthetic world, generated when missing
-    train_ds = data.make_dataset(c, c["train_split"], tok, env.rank, env.world, env.say, barrier)
-    val_ds = data.make_dataset(c, c["val_split"], say=env.say)
-    batches = iter(make_loader(train_ds, c, env, data_step))
-    text = load_text(c, cfg, env)
-    meter, stop = Meter(env.device), StopSignal()
+    batches, val_ds = make_data(c, tok, env, data_step)
+    text, meter, stop = load_text(c, cfg, env), Meter(env.device), StopSignal()
     flops, peak = perf.flops_per_sample(cfg, shapes.tokens), perf.peak_flops(env.device)
-    log_path, t0, t_start, last_log, start_step = os.path.join(c["out_dir"], "log.jsonl"), time.time(), time.time(), step, step
-
-    def say(text, record=None):
-        env.say(f"step {step}: {text}")
-        if record is not None and env.master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+    log_path, t0, t_start, last_log, start_step = os.path.join(c["out_dir"], "log.jsonl"), *[time.time()] * 2, step, step
 
     while step < c["max_iters"]:
         raw.train()
@@ -719,62 +731,64 @@ def main(argv=None):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if ema_params:
-            ema_update(ema_params, params, step, gamma)
+        ema_update(ema_params, params, step, power_ema_gamma(c["ema_sigma_rel"]))   # (no-op without ema)
         step += 1
         last = step == c["max_iters"]
 
-        # a signal is acted on at once in one process; across processes at the next log step, where the flags of
-        # all ranks are summed (every rank must agree to save at the same step)
+        # a signal acts at once in one process; with several at the next log step (all ranks must save together)
         stopping = bool(stop.signum) and env.world == 1
         if step % c["log_interval"] == 0 or last or stopping:
             s, n = meter.read(env), step - last_log
-            if s[2] > 0:
-                raise non_finite(c, last_log, step, saver.last_good)
+            check_finite(s, c, last_log, step, saver.last_good)
             stopping = stopping or s[3] > 0
-            rec = log_record(s, n, G, shapes.tokens, time.time() - t0, sched.get_last_lr()[0], flops, peak, env.world)
-            if env.device.type == "cuda":
-                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
+            rec = log_record(s, n, G, shapes.tokens, time.time() - t0, sched.get_last_lr()[0], flops, peak, env)
             eta = (time.time() - t_start) / (step - start_step) * (c["max_iters"] - step)
-            say(log_text(rec, eta), rec)
+            report(env, log_path, step, log_text(rec, eta), rec)
             t0, last_log = time.time(), step
         if c["eval_interval"] and (step % c["eval_interval"] == 0 or last) and len(val_ds):
             ev = evaluate(net, raw, tok, tok_dtype, val_ds, c, shapes, env, text)
-            say(f"val loss {ev['val_loss']:.4f} | shuffled actions {ev['val_loss_shuffled']:.4f} | "
-                f"action gain {ev['action_gain']:+.4f}", ev)
+            report(env, log_path, step, f"val loss {ev['val_loss']:.4f} | shuffled actions "
+                   f"{ev['val_loss_shuffled']:.4f} | action gain {ev['action_gain']:+.4f}", ev)
             if env.master:
                 perf.loss_curves(log_path, os.path.join(c["out_dir"], "loss.png"))
         if step % c["save_interval"] == 0 or last or stopping:
-            if meter.read(env, reset=False)[2] > 0:      # never save what a non-finite step produced
-                raise non_finite(c, last_log, step, saver.last_good)
-            say(f"saved {saver.save(step)}")
+            check_finite(meter.read(env, reset=False), c, last_log, step, saver.last_good)   # never save a NaN
+            report(env, log_path, step, f"saved {saver.save(step)}")
         if c["sample_interval"] and step % c["sample_interval"] == 0 and len(val_ds) and (env.master or env.fsdp):
             write_sample_video(raw, tok, val_ds, c, step, env, text)
         if stopping:
             break
 
     saver.finish()
-    name = signal.Signals(stop.signum).name if stop.signum else ""
-    env.say(f"stopped by {name} at step {step}: saved {saver.last_good}; the same command resumes it" if name else
-            f"done. log: {log_path} | checkpoints: {ckpt_dir} (latest: {saver.last_good})\n"
-            f"next: python sample.py --dit_path {saver.consolidated_path(step) or saver.last_good}"
-            + (f" | merged official files: python convert.py export {saver.last_good} DEST" if lora.enabled(raw) else ""))
-    if env.ddp:
-        del net, saver     # DDP's reducer holds the process group: drop it while the group is alive
-        shutdown()
-    if name:
+    env.say(end_message(stop, step, saver, log_path, ckpt_dir, lora.enabled(raw)))
+    del net, saver         # (as for the bench)
+    shutdown()
+    if stop.signum:
         sys.exit(128 + stop.signum)
 
 
-def non_finite(c, since, step, last_good):
-    return configurator.UserError(os.path.join(c["out_dir"], "log.jsonl"), f"non-finite loss between steps {since} "
-                                  f"and {step}: stopping, not saving. Last good checkpoint: {last_good or 'none'} "
-                                  f"(left intact); lower lr or set grad_clip")
+def end_message(stop, step, saver, log_path, ckpt_dir, is_lora):
+    if stop.signum:
+        name = signal.Signals(stop.signum).name
+        return f"stopped by {name} at step {step}: saved {saver.last_good}; the same command resumes it"
+    return (f"done. log: {log_path} | checkpoints: {ckpt_dir} (latest: {saver.last_good})\n"
+            f"next: python sample.py --dit_path {saver.consolidated_path(step) or saver.last_good}"
+            + (f" | merged official files: python convert.py export {saver.last_good} DEST" if is_lora else ""))
+
+
+def check_finite(stats, c, since, step, last_good):
+    """Raise when a step since the last log had a non-finite loss (the Meter's flag, stats[2])."""
+    if stats[2] > 0:
+        raise configurator.UserError(os.path.join(c["out_dir"], "log.jsonl"), f"non-finite loss between steps "
+                                     f"{since} and {step}: stopping, not saving. Last good checkpoint: "
+                                     f"{last_good or 'none'} (left intact); lower lr or set grad_clip")
 
 
 def shutdown():
     """End the process group with every rank present: when one rank had already left, gloo's destructor (run by
-    DDP's reducer after the group ended) waited forever for it (seen on a 2-core CPU)."""
+    DDP's reducer after the group ended) waited forever for it (seen on a 2-core CPU). Nothing in one process."""
+    if not dist.is_initialized():
+        return
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

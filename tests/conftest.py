@@ -1,5 +1,9 @@
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")   # before any pyarrow import: lerobot._pyarrow
 
 
 @pytest.fixture(autouse=True, scope="session")
