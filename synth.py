@@ -207,16 +207,8 @@ def random_direction(rng, z_weight=0.6):
     return d / max(np.linalg.norm(d), 1e-9)
 
 
-def simulate_episode(rng, frames, num_objects):  # one loop over ~12 shared state variables: split, it reads worse
-    """
-    Roll the world forward under a random, smooth 6-DoF motion: the end effector eases toward a new random velocity
-    goal (any direction, speed in SPEED, sometimes a pause, sometimes a dive at a cube) every 3-8 frames, turns
-    and tilts the same way, bounces off the workspace walls, and flips its gripper at random times (always closing
-    when a dive reaches its cube). Cubes it touches are shoved; a cube between closing fingers is carried until they
-    open. So where the gripper goes is NOT predictable from the first frame: only the actions tell.
-    Returns state [T,7] (x, y, z, roll, pitch, yaw, 1 = gripper commanded open, as Bridge), continuous gripper [T]
-    (0 open .. 1 closed; it stops on a held cube, like Bridge's 0.3-0.95), the scene of every frame, and texts.
-    """
+def place_objects(rng, num_objects):
+    """Cubes of distinct colours at random places on the table, at least 10 cm apart where possible."""
     objects = []
     for name in rng.choice(list(OBJECT_COLOURS), size=num_objects, replace=False):
         half = rng.uniform(0.024, 0.034)
@@ -226,6 +218,62 @@ def simulate_episode(rng, frames, num_objects):  # one loop over ~12 shared stat
                 break
         objects.append(dict(name=str(name), colour=OBJECT_COLOURS[name], half=np.full(3, half),
                             centre=np.array([xy[0], xy[1], half]), R=rot_z(rng.uniform(-np.pi, np.pi))))
+    return objects
+
+
+def try_grasp(objects, p, R, texts):
+    """The index of a cube that sits between the closing fingers (its grip recorded), or None."""
+    for i, o in enumerate(objects):
+        c = R.T @ (o["centre"] - p)
+        if abs(c[0]) < FINGER_HALF[0] + 0.01 and abs(c[1]) < 0.5 * OPEN_GAP - 0.8 * o["half"][1] and abs(c[2]) < 0.035:
+            o["grip"] = (c, R.T @ o["R"])
+            texts.append(f"pick up the {o['name']} cube")
+            return i
+    return None
+
+
+def move_cubes(objects, held, p, R, gap, texts):
+    """One frame of the cubes (in place): the held one rides with the fingers, the others fall, are shoved by
+    fingers low enough to touch them, shove each other apart and stay on the table."""
+    for i, o in enumerate(objects):
+        if i == held:
+            c, R_rel = o["grip"]
+            o["centre"], o["R"] = p + R @ c, R @ R_rel
+            continue
+        o["centre"][2] = max(o["half"][2], o["centre"][2] - 0.04)  # falling
+        if p[2] - FINGER_HALF[2] < 2 * o["half"][2]:  # fingers low enough to shove the cube
+            for f in finger_offsets(gap):
+                f_xy = (p + R @ f)[:2]
+                d = o["centre"][:2] - f_xy
+                reach = FINGER_HALF[0] + 1.2 * o["half"][0]
+                if np.linalg.norm(d) < reach:
+                    o["centre"][:2] = f_xy + d / max(np.linalg.norm(d), 1e-9) * reach
+                    if not texts or texts[-1] != f"push the {o['name']} cube":
+                        texts.append(f"push the {o['name']} cube")
+    for i, o in enumerate(objects):
+        for j in range(i + 1, len(objects)):
+            q = objects[j]
+            d = q["centre"][:2] - o["centre"][:2]
+            reach = 1.2 * (o["half"][0] + q["half"][0])
+            if held not in (i, j) and np.linalg.norm(d) < reach:
+                shift = 0.5 * (reach - np.linalg.norm(d)) * d / max(np.linalg.norm(d), 1e-9)
+                o["centre"][:2] -= shift
+                q["centre"][:2] += shift
+        if i != held:
+            o["centre"][:2] = np.clip(o["centre"][:2], -TABLE_HALF + o["half"][0], TABLE_HALF - o["half"][0])
+
+
+def simulate_episode(rng, frames, num_objects):
+    """
+    Roll the world forward under a random, smooth 6-DoF motion: the end effector eases toward a new random velocity
+    goal (any direction, speed in SPEED, sometimes a pause, sometimes a dive at a cube) every 3-8 frames, turns
+    and tilts the same way, bounces off the workspace walls, and flips its gripper at random times (always closing
+    when a dive reaches its cube). Cubes it touches are shoved; a cube between closing fingers is carried until they
+    open. So where the gripper goes is NOT predictable from the first frame: only the actions tell.
+    Returns state [T,7] (x, y, z, roll, pitch, yaw, 1 = gripper commanded open, as Bridge), continuous gripper [T]
+    (0 open .. 1 closed; it stops on a held cube, like Bridge's 0.3-0.95), the scene of every frame, and texts.
+    """
+    objects = place_objects(rng, num_objects)
     p = rng.uniform([WORK_LO[0], WORK_LO[1], 0.08], [WORK_HI[0], WORK_HI[1], WORK_HI[2] - 0.02])
     rpy = np.array([rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(-YAW_LIMIT, YAW_LIMIT)])
     v, v_goal, yaw_rate, yaw_goal, tilt_goal = np.zeros(3), np.zeros(3), 0.0, 0.0, rpy[:2].copy()
@@ -277,13 +325,7 @@ def simulate_episode(rng, frames, num_objects):  # one loop over ~12 shared stat
             g += float(np.clip(command - g, -0.34, 0.34))
             R = euler_to_rotm(rpy)
             if command == 1 and held is None and g < 0.7:  # closing on a cube that sits between the fingers grasps it
-                for i, o in enumerate(objects):
-                    c = R.T @ (o["centre"] - p)
-                    if (abs(c[0]) < FINGER_HALF[0] + 0.01 and abs(c[1]) < 0.5 * OPEN_GAP - 0.8 * o["half"][1]
-                            and abs(c[2]) < 0.035):
-                        held, o["grip"] = i, (c, R.T @ o["R"])
-                        texts.append(f"pick up the {o['name']} cube")
-                        break
+                held = try_grasp(objects, p, R, texts)
             if command == 0 and held is not None:  # opening drops it; it lands upright
                 objects[held]["R"] = rot_z(yaw_of(objects[held]["R"]))
                 held = None
@@ -291,32 +333,7 @@ def simulate_episode(rng, frames, num_objects):  # one loop over ~12 shared stat
         if held is not None:  # the fingers stop on the cube
             g = min(g, (OPEN_GAP - 2 * objects[held]["half"][1]) / (OPEN_GAP - CLOSED_GAP))
         gap = OPEN_GAP - g * (OPEN_GAP - CLOSED_GAP)
-        for i, o in enumerate(objects):
-            if i == held:
-                c, R_rel = o["grip"]
-                o["centre"], o["R"] = p + R @ c, R @ R_rel
-                continue
-            o["centre"][2] = max(o["half"][2], o["centre"][2] - 0.04)  # falling
-            if p[2] - FINGER_HALF[2] < 2 * o["half"][2]:  # fingers low enough to shove the cube
-                for f in finger_offsets(gap):
-                    f_xy = (p + R @ f)[:2]
-                    d = o["centre"][:2] - f_xy
-                    reach = FINGER_HALF[0] + 1.2 * o["half"][0]
-                    if np.linalg.norm(d) < reach:
-                        o["centre"][:2] = f_xy + d / max(np.linalg.norm(d), 1e-9) * reach
-                        if not texts or texts[-1] != f"push the {o['name']} cube":
-                            texts.append(f"push the {o['name']} cube")
-        for i, o in enumerate(objects):  # cubes on the table shove each other apart and stay on it
-            for j in range(i + 1, len(objects)):
-                q = objects[j]
-                d = q["centre"][:2] - o["centre"][:2]
-                reach = 1.2 * (o["half"][0] + q["half"][0])
-                if held not in (i, j) and np.linalg.norm(d) < reach:
-                    shift = 0.5 * (reach - np.linalg.norm(d)) * d / max(np.linalg.norm(d), 1e-9)
-                    o["centre"][:2] -= shift
-                    q["centre"][:2] += shift
-            if i != held:
-                o["centre"][:2] = np.clip(o["centre"][:2], -TABLE_HALF + o["half"][0], TABLE_HALF - o["half"][0])
+        move_cubes(objects, held, p, R, gap, texts)
         states.append([*p, *rpy, 1.0 - command])
         grippers.append(g)
         scenes.append(((p.copy(), R), gap, [dict(centre=o["centre"].copy(), R=o["R"].copy(), half=o["half"],
