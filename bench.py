@@ -11,10 +11,14 @@ import time
 
 import torch
 
-# dense bf16 tensor-core peak FLOP/s, by a substring of torch.cuda.get_device_name (NVIDIA datasheets: H100 SXM
-# 989 TF, H100 PCIe 756 TF, H200 989 TF, A100 312 TF, L40S 362 TF, RTX 4090 165 TF with fp32 accumulation, B200 2.25 PF)
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12,
-                   "A100": 312e12, "A800": 312e12, "L40S": 362e12, "RTX 4090": 165e12, "B200": 2250e12}
+import opcount
+
+# dense bf16 tensor-core peak FLOP/s by a substring of torch.cuda.get_device_name: opcount.GPUS holds the datasheet
+# figures (one table); the names here are what CUDA reports ("NVIDIA H100 80GB HBM3" is the SXM part)
+_P = {k: v[0] for k, v in opcount.GPUS.items()}
+PEAK_BF16_FLOPS = {"H100 PCIe": _P["H100 PCIe"], "H100": _P["H100 SXM"], "H200": _P["H200"], "H800": _P["H100 SXM"],
+                   "GH200": _P["H100 SXM"], "A100": _P["A100 80GB"], "A800": _P["A100 80GB"], "L40S": _P["L40S"],
+                   "RTX 4090": _P["RTX 4090"], "B200": 2250e12}
 # bytes saved for backward per token per block in bf16, in units of model_channels, counted with saved-tensor hooks on
 # the 2B multiview step (0.68 GiB per block at 5,120 tokens, D 2048: issue 20's accounting); the textbook 34 D
 # (Korthikanti et al. 2022) omits the adaLN modulation, RoPE and norm outputs this network keeps
@@ -121,7 +125,6 @@ def dry_run(c, raw, tok, shapes, say=print):
     model built on the meta device: nothing is read, nothing trained, no GPU needed."""
     world = int(os.environ.get("WORLD_SIZE", 0)) or c["plan_gpus"]
     summary(c, raw, tok, shapes, world, "cuda", say=say, bf16=c["dtype"] != "float32")
-    import opcount
     say(f"op count of one sample's DiT step (bf16, activation ckpt {c['activation_checkpointing']}), priced on "
         f"{c['plan_gpu']} (opcount.py; roofline at 70% GEMM / 50% attention / 80% bandwidth efficiency):")
     opcount.report(opcount.count_run(raw, shapes.V, shapes.T, shapes.h, shapes.w, 1, c["activation_checkpointing"]),
