@@ -19,12 +19,6 @@ _P = {k: v[0] for k, v in opcount.GPUS.items()}
 PEAK_BF16_FLOPS = {"H100 PCIe": _P["H100 PCIe"], "H100": _P["H100 SXM"], "H200": _P["H200"], "H800": _P["H100 SXM"],
                    "GH200": _P["H100 SXM"], "A100": _P["A100 80GB"], "A800": _P["A100 80GB"], "L40S": _P["L40S"],
                    "RTX 4090": _P["RTX 4090"], "B200": 2250e12}
-# bytes saved for backward per token per block in bf16, in units of model_channels, counted with saved-tensor hooks on
-# the 2B multiview step (0.68 GiB per block at 5,120 tokens, D 2048: issue 20's accounting); the textbook 34 D
-# (Korthikanti et al. 2022) omits the adaLN modulation, RoPE and norm outputs this network keeps
-SAVED_PER_TOKEN_BLOCK = 70
-
-
 def flops_per_sample(cfg, tokens):
     """Model FLOPs per training sample (forward + backward = 3x forward; recomputation from activation
     checkpointing not counted, as MFU is usually quoted): per-token matmuls (self-attention q/k/v/out and the
@@ -43,15 +37,15 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def memory_plan(cfg, n_params, n_trainable, tokens, batch_size, shards=1, ema_params=None, frozen_bytes=4,
-                act_bytes=2, fsdp=False):
+def memory_plan(cfg, n_params, n_trainable, saved, batch_size, shards=1, ema_params=None, frozen_bytes=4,
+                autocast_copies=False, fsdp=False):
     """Bytes per GPU of the model state and the activations. Trainable weights are fp32 masters with an fp32
     gradient and two fp32 AdamW moments; frozen weights take frozen_bytes each (2 for a bf16 frozen base under
     LoRA); the EMA is fp32 (ema_params: how many it covers, default all). FSDP shards all of it `shards` ways and
-    adds the bf16 copies of the two blocks gathered at a time. Activations: SAVED_PER_TOKEN_BLOCK * D bytes per
-    token per block in bf16 (scaled by act_bytes / 2), plus, without FSDP's bf16 parameters, autocast's bf16 copies
-    of every fp32 weight (kept for the backward); with per-block checkpointing only each block's input is kept,
-    plus one block's worth during its recomputation."""
+    adds the bf16 copies of the two blocks gathered at a time. Activations come from the op count
+    (opcount.saved_activations of one sample, `saved` = {checkpointing: (activation, parameter bytes)}), times the
+    batch, plus autocast's bf16 copies of the fp32 weights the backward keeps (autocast_copies: no FSDP, no bf16
+    base); with per-block checkpointing, one block's worth more while it is recomputed."""
     frozen = n_params - n_trainable
     ema_n = n_params if ema_params is None else ema_params
     plan = {"weights": (4 * n_trainable + frozen_bytes * frozen) / shards,
@@ -60,11 +54,10 @@ def memory_plan(cfg, n_params, n_trainable, tokens, batch_size, shards=1, ema_pa
             "ema": 4 * ema_n / shards,
             "gathered": 2 * 2 * n_params / cfg.num_blocks if fsdp else 0}
     plan["model_state"] = sum(plan.values())
-    per_block = SAVED_PER_TOKEN_BLOCK * act_bytes / 2 * cfg.model_channels * tokens * batch_size
-    casts = 2 * n_params if act_bytes == 2 and not fsdp and frozen_bytes == 4 else 0
-    plan["activations"] = cfg.num_blocks * per_block + casts
-    plan["activations_checkpointed"] = (cfg.num_blocks * act_bytes * cfg.model_channels * tokens * batch_size
-                                        + per_block + casts / cfg.num_blocks)
+    (act, copies), (act_ckpt, _) = saved[False], saved[True]
+    copies = copies if autocast_copies else 0
+    plan["activations"] = act * batch_size + copies
+    plan["activations_checkpointed"] = (act_ckpt + act / cfg.num_blocks) * batch_size + copies / cfg.num_blocks
     return plan
 
 
@@ -102,14 +95,16 @@ def summary(c, raw, tok, shapes, world, device, say=print, bf16=None):
     say(f"compute: {fl / 1e9:.4g} GFLOP/sample, {fl * G / 1e12:.4g} TFLOP/step (fwd + bwd, no recomputation)")
     lr = getattr(raw, "lora", None)
     n_ema = sum(p.numel() for n, p in raw.named_parameters() if p.requires_grad or not lr) if c["ema"] else 0
-    m = memory_plan(cfg, n_all, n_train, shapes.tokens, c["batch_size"], shards=world if fsdp else 1,
-                    ema_params=n_ema, frozen_bytes=2 if lr and lr["base_dtype"] == "bfloat16" else 4,
-                    act_bytes=2 if bf16 else 4, fsdp=fsdp)
+    frozen_bytes = 2 if lr and lr["base_dtype"] == "bfloat16" else 4
+    saved = {ck: opcount.saved_activations(raw, shapes.V, shapes.T, shapes.t, shapes.h, shapes.w, ck,
+                                           torch.bfloat16 if bf16 else torch.float32) for ck in (False, True)}
+    m = memory_plan(cfg, n_all, n_train, saved, c["batch_size"], shards=world if fsdp else 1, ema_params=n_ema,
+                    frozen_bytes=frozen_bytes, autocast_copies=bf16 and not fsdp and frozen_bytes == 4, fsdp=fsdp)
     gb = lambda b: f"{b / 2 ** 30:.2f}"  # noqa: E731
     say(f"memory per GPU: model state {gb(m['model_state'])} GB = weights {gb(m['weights'])} + grads {gb(m['grads'])}"
         f" + AdamW {gb(m['optimizer'])} + EMA {gb(m['ema'])}"
         + (f" + gathered bf16 blocks {gb(m['gathered'])} (sharded {world} ways)" if fsdp else " (replicated)")
-        + f" | activations ~{gb(m['activations'])} GB, ~{gb(m['activations_checkpointed'])} GB with checkpointing"
+        + f" | activations {gb(m['activations'])} GB, {gb(m['activations_checkpointed'])} GB with checkpointing"
         + (" (on)" if c["activation_checkpointing"] else " (off)"))
     n_tok = sum(p.numel() for p in tok.parameters())
     tok_bytes = n_tok * (2 if bf16 and n_tok else 4)
@@ -127,8 +122,9 @@ def dry_run(c, raw, tok, shapes, say=print):
     summary(c, raw, tok, shapes, world, "cuda", say=say, bf16=c["dtype"] != "float32")
     say(f"op count of one sample's DiT step (bf16, activation ckpt {c['activation_checkpointing']}), priced on "
         f"{c['plan_gpu']} (opcount.py; roofline at 70% GEMM / 50% attention / 80% bandwidth efficiency):")
-    opcount.report(opcount.count_run(raw, shapes.V, shapes.T, shapes.h, shapes.w, 1, c["activation_checkpointing"]),
-                   c["plan_gpu"], say=lambda s: say("  " + s))
+    s = shapes
+    counts = opcount.count_run(raw, s.V, s.T, s.t, s.h, s.w, 1, c["activation_checkpointing"])
+    opcount.report(counts, c["plan_gpu"], say=lambda s: say("  " + s))
     say(f"dry run: planned for {world} GPU(s) (plan_gpus); nothing was read or trained")
     return raw
 

@@ -270,19 +270,41 @@ def report(result, gpu="H100 SXM", say=print):
     return r
 
 
-def count_run(raw, V, T, h, w, batch=1, checkpointing=False):
-    """count_step of the DiT `raw` (built on the meta device) at a run's shapes: V views of T pixel frames, latents
-    h x w, bf16 compute weights as under FSDP2, the action input of its config."""
+def meta_copy(module, dtype=None):
+    """module rebuilt on the meta device (same structure, LoRA layers, requires_grad flags), copying no data."""
+    memo = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        m = torch.empty(t.shape, dtype=dtype or t.dtype, device="meta")
+        memo[id(t)] = torch.nn.Parameter(m, t.requires_grad) if isinstance(t, torch.nn.Parameter) else m
+    return copy.deepcopy(module, memo)
+
+
+def meta_step(raw, V, T, t, h, w, batch=1, checkpointing=False, dtype=torch.bfloat16):
+    """A meta copy of the DiT `raw` in `dtype` (bf16: the compute weights under FSDP2) and its inputs at a run's
+    shapes: V views of T pixel frames, t x h x w latents per view (stacked on t), the action input of its config."""
     cfg = raw.cfg
-    t = V * (1 + (T - 1) // 4)                        # Wan2.1: 4x temporal; views stacked on T
+    net = meta_copy(raw, dtype)
+    net.gradient_checkpointing = checkpointing
     with torch.device("meta"):
-        net = copy.deepcopy(raw).to(torch.bfloat16)
-        net.gradient_checkpointing = checkpointing
-        kw = dict(x_B_C_T_H_W=torch.randn(batch, cfg.in_channels, t, h, w, dtype=torch.bfloat16),
+        kw = dict(x_B_C_T_H_W=torch.randn(batch, cfg.in_channels, V * t, h, w, dtype=dtype),
                   timesteps_B_T=torch.rand(batch, 1), num_views=V)
         if cfg.action_mode != "none":
             kw["action"] = torch.randn(batch, T - 1, cfg.action_dim)
-    return count_step(net, kw)
+    return net, kw
+
+
+def count_run(raw, V, T, t, h, w, batch=1, checkpointing=False):
+    """count_step of the DiT `raw` (any device: it is counted on a meta copy) at a run's shapes, in bf16."""
+    return count_step(*meta_step(raw, V, T, t, h, w, batch, checkpointing))
+
+
+def saved_activations(raw, V, T, t, h, w, checkpointing=False, dtype=torch.bfloat16):
+    """(activation bytes, parameter bytes) autograd keeps for backward in one sample's forward, attention counted as
+    the fused kernel it is on CUDA; a meta forward, well under a second for the 2B model."""
+    net, kw = meta_step(raw, V, T, t, h, w, 1, checkpointing, dtype)
+    with OpCounter():
+        act, par, _ = saved_bytes(lambda: net(**kw), list(net.parameters()))
+    return act, par
 
 
 def main(argv=None):
@@ -299,15 +321,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     arch = dict(model.PRESETS["2B"]) if a.model_size == "2B" else dict(
         model_channels=64, num_blocks=2, num_heads=4, adaln_lora_dim=16, crossattn_emb_channels=32)
-    cfg = model.DiTConfig(**arch, in_channels=16, out_channels=16, n_views_emb=7, timestep_scale=0.001)
-    H, W = (int(s) // 8 for s in a.size.split("x"))   # Wan2.1 VAE: 8x spatial
-    T = a.views * (1 + (a.frames - 1) // 4)           # 4x temporal, views stacked on T
     with torch.device("meta"):
-        net = model.DiT(cfg).to(torch.bfloat16)       # FSDP2 bf16 compute
-        net.gradient_checkpointing = a.checkpointing
-        kw = dict(x_B_C_T_H_W=torch.randn(a.batch, 16, T, H, W, dtype=torch.bfloat16),
-                  timesteps_B_T=torch.rand(a.batch, 1), num_views=a.views)
-    report(count_step(net, kw), a.gpu)
+        raw = model.DiT(model.DiTConfig(**arch, in_channels=16, out_channels=16, n_views_emb=7, timestep_scale=0.001))
+    H, W = (int(s) // 8 for s in a.size.split("x"))   # Wan2.1 VAE: 8x spatial, 4x temporal
+    report(count_run(raw, a.views, a.frames, 1 + (a.frames - 1) // 4, H, W, a.batch, a.checkpointing), a.gpu)
 
 
 if __name__ == "__main__":

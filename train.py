@@ -374,11 +374,13 @@ def load_text(c, cfg, env):
 # -----------------------------------------------------------------------------
 # optimizer, schedule, EMA (Cosmos "power" EMA, fp32, shaped and sharded like the parameters)
 
-def make_optimizer(raw, c, device):
+def make_optimizer(raw, c):
     """AdamW over the parameters that train (frozen ones get no state and no weight decay) and its schedule."""
     trainable = [p for p in raw.parameters() if p.requires_grad]   # after FSDP: the DTensors
+    # fused on every device: one kernel per step, and the step counters stay tensors (the per-tensor AdamW reads
+    # each one with .item(), a host sync per parameter on a GPU); the CPU runs the path the GPU does
     opt = torch.optim.AdamW(trainable, lr=c["lr"], betas=tuple(c["betas"]), weight_decay=c["weight_decay"],
-                            fused=device.type == "cuda")
+                            fused=True)
     return trainable, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c))
 
 
@@ -696,7 +698,7 @@ def main(argv=None):
     resume_path = checkpoint.latest(ckpt_dir, c["resume_from"]) if c["resume"] else None
     raw = build_model(c, cfg, env.device, init=not resume_path, say=env.say)
     net = parallelize(raw, c, env)
-    trainable, opt, sched = make_optimizer(raw, c, env.device)
+    trainable, opt, sched = make_optimizer(raw, c)
     ema_names, params, ema_params = ema_tracked(raw, c["ema"])
     G = c["batch_size"] * c["grad_accum"] * env.world
     saver = checkpoint.Saver(c, {"model": model.config_dict(raw.cfg), "train": c, "lora": lora.run_config(raw)},

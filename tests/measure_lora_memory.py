@@ -49,11 +49,11 @@ def rss_gib():
 def run_variant(name, steps=3):
     sys.path.insert(0, str(ROOT))
     import torch
-    import model
     import bench
-import lora
-import model
-import train
+    import lora
+    import model
+    import opcount
+    import train
     rank, base_dtype, bf16, ac = VARIANTS[name]
     torch.set_num_threads(2)
     c = {k: getattr(train, k) for k in train._CONFIG_KEYS}
@@ -85,9 +85,11 @@ import train
     state = weights + n_train * 4 + sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                                         if torch.is_tensor(t) and t.ndim) + sum(e.numel() * 4 for e in ema)
     # what train.py's plan predicts for this run (fp32 activations unless autocast): model state + activations
-    plan = bench.memory_plan(cfg, n_all, n_train, tokens=V * 4 * (lat[1] // 2) * (lat[2] // 2), batch_size=B,
-                             ema_params=sum(e.numel() for e in ema), frozen_bytes=2 if base_dtype == "bfloat16" else 4,
-                             act_bytes=2 if bf16 else 4)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    saved = {ck: opcount.saved_activations(raw, V, 13, 4, lat[1], lat[2], ck, dtype) for ck in (False, True)}
+    plan = bench.memory_plan(cfg, n_all, n_train, saved, batch_size=B, ema_params=sum(e.numel() for e in ema),
+                             frozen_bytes=2 if base_dtype == "bfloat16" else 4,
+                             autocast_copies=bf16 and base_dtype == "float32")
     predicted = plan["model_state"] + plan["activations_checkpointed" if ac else "activations"]
     return {"variant": name, "params": n_all, "trainable": n_train, "state_gib": state / 2 ** 30,
             "plan_gib": predicted / 2 ** 30,
