@@ -1,20 +1,11 @@
 """
-nanoGPT-style configuration overrides. A script defines its defaults as plain module-level
-variables, then calls
-
-    _keys = config_keys(globals())      # right after the defaults
-    ...
-    config = configure(globals(), _keys, sys.argv[1:])
-
-Arguments are applied in order:
-    python train.py config/multiview_action.py --batch_size=4 --lr 1e-4
-  - a path ending in .py is executed as Python and may assign any known key;
-  - --key=value or --key value overrides one key. Values are parsed with ast.literal_eval and must have
-    the type of the default (ints are accepted for floats; anything is accepted where the default is None);
-    a bare word that is not a Python literal is taken as a string.
-Tuples also take the plain shell forms 256x320, 0,1 and 0; a bare --flag sets a boolean key to True.
-An unknown key is an error that names the key meant (by meaning or by spelling), so a typo never trains the wrong
-model; a value of the wrong type, or a config file that does not run, is one line naming the key or the file's line.
+nanoGPT-style configuration overrides: a script defines its defaults as module-level variables, then calls
+`_keys = config_keys(globals())` right after them and `configure(globals(), _keys, sys.argv[1:])`.
+Arguments apply in order (python train.py config/multiview_action.py --batch_size=4 --lr 1e-4): a *.py path is
+executed and may assign any known key; --key=value or --key value is parsed with ast.literal_eval and must have the
+default's type (ints pass for floats, anything where the default is None; a bare word is a string). Tuples also take
+256x320, 0,1 and 0; a bare --flag sets a boolean to True. An unknown key names the key meant (by meaning or
+spelling), so a typo never trains the wrong model; a bad value or config file is one line naming the key or line.
 """
 
 import ast
@@ -26,8 +17,7 @@ import traceback
 
 
 class UserError(ValueError):
-    """The one error type of every command: a problem the user can fix, with the file, folder or setting it is
-    about. str(e) is '<path>: <problem>'; the handler (exit_on_known_errors) prints it as one line."""
+    """A problem the user can fix, with the file, folder or setting it is about: str(e) is '<path>: <problem>'."""
 
     def __init__(self, path, problem):
         self.path, self.problem = str(path), problem
@@ -42,59 +32,40 @@ class ConfigError(UserError):
     """A bad setting; path is the setting as given (--key=value) or the config file."""
 
     def __init__(self, message, problem=None):
-        if problem is None:           # ConfigError("--key: problem") from older call sites
-            path, _, problem = message.partition(": ")
-            if not problem:
-                path, problem = "config", message
-        else:
-            path = message
-        super().__init__(path, problem)
+        if problem is None:   # ConfigError("<path>: <problem>"), or a bare problem (path "config")
+            message, _, problem = message.partition(": ") if ": " in message else ("config", "", message)
+        super().__init__(message, problem)
 
 
 def config_keys(g):
-    """The configuration keys of a script: its public module-level values of plain types. Call it right
-    after the defaults, before the script defines anything else."""
+    """A script's configuration keys: its public module-level values of plain types (call it right after them)."""
     return sorted(k for k, v in g.items()
                   if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None))))
 
 
 # words users type for a key, by meaning (difflib finds spelling slips, not these)
-SYNONYMS = {"learning_rate": "lr", "lr_rate": "lr", "batch": "batch_size", "bs": "batch_size",
-            "micro_batch_size": "batch_size", "steps": "max_iters", "max_steps": "max_iters", "iters": "max_iters",
-            "num_steps": "max_iters", "iterations": "max_iters", "epochs": "max_iters",
-            "grad_accumulation": "grad_accum", "gradient_accumulation_steps": "grad_accum",
-            "accumulation_steps": "grad_accum", "wd": "weight_decay", "warmup": "warmup_iters",
-            "warmup_steps": "warmup_iters", "resolution": "frame_size", "image_size": "frame_size",
-            "size": "frame_size", "views": "cameras", "camera": "cameras", "frames": "num_frames",
-            "checkpoint": "init_from", "ckpt": "init_from", "pretrained": "init_from", "init": "init_from",
-            "output_dir": "out_dir", "out": "out_dir", "output": "out_dir", "precision": "dtype",
-            "workers": "num_workers", "threads": "cpu_threads", "rank": "lora_rank", "lora": "lora_rank",
-            "data": "data_root", "dataset": "data_root", "data_dir": "data_root", "clip": "grad_clip",
-            "save_every": "save_interval", "eval_every": "eval_interval", "log_every": "log_interval",
-            "steps_per_sample": "num_steps", "sampling_steps": "num_steps", "cfg": "guidance"}
+SYNONYMS = {word: key for key, words in {
+    "lr": "learning_rate lr_rate", "batch_size": "batch bs micro_batch_size",
+    "max_iters": "steps max_steps iters num_steps iterations epochs",
+    "grad_accum": "grad_accumulation gradient_accumulation_steps accumulation_steps", "weight_decay": "wd",
+    "warmup_iters": "warmup warmup_steps", "frame_size": "resolution image_size size", "cameras": "views camera",
+    "num_frames": "frames", "init_from": "checkpoint ckpt pretrained init", "out_dir": "output_dir out output",
+    "dtype": "precision", "num_workers": "workers", "cpu_threads": "threads", "lora_rank": "rank lora",
+    "data_root": "data dataset data_dir", "grad_clip": "clip", "save_interval": "save_every",
+    "eval_interval": "eval_every", "log_interval": "log_every", "num_steps": "steps_per_sample sampling_steps",
+    "guidance": "cfg"}.items() for word in words.split()}
 
 
 def _suggest(key, keys):
-    by_meaning = [SYNONYMS[key]] if SYNONYMS.get(key) in keys else []
-    close = by_meaning or difflib.get_close_matches(key, keys, n=4, cutoff=0.5)
+    close = [SYNONYMS[key]] if SYNONYMS.get(key) in keys else difflib.get_close_matches(key, keys, n=4, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else f" Valid keys: {', '.join(keys)}"
 
 
 def _simple_form(text, default):
-    """The plain shell forms of a tuple value: 256x320, 0,1 and 0 for (256, 320), (0, 1) and (0,)."""
+    """The plain shell forms of a tuple value: 256x320, 0,1 and 0 for (256, 320), (0, 1) and (0,); else None."""
     if not isinstance(default, tuple) or not re.fullmatch(r"[-\d.]+([x,][-\d.]+)*,?", text):
         return None
-    parts = [p for p in re.split(r"[x,]", text) if p]
-    try:
-        return tuple(ast.literal_eval(p) for p in parts)
-    except (ValueError, SyntaxError):
-        return None
-
-
-def _describe(default):
-    if isinstance(default, tuple):
-        return f"a tuple such as {default!r} (or {','.join(map(str, default)) or '0,1'})"
-    return f"{type(default).__name__} (default {default!r})"
+    return tuple(ast.literal_eval(p) for p in re.split(r"[x,]", text) if p)
 
 
 def check_value(where, key, value, default):
@@ -110,17 +81,17 @@ def check_value(where, key, value, default):
     if isinstance(default, tuple) and isinstance(value, list):
         value = tuple(value)
     if isinstance(value, bool) and isinstance(default, (int, float)) or not isinstance(value, type(default)):
-        raise UserError(where, f"expected {_describe(default)}, got {value!r}")
+        want = (f"a tuple such as {default!r} (or {','.join(map(str, default)) or '0,1'})"
+                if isinstance(default, tuple) else f"{type(default).__name__} (default {default!r})")
+        raise UserError(where, f"expected {want}, got {value!r}")
     return value
 
 
 def _parse(key, text, default):
-    value = _simple_form(text, default)
-    if value is None:
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare word, e.g. --device=cuda
+    try:
+        value = _simple_form(text, default) or ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word, e.g. --device=cuda
     return check_value(f"--{key}={text}", key, value, default)
 
 
@@ -131,51 +102,42 @@ def _run_config_file(path, g, keys):
     print(f"config: {path}")
     scope = {}
     try:
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), scope)
+        exec(compile(open(path).read(), path, "exec"), scope)
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}", f"syntax error: {e.msg}") from None
     except Exception as e:   # noqa: BLE001 (a config file that raises: name its line)
         line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == path), "?")
         raise UserError(f"{path}:{line}", f"{type(e).__name__}: {e}") from None
     for k, v in scope.items():
-        if k.startswith("_") or callable(v) or type(v).__name__ == "module":
-            continue
-        if k not in keys:
-            raise UserError(path, f"unknown config key {k!r}.{_suggest(k, keys)}")
-        g[k] = check_value(f"{path}: {k}", k, v, g[k])
+        if not (k.startswith("_") or callable(v) or type(v).__name__ == "module"):
+            if k not in keys:
+                raise UserError(path, f"unknown config key {k!r}.{_suggest(k, keys)}")
+            g[k] = check_value(f"{path}: {k}", k, v, g[k])
 
 
 def configure(g, keys, argv, source=None):
-    """Apply config files and --key=value overrides from argv to the dict g (a script's globals()), for the
-    given keys (see config_keys). Returns {key: value} of all configuration keys after the overrides.
+    """Apply config files and --key=value overrides from argv to g (a script's globals()); returns {key: value}.
     --help / -h prints the keys of source (the script's file) with their defaults and comments, and exits."""
     if "--help" in argv or "-h" in argv:
         print(help_text(source or g.get("__file__", ""), {k: g[k] for k in keys}))
         sys.exit(0)
     i = 0
     while i < len(argv):
-        arg = argv[i]
+        arg, i = argv[i], i + 1
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 raise UserError(repr(arg), "unexpected argument: expected a config file (*.py) or --key=value")
             _run_config_file(arg, g, keys)
-            i += 1
             continue
-        body = arg[2:]
-        if "=" in body:
-            key, text = body.split("=", 1)
-            i += 1
-        else:
-            key = body
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                if key in keys and isinstance(g[key], bool):    # a bare --flag sets a boolean key
-                    g[key] = True
-                    i += 1
-                    continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            if i < len(argv) and not argv[i].startswith("--"):
+                text, i = argv[i], i + 1
+            elif key in keys and isinstance(g[key], bool):    # a bare --flag sets a boolean key
+                g[key] = True
+                continue
+            else:
                 raise UserError(f"--{key}", "needs a value (--key=value or --key value)")
-            text = argv[i + 1]
-            i += 2
         if key not in keys:
             raise UserError(f"--{key}", f"unknown config key.{_suggest(key, keys)}")
         g[key] = _parse(key, text, g[key])
@@ -183,16 +145,11 @@ def configure(g, keys, argv, source=None):
 
 
 def help_text(source, defaults):
-    """The keys of a script's config block in file order, grouped under its comment headings, with defaults and
-    the comment that follows each assignment."""
+    """A script's keys in file order under its comment headings, with defaults and each assignment's comment."""
     lines = [f"usage: python {os.path.basename(source) or 'script.py'} [config/*.py ...] [--key=value ...]",
              "Keys (default, then what it does); tuples also take 0,1 or 256x320:"]
-    try:
-        text = open(source).read().splitlines()
-    except OSError:
-        text = []
     seen = set()
-    for line in text:
+    for line in (open(source).read().splitlines() if os.path.isfile(source) else []):
         m = re.match(r"([a-z_][a-z0-9_]*)\s*=\s*(.*?)(?:\s+#\s*(.*))?$", line)
         if m and m.group(1) in defaults and m.group(1) not in seen:
             seen.add(m.group(1))
@@ -204,23 +161,19 @@ def help_text(source, defaults):
 
 
 def known_error(e):
-    """The one-line message of an error the user can fix, or None (unexpected: keep the traceback). Known: a
-    UserError, a FileNotFoundError (its file named), or one of these raised in a DataLoader worker, which reaches
-    the main process as an exception carrying the worker's traceback as text."""
+    """The one-line message of a UserError or FileNotFoundError, also one raised in a DataLoader worker (it arrives
+    with the worker's traceback as text); None for anything else (unexpected: keep the traceback)."""
     text = str(e)
     if "DataLoader worker" in text:
         m = re.search(r"\n\S*(?:UserError|ConfigError|FileNotFoundError): (.+?)\s*$", text)
         return m.group(1).strip() if m else None
-    if isinstance(e, UserError):
-        return text
-    if isinstance(e, FileNotFoundError):
-        return f"{e.filename}: {e.strerror}" if e.filename else text
-    return None
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return text if isinstance(e, (UserError, FileNotFoundError)) else None
 
 
 def exit_on_known_errors(main, argv=None):
-    """Run a script's main(argv): a known error (known_error) prints one line 'error: <path>: <problem>' on stderr
-    and exits 1; anything unexpected keeps its traceback. The one handler of every command."""
+    """The one handler of every command: main(argv), a known error printed as 'error: <path>: <problem>' (exit 1)."""
     try:
         return main(argv)
     except Exception as e:   # noqa: BLE001 (re-raised unless known)
@@ -231,31 +184,28 @@ def exit_on_known_errors(main, argv=None):
 
 
 # -----------------------------------------------------------------------------
-# what every command resolves the same way: device and precision, CPU threads and loader workers, and the
-# defaults of another script's config block (read as text, so no script imports another for its defaults)
+# what every command resolves the same way: device and precision, CPU threads and workers, another script's defaults
 
 def resolve_device(device="auto", dtype="auto", local_rank=0):
-    """(torch.device, bf16) for --device auto|cpu|cuda and --dtype auto|bfloat16|float32 ("" = auto): bf16
-    autocast by default on CUDA, fp32 on CPU. TF32 is switched on for CUDA matmuls and convolutions."""
+    """(torch.device, bf16) for --device auto|cpu|cuda and --dtype auto|bfloat16|float32 ("" = auto): bf16 by
+    default on CUDA (with TF32 matmuls and convolutions), fp32 on CPU."""
     import torch
+    dtype = dtype or "auto"
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device={device!r}", "must be one of auto, cpu, cuda")
-    if (dtype or "auto") not in ("auto", "bfloat16", "float32"):
+    if dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"--dtype={dtype!r}", "must be one of auto, bfloat16, float32")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda", "no CUDA device is visible to this process")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return dev, dtype == "bfloat16" or ((dtype or "auto") == "auto" and cuda)
+    return torch.device(f"cuda:{local_rank}" if cuda else "cpu"), dtype == "bfloat16" or (dtype == "auto" and cuda)
 
 
 def cpu_budget(device_type, num_workers=-1, cpu_threads=0, tiny=False, local_world=1):
-    """(loader workers, intra-op threads) from the cores this process may use (os.sched_getaffinity), so the
-    loader and the maths never ask for more cores than there are, and sets torch's intra-op threads on CPU.
-    num_workers < 0 and cpu_threads == 0 mean "choose". Tiny CPU models get one thread: their kernels are
-    dominated by thread synchronisation (README, Performance)."""
+    """(loader workers, intra-op threads) within the cores this process may use; sets torch's threads on CPU.
+    num_workers < 0 and cpu_threads == 0 mean "choose". Tiny CPU models get one thread (README, Performance)."""
     import torch
     cores = max(1, len(os.sched_getaffinity(0)) // max(1, local_world))
     if device_type == "cuda":
@@ -268,18 +218,14 @@ def cpu_budget(device_type, num_workers=-1, cpu_threads=0, tiny=False, local_wor
 
 
 def script_defaults(path):
-    """The config block of a script (train.py's, say) as {key: value}: its module-level assignments of literal
-    values, read from the file's text without importing it (a script that needs another's defaults must not
-    import it: the scripts import each other in one direction only)."""
-    tree = ast.parse(open(path).read(), path)
+    """A script's config block as {key: value}: its module-level literal assignments, read from the file's text
+    (scripts import each other in one direction only, so none imports another for its defaults)."""
     out = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-            if name.startswith("_"):
-                continue
+    for node in ast.parse(open(path).read(), path).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and not node.targets[0].id.startswith("_"):
             try:
-                out[name] = ast.literal_eval(node.value)
+                out[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
-                continue
+                pass
     return out
