@@ -72,7 +72,7 @@ PRESETS = {
 # building blocks
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 whatever the activation dtype (as TransformerEngine does)."""
+    """RMSNorm accumulated in float32 whatever the activation dtype (as TransformerEngine does)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -80,9 +80,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # F.rms_norm: one fused kernel each way on CUDA, accumulating in fp32 for bf16 x (casts around it would be
+        # two more kernels each way); the weight in x's dtype, as FSDP2's bf16 compute weights already are
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
 
 
 def layer_norm(x):
@@ -90,14 +90,19 @@ def layer_norm(x):
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
-def apply_rope(x_B_L_H_D, angles_L_D):
-    """Rotate-half RoPE (dims i and i+D/2 share an angle), in float32."""
-    x = x_B_L_H_D.float()
-    cos = angles_L_D.cos()[None, :, None, :]
-    sin = angles_L_D.sin()[None, :, None, :]
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x_B_L_H_D.dtype)
+def rope_tables(angles_L_D):
+    """(cos, signed sin) [1, L, 1, D] of the RoPE angles, once per forward: rotate-half is then
+    x * cos + roll(x, D/2) * signed_sin, with signed_sin = [-sin, sin] over the two halves (the same products)."""
+    half = angles_L_D.shape[-1] // 2
+    sign = torch.cat([-torch.ones(half, device=angles_L_D.device), torch.ones(half, device=angles_L_D.device)])
+    return angles_L_D.cos()[None, :, None, :], (angles_L_D.sin() * sign)[None, :, None, :]
+
+
+def apply_rope(x_B_L_H_D, cos_sin):
+    """Rotate-half RoPE (dims i and i+D/2 share an angle) in float32 (x * cos promotes), in 3 kernels."""
+    cos, signed_sin = cos_sin
+    rotated = x_B_L_H_D.roll(x_B_L_H_D.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x_B_L_H_D * cos, rotated, signed_sin).to(x_B_L_H_D.dtype)
 
 
 class Attention(nn.Module):
@@ -178,15 +183,16 @@ class Block(nn.Module):
             m = (layer(emb_B_T_D) + lora_B_T_3D)[:, :, None, None, :]
             return m.chunk(3, dim=-1)  # shift, scale, gate, each [B,T,1,1,D]
 
+        # modulation and gating as one fused multiply-add each: shift + LN(x) * (1 + scale), x + gate * y
         shift, scale, gate = modulation(self.adaln_modulation_self_attn)
-        y = layer_norm(x_B_T_H_W_D) * (1 + scale) + shift
+        y = torch.addcmul(shift, layer_norm(x_B_T_H_W_D), 1 + scale)
         y = self.self_attn(rearrange(y, "b t h w d -> b (t h w) d"), rope_L_D=rope_L_D)
-        x_B_T_H_W_D = x_B_T_H_W_D + gate * rearrange(y, "b (t h w) d -> b t h w d", t=T, h=H, w=W)
+        x_B_T_H_W_D = torch.addcmul(x_B_T_H_W_D, gate, rearrange(y, "b (t h w) d -> b t h w d", t=T, h=H, w=W))
 
         kind, ctx = context
         if kind == "tokens":
             shift, scale, gate = modulation(self.adaln_modulation_cross_attn)
-            y = layer_norm(x_B_T_H_W_D) * (1 + scale) + shift
+            y = torch.addcmul(shift, layer_norm(x_B_T_H_W_D), 1 + scale)
             if num_views > 1:
                 # each view attends only to its own block of text tokens
                 if ctx.shape[1] != num_views * self.tokens_per_view:
@@ -198,15 +204,15 @@ class Block(nn.Module):
             else:
                 y = rearrange(self.cross_attn(rearrange(y, "b t h w d -> b (t h w) d"), ctx),
                               "b (t h w) d -> b t h w d", t=T, h=H, w=W)
-            x_B_T_H_W_D = x_B_T_H_W_D + gate * y
+            x_B_T_H_W_D = torch.addcmul(x_B_T_H_W_D, gate, y)
         elif kind == "constant":
             _, _, gate = modulation(self.adaln_modulation_cross_attn)
             x_B_T_H_W_D = x_B_T_H_W_D + gate * self.cross_attn.constant_output(ctx).to(gate.dtype)
         # kind == "none": an all-zero context without projection gives k = v = 0, so the sublayer adds exactly 0
 
         shift, scale, gate = modulation(self.adaln_modulation_mlp)
-        y = layer_norm(x_B_T_H_W_D) * (1 + scale) + shift
-        return x_B_T_H_W_D + gate * self.mlp(y)
+        y = torch.addcmul(shift, layer_norm(x_B_T_H_W_D), 1 + scale)
+        return torch.addcmul(x_B_T_H_W_D, gate, self.mlp(y))
 
 
 class PatchEmbed(nn.Module):
@@ -258,7 +264,7 @@ class FinalLayer(nn.Module):
         D = x_B_T_H_W_D.shape[-1]
         m = self.adaln_modulation(emb_B_T_D) + lora_B_T_3D[..., :2 * D]
         shift, scale = m[:, :, None, None, :].chunk(2, dim=-1)
-        return self.linear(layer_norm(x_B_T_H_W_D) * (1 + scale) + shift)
+        return self.linear(torch.addcmul(shift, layer_norm(x_B_T_H_W_D), 1 + scale))
 
 
 def rope_angles(cfg: DiTConfig, T, H, W, num_views=1, fps=None, device=None):
@@ -416,7 +422,7 @@ class DiT(nn.Module):
             emb, lora = emb.expand(-1, T, -1), lora.expand(-1, T, -1)
 
         Tp, Hp, Wp = x.shape[1:4]
-        rope = rope_angles(cfg, Tp // num_views, Hp, Wp, num_views, fps, device)
+        rope = rope_tables(rope_angles(cfg, Tp // num_views, Hp, Wp, num_views, fps, device))
         context = self._context(crossattn_emb)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

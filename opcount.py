@@ -4,16 +4,17 @@ Works on meta tensors, so a 2B model is counted on a CPU in seconds."""
 import copy
 from collections import defaultdict
 import torch
-from torch.overrides import TorchFunctionMode
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
-# Pure view/metadata ops launch no kernel and move no bytes.
+# Pure view/metadata ops and allocations launch no kernel and move no bytes.
 VIEW_OPS = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "slice",
             "select", "split", "split_with_sizes", "unsqueeze", "squeeze", "as_strided", "detach",
-            "alias", "empty", "empty_strided", "lift_fresh", "unbind", "chunk", "_reshape_alias"}
+            "alias", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
+            "unbind", "chunk", "_reshape_alias"}
 GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm"}
 ATTN_OPS = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -41,75 +42,80 @@ def _attn_flops(args):
     return 4 * B * H * Lq * k.shape[-2] * D
 
 
-# Ops that are one fused kernel on CUDA but decompose before dispatch on CPU/meta; counted
-# at the torch-function level as one kernel moving inputs + output once.
-FUSED_FNS = {torch.nn.functional.rms_norm: "fused_rms_norm"}
-
-
-class _FusedFns(TorchFunctionMode):
-    def __init__(self, counter):
-        super().__init__()
-        self.counter = counter
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in FUSED_FNS or self.counter.paused:
-            return func(*args, **kwargs)
-        self.counter.paused = True
-        try:
-            out = func(*args, **kwargs)
-        finally:
-            self.counter.paused = False
-        b = _nbytes(_tensors((args, kwargs))) + _nbytes(_tensors(out))
-        self.counter.bytes += b
-        self.counter.kernels += 1
-        row = self.counter.table[FUSED_FNS[func]]
-        row[0] += 1
-        row[2] += b
-        return out
-
-
+# F.scaled_dot_product_attention and F.rms_norm are one fused kernel each way on CUDA (flash / cuDNN attention,
+# _fused_rms_norm and its backward) but decompose on CPU and meta. While an OpCounter is active they are replaced by
+# module attributes (not a function mode, so that activation checkpointing's recomputation in backward takes the
+# same path) that count one kernel each way. Counting only: their backward returns empty gradients.
 _ACTIVE = []   # the OpCounter in use (the backward pass runs under its own counter)
-_SDPA = torch.nn.functional.scaled_dot_product_attention
+_ORIGINAL = {"scaled_dot_product_attention": F.scaled_dot_product_attention, "rms_norm": F.rms_norm}
 
 
-def _counted_sdpa(q, k, v, **kwargs):
-    """F.scaled_dot_product_attention while an OpCounter is active: a module attribute, not a function mode, so
-    that activation checkpointing's recomputation in backward takes the same path."""
-    if not _ACTIVE or _ACTIVE[-1].paused:
-        return _SDPA(q, k, v, **kwargs)
-    return _FlashAttention.apply(q, k, v, kwargs)
+def _counting():
+    return bool(_ACTIVE) and not _ACTIVE[-1].paused
+
+
+def _run_paused(fn, *args, **kwargs):
+    counter = _ACTIVE[-1]
+    counter.paused = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        counter.paused = False
 
 
 class _FlashAttention(torch.autograd.Function):
-    """F.scaled_dot_product_attention counted as the one fused kernel it is on CUDA (flash / cuDNN): its FLOPs,
-    one launch each way, and only q, k, v, out saved for backward (on CPU and meta it decomposes into bmm +
-    softmax and would save the L x L scores). Counting only: its backward returns empty gradients."""
+    """Attention FLOPs, one launch each way, and only q, k, v, out saved (not the L x L scores)."""
 
     @staticmethod
     def forward(ctx, q, k, v, kwargs):
-        counter = _ACTIVE[-1]
-        counter.paused = True
-        try:
-            out = _SDPA(q, k, v, **kwargs)
-        finally:
-            counter.paused = False
+        out = _run_paused(_ORIGINAL["scaled_dot_product_attention"], q, k, v, **kwargs)
         ctx.save_for_backward(q, k, v, out)
-        counter.count_fused("flash_attention", _attn_flops((q, k)))
+        _ACTIVE[-1].count_kernel("flash_attention", flops=_attn_flops((q, k)))
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, _ = ctx.saved_tensors
-        _ACTIVE[-1].count_fused("flash_attention_backward", int(2.5 * _attn_flops((q, k))))   # P recomputed + 4 GEMMs
+        _ACTIVE[-1].count_kernel("flash_attention_backward", flops=int(2.5 * _attn_flops((q, k))))  # P + 4 GEMMs
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """One kernel reading x and the weight and writing y; backward one kernel reading grad, x, the weight and
+    writing both gradients. Saves x (and the per-row rstd, negligible)."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, eps):
+        out = _run_paused(_ORIGINAL["rms_norm"], x, shape, weight, eps)
+        ctx.save_for_backward(x, weight)
+        _ACTIVE[-1].count_kernel("fused_rms_norm", nbytes=_nbytes([x, weight, out]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        _ACTIVE[-1].count_kernel("fused_rms_norm_backward", nbytes=_nbytes([grad, x, weight]) * 2 - _nbytes([grad]))
+        return torch.empty_like(x), None, None if weight is None else torch.empty_like(weight), None
+
+
+def _counted_sdpa(q, k, v, **kwargs):
+    return _FlashAttention.apply(q, k, v, kwargs) if _counting() else _ORIGINAL["scaled_dot_product_attention"](
+        q, k, v, **kwargs)
+
+
+def _counted_rms_norm(x, normalized_shape, weight=None, eps=None):
+    if not _counting():
+        return _ORIGINAL["rms_norm"](x, normalized_shape, weight, eps)
+    return _FusedRMSNorm.apply(x, tuple(normalized_shape), weight, eps)
+
+
+_COUNTED = {"scaled_dot_product_attention": _counted_sdpa, "rms_norm": _counted_rms_norm}
 
 
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.paused = False
-        self._fns = _FusedFns(self)
         self.flops = defaultdict(int)        # kind -> FLOPs
         self.bytes = 0                       # memory-bound bytes moved
         self.kernels = 0                     # memory-bound kernel launches
@@ -117,23 +123,26 @@ class OpCounter(TorchDispatchMode):
 
     def __enter__(self):
         _ACTIVE.append(self)
-        torch.nn.functional.scaled_dot_product_attention = _counted_sdpa
-        self._fns.__enter__()
+        for name, fn in _COUNTED.items():
+            setattr(F, name, fn)
         return super().__enter__()
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
-        self._fns.__exit__(*exc)
         _ACTIVE.remove(self)
         if not _ACTIVE:
-            torch.nn.functional.scaled_dot_product_attention = _SDPA
+            for name, fn in _ORIGINAL.items():
+                setattr(F, name, fn)
 
-    def count_fused(self, name, flops):
+    def count_kernel(self, name, flops=0, nbytes=0):
+        """One fused kernel: attention FLOPs, or memory-bound bytes."""
         self.flops["attention"] += flops
+        self.bytes += nbytes
         self.kernels += 1
         row = self.table[name]
         row[0] += 1
         row[1] += flops
+        row[2] += nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

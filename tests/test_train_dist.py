@@ -65,7 +65,7 @@ def check_fsdp_forward(out):
     seen = {}
     net.blocks[0].register_forward_pre_hook(      # after FSDP's own hook: what the block really receives
         lambda m, args: seen.update(x=str(args[0].dtype), emb=str(args[1].dtype), lora=str(args[2].dtype),
-                                    rope=str(args[3].dtype)))
+                                    rope=str(args[3][0].dtype)))     # the cos table
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = net(x, t, None, mask, **kw).float()
     scale = want32.abs().mean().item()
