@@ -1,20 +1,8 @@
 """
-The latent cache: the tokenizer's latents of every training window of a data.RobotVideoDataset, encoded once. The
-encoder mean is deterministic and the pipeline has no augmentation, so reading a window's latent is exactly encoding
-it again (tests/test_cache.py). `data.make_dataset` builds it for train.py (latent_cache=...); `python data.py
-encode` writes it as a command (checks.py).
-
-Layout: CACHE/shard_NNNNN.safetensors ("latent" [n,V,C,t,h,w] in the tokenizer's dtype, one "cond.<key>" tensor per
-conditioning signal, e.g. "cond.action" float32 [n,T-1,A], "window" int64 [n]; the item keys and the settings hash
-in the header), then CACHE/metadata.json, written last: settings (tokenizer, sha256 of its weights, dtype, pixel
-factor and scale, cameras, size, num_frames, frame_stride, start_stride, split, action scales, val_fraction, window
-count, and a fingerprint of every dataset file: size and sha256 of each annotation, size and mtime of each video),
-latent and cond shapes, shards. A run whose settings differ from the cache's gets one error naming the field (for a
-file, the file). Every shard's size and header are checked when a cache is opened and when an encode resumes; a
-damaged shard is named (and encoded again by the next encode). Writes go to a temporary name and are renamed;
-disk full is one line, the shards written so far are kept and the same command resumes.
-
-Must not: import data.py or a script (data.py imports this file); it takes any dataset with that interface.
+Owns the latent cache: the tokenizer's latents of every training window, encoded once (exact: the encoder mean is
+deterministic, nothing is augmented). CACHE/shard_NNNNN.safetensors ("latent" [n,V,C,t,h,w], "cond.<key>" such as
+[n,T-1,A], "window" [n]; keys and settings hash in the header), then CACHE/metadata.json, last: other settings are
+refused naming the field. Must not: import data.py or a script (data.py imports this file); it takes any dataset.
 """
 
 import errno
@@ -35,35 +23,25 @@ from video import progress, single_threaded_worker
 FORMAT = "nanocosmos latent cache 2"
 
 
-def tokenizer_fingerprint(tok):
-    """sha256 of every weight and buffer (name, dtype, shape, bytes): what the latents depend on, however stored."""
+def cache_settings(ds, tok, tokenizer_name):
+    """Everything a cached latent depends on, as a JSON-able dict: the sha256 of the tokenizer's weights and buffers,
+    each dataset file's [relative path, size, sha256 (annotations) or mtime in ns (videos: hashing costs a decode)]."""
     h = hashlib.sha256()
     for name, t in sorted({**dict(tok.named_parameters()), **dict(tok.named_buffers())}.items()):
         t = t.detach().cpu().contiguous()  # (bytes, so bf16 hashes too)
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_fingerprint(path, root):
-    """[relative path, size, what tells an edit]: an annotation's sha256 (small, and an edit in place keeps its size),
-    a video's modification time in ns (hashing every video would cost as much as decoding it)."""
-    st = path.stat()
-    mark = hashlib.sha256(path.read_bytes()).hexdigest() if path.suffix == ".json" else st.st_mtime_ns
-    return [str(path.relative_to(root)), st.st_size, mark]
-
-
-def cache_settings(ds, tok, tokenizer_name):
-    """Everything a cached latent depends on, as a JSON-able dict: what encode writes and what a run expects."""
-    files = sorted({p for ep in ds.episodes for p in [ep.annotation, *ep.videos]})
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    paths = sorted({p for ep in ds.episodes for p in [ep.annotation, *ep.videos]})
+    files = [[str(p.relative_to(ds.root)), p.stat().st_size,
+              hashlib.sha256(p.read_bytes()).hexdigest() if p.suffix == ".json" else p.stat().st_mtime_ns]
+             for p in paths]
     # the dtype before the weights' hash: a bf16 cache read by an fp32 run is reported as a dtype difference
     pixel = isinstance(tok, vae.PixelTokenizer)
     return dict(tokenizer=tokenizer_name, tokenizer_dtype=str(vae.tokenizer_dtype(tok)).replace("torch.", ""),
-                tokenizer_sha256=tokenizer_fingerprint(tok), pixel_factor=tok.spatial_factor if pixel else None,
+                tokenizer_sha256=h.hexdigest(), pixel_factor=tok.spatial_factor if pixel else None,
                 pixel_scale=float(tok.scale) if pixel else None, cameras=list(ds.cameras), size=list(ds.size),
                 num_frames=ds.num_frames, frame_stride=ds.frame_stride, start_stride=ds.start_stride, split=ds.split,
                 action_scale=ds.action_scale, gripper_scale=ds.gripper_scale, val_fraction=ds.val_fraction,
-                windows=len(ds), files=[file_fingerprint(p, ds.root) for p in files])
+                windows=len(ds), files=files)
 
 
 def human_bytes(n):
@@ -71,20 +49,12 @@ def human_bytes(n):
     return f"{n / 1024 ** unit:.1f} {['bytes', 'KiB', 'MiB', 'GiB'][unit]}"
 
 
-def settings_hash(settings):
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def shard_path(out, j):
     return Path(out) / f"shard_{j:05d}.safetensors"
 
-# -----------------------------------------------------------------------------
-# shards on disk: checked before they are trusted, written so that a crash or a full disk loses nothing finished
 
-
-def shard_header(path, digest=None, n=None):
-    """The safetensors header of a shard, after checking that the file is whole (its size is what the header's
-    offsets say), of the settings `digest` and with n windows. Anything else is a UserError naming the shard."""
+def shard_header(path, digest, n):
+    """The safetensors header of a whole shard (its size what the header says) of settings `digest` and n windows."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -94,7 +64,6 @@ def shard_header(path, digest=None, n=None):
                                       f"encode again to write it anew")
             header = json.loads(f.read(length))
         end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
-        meta = header.get("__metadata__") or {}
     except FileNotFoundError as e:
         raise UserError(path, "cache shard not found (deleted?): run the same encode again to write it") from e
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -102,32 +71,18 @@ def shard_header(path, digest=None, n=None):
     if size != 8 + length + end:
         raise UserError(path, f"truncated cache shard: {size} bytes, its header says {8 + length + end}: run the "
                               f"same encode again to write it anew")
-    if digest is not None and meta.get("settings") != digest:
+    if (header.get("__metadata__") or {}).get("settings") != digest:
         raise UserError(path, "a shard of other settings than this cache's")
-    if n is not None and header.get("window", {}).get("shape", [None])[0] != n:
+    if header.get("window", {}).get("shape", [None])[0] != n:
         raise UserError(path, f"holds {header.get('window', {}).get('shape')} windows, the cache metadata says {n}")
     return header
-
-
-def shard_is_done(path, digest, n, log=None):
-    """Whether a shard is finished and whole; a damaged one is said (log) and will be encoded again."""
-    if not path.exists():
-        return False
-    try:
-        shard_header(path, digest, n)
-        return True
-    except UserError as e:
-        if log:
-            log(f"{e}; encoding it again")
-        return False
 
 
 def write_atomic(path, data, tmp_suffix=".tmp"):
     """bytes -> path through a temporary name. Disk full is one UserError; the partial file is removed."""
     tmp = path.with_name(path.name + tmp_suffix)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -136,44 +91,44 @@ def write_atomic(path, data, tmp_suffix=".tmp"):
                                   f"it are kept: free some space and run the same command again to resume") from e
         raise
 
-# -----------------------------------------------------------------------------
-# writing a cache
-
 
 def encode_dataset(ds, tok, out, settings, rank=0, world=1, batch_windows=8, max_batch=None, workers=0,
                    shard_bytes=256 << 20, log=print):
-    """
-    Write the latents of every window of `ds` to the cache folder `out`; settings is cache_settings(ds, tok, name).
-    Under torchrun each rank encodes shards j with j % world == rank and the same call on every rank is all it
-    takes; whichever rank finishes the last shard writes metadata.json (identical on every rank), so call a barrier
-    before reading. Resumes: a whole shard of the same settings is kept, a half-written or damaged one is redone.
-    A folder holding a finished cache of other settings is an error naming the field.
-    Returns (metadata dict once the cache is complete else None, number of shards this call encoded).
-    """
-    out, digest = Path(out), settings_hash(settings)
+    """Write the latents of every window of `ds` to the folder `out` (settings: cache_settings(ds, tok, name)); under
+    torchrun rank r encodes the shards j % world == r and whoever finishes the last writes metadata.json (barrier
+    before reading). Whole shards of the same settings are kept, others redone; another finished cache is an error
+    naming the field. Returns (metadata once the cache is complete else None, shards this call encoded)."""
+    out, digest = Path(out), hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if (out / "metadata.json").exists():
         read_metadata(out, expect=settings)  # raises, naming the field, if it is another cache
-    V, C, t = len(ds.cameras), tok.latent_channels, vae.latent_frames(ds.num_frames, tok.temporal_factor)
-    h, w = ds.size[0] // tok.spatial_factor, ds.size[1] // tok.spatial_factor
-    latent_shape, dtype = [V, C, t, h, w], vae.tokenizer_dtype(tok)
-    per_window = V * C * t * h * w * dtype.itemsize + (ds.num_frames - 1) * ds.action_dim * 4 + 8
-    n_windows = len(ds)
-    per_shard = max(1, min(n_windows, shard_bytes // per_window))
-    shards = [(j, range(a, min(a + per_shard, n_windows))) for j, a in enumerate(range(0, n_windows, per_shard))]
+    latent_shape = [len(ds.cameras), tok.latent_channels, vae.latent_frames(ds.num_frames, tok.temporal_factor),
+                    ds.size[0] // tok.spatial_factor, ds.size[1] // tok.spatial_factor]
+    dtype, N = vae.tokenizer_dtype(tok), len(ds)
+
+    def done(j, r, say=lambda _: None):   # shard j finished and whole? a damaged one is said and encoded again
+        try:
+            return shard_path(out, j).exists() and bool(shard_header(shard_path(out, j), digest, len(r)))
+        except UserError as e:
+            say(f"{e}; encoding it again")
+            return False
+
+    per_window = int(np.prod(latent_shape)) * dtype.itemsize + (ds.num_frames - 1) * ds.action_dim * 4 + 8
+    per_shard = max(1, min(N, shard_bytes // per_window))
+    shards = [(j, range(a, min(a + per_shard, N))) for j, a in enumerate(range(0, N, per_shard))]
     if rank == 0:
-        log(f"latent cache {out}: {n_windows} windows x {human_bytes(per_window)} = {human_bytes(n_windows * per_window)}"
-            f" in {len(shards)} shard(s) (latent {latent_shape} {str(dtype)[6:]}, start_stride {ds.start_stride})")
+        log(f"latent cache {out}: {N} windows x {human_bytes(per_window)} = {human_bytes(N * per_window)} in "
+            f"{len(shards)} shard(s) (latent {latent_shape} {str(dtype)[6:]}, start_stride {ds.start_stride})")
     out.mkdir(parents=True, exist_ok=True)
-    mine = [(j, r) for j, r in shards if j % world == rank and not shard_is_done(shard_path(out, j), digest, len(r), log)]
+    mine = [(j, r) for j, r in shards if j % world == rank and not done(j, r, log)]
     for j, windows in progress(mine, len(mine), f"encode rank {rank}" if world > 1 else "encode"):
         encode_shard(ds, tok, shard_path(out, j), windows, digest, batch_windows, max_batch, workers)
-    if not all(shard_is_done(shard_path(out, j), digest, len(r)) for j, r in shards):
+    if not all(done(j, r) for j, r in shards):
         return None, len(mine)  # another rank's shards are still being written; it writes the metadata
     if not mine and (out / "metadata.json").exists():
         return read_metadata(out), 0
     meta = dict(format=FORMAT, settings=settings, settings_sha=digest, latent_shape=latent_shape,
-                latent_dtype=str(dtype).replace("torch.", ""), cond_shapes={"action": [ds.num_frames - 1, ds.action_dim]},
-                shards=[[shard_path(out, j).name, len(r)] for j, r in shards], bytes=n_windows * per_window)
+                latent_dtype=str(dtype)[6:], cond_shapes={"action": [ds.num_frames - 1, ds.action_dim]},
+                shards=[[shard_path(out, j).name, len(r)] for j, r in shards], bytes=N * per_window)
     write_atomic(out / "metadata.json", json.dumps(meta, indent=1).encode(), f".tmp{rank}")  # last: never read early
     return meta, len(mine)
 
@@ -182,13 +137,12 @@ def encode_shard(ds, tok, path, windows, digest, batch_windows, max_batch, worke
     """Encode some windows into one shard file, through a temporary name (never read half-written)."""
     device = next(iter([*tok.parameters(), *tok.buffers()])).device
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(windows)), batch_size=batch_windows,
-                                         num_workers=workers, worker_init_fn=single_threaded_worker if workers else None)
+                                         num_workers=workers, worker_init_fn=single_threaded_worker)
     latents, cond, keys = [], {}, []
     for batch in loader:
         video_B_V_3_T_H_W = batch["video"].to(device)
-        B, V = video_B_V_3_T_H_W.shape[:2]
         lat = vae.encode_batched(tok, video_B_V_3_T_H_W.flatten(0, 1), max_batch)
-        latents.append(lat.unflatten(0, (B, V)).cpu())
+        latents.append(lat.unflatten(0, video_B_V_3_T_H_W.shape[:2]).cpu())
         for k, v in batch["cond"].items():
             cond.setdefault(f"cond.{k}", []).append(v)
         keys += batch["key"]
@@ -196,18 +150,12 @@ def encode_shard(ds, tok, path, windows, digest, batch_windows, max_batch, worke
                    **{k: torch.cat(v).contiguous() for k, v in cond.items()})
     write_atomic(path, safetensors_bytes(tensors, metadata=dict(settings=digest, keys=json.dumps(keys))))
 
-# -----------------------------------------------------------------------------
-# reading a cache
-
-
-def short(x, limit=80):
-    text = repr(x)
-    return text if len(text) <= limit else text[:limit - 5] + " ...]"
-
 
 def describe_difference(key, have, want):
-    """'<field> is A but this run has B' (short: a field can be a list of thousands); for the file list, the first
-    file that differs and how."""
+    """'<field> is A but this run has B' (shortened); for the file list, the first file that differs and how."""
+    def short(x, limit=80):
+        text = repr(x)
+        return text if len(text) <= limit else text[:limit - 5] + " ...]"
     if key == "files" and isinstance(have, list) and isinstance(want, list):
         have_d, want_d = ({f[0]: list(f[1:]) for f in x if isinstance(f, list) and f} for x in (have, want))
         name = sorted(k for k in have_d.keys() | want_d.keys() if have_d.get(k) != want_d.get(k))[0]
@@ -222,8 +170,7 @@ def describe_difference(key, have, want):
 
 
 def read_metadata(cache_dir, expect=None):
-    """metadata.json of a finished cache; expect (cache_settings of the run): every field must match, else one
-    UserError naming the first that differs."""
+    """metadata.json of a finished cache; every field of expect (the run's cache_settings) must match it."""
     cache_dir, path = Path(cache_dir), Path(cache_dir) / "metadata.json"
     if not path.exists():
         raise UserError(path, "not found: not a finished latent cache (an interrupted encode? run it again to "
@@ -245,30 +192,22 @@ def read_metadata(cache_dir, expect=None):
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
-    """
-    The windows of a finished latent cache, in the order of the RobotVideoDataset they were encoded from: items
-    {"latent": [V,C,t,h,w] in the tokenizer's dtype, "cond": {"action": float32 [T-1,A]}, "key": "<episode>/<start>"}
-    and the window arrays of the dataset protocol (data.make_dataset). Every shard is checked on opening (size,
-    header, settings, window count); shards are opened lazily in each worker (memory-mapped by safetensors), so the
-    dataset pickles cheaply, and a shard gone since is one UserError naming it, in a worker too.
-    """
+    """A finished cache's windows in their dataset's order: items {"latent": [V,C,t,h,w], "cond": {"action": [T-1,A]},
+    "key": "<episode>/<start>"}, data.make_dataset's window arrays; shards checked, then opened lazily per worker."""
 
     def __init__(self, cache_dir, expect=None):
-        self.dir = Path(cache_dir)
-        self.meta = read_metadata(cache_dir, expect)
-        settings = self.meta["settings"]
+        self.dir, self.meta = Path(cache_dir), read_metadata(cache_dir, expect)
         self.keys, self.cond_keys = [], None
         for name, n in self.meta["shards"]:
             header = shard_header(self.dir / name, self.meta["settings_sha"], n)
             self.keys += json.loads(header["__metadata__"]["keys"])
             self.cond_keys = sorted(k[5:] for k in header if k.startswith("cond."))
         self.offsets = np.cumsum([0] + [n for _, n in self.meta["shards"]])
-        self.num_frames, self.cameras = settings["num_frames"], tuple(settings["cameras"])
+        self.num_frames, self.cameras = self.meta["settings"]["num_frames"], tuple(self.meta["settings"]["cameras"])
         self.action_dim = self.meta["cond_shapes"]["action"][1]
         names = [k.rpartition("/")[0] for k in self.keys]
-        self.episode_names = list(dict.fromkeys(names))
-        index = {name: e for e, name in enumerate(self.episode_names)}
-        self.window_episode = np.array([index[n] for n in names], dtype=np.int64)
+        index = {name: e for e, name in enumerate(dict.fromkeys(names))}   # episodes in first-seen order
+        self.episode_names, self.window_episode = list(index), np.array([index[n] for n in names], dtype=np.int64)
         self.window_start = np.array([int(k.rpartition("/")[2]) for k in self.keys], dtype=np.int64)
         self._open = {}
 
@@ -301,8 +240,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
 
 def build(ds, tok, c, rank=0, world=1, say=print, barrier=None):
-    """The training windows of ds as cached latents (c: latent_cache, tokenizer, num_workers): every rank encodes its
-    share of a missing cache (resuming an interrupted one), then all read it."""
+    """The training windows of ds as cached latents (c: latent_cache, tokenizer, num_workers), encoded if missing."""
     settings = cache_settings(ds, tok, c["tokenizer"])
     encode_dataset(ds, tok, c["latent_cache"], settings, rank, world, workers=max(0, c.get("num_workers", 0)), log=say)
     if barrier:
