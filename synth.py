@@ -1,12 +1,13 @@
 """
 The synthetic multi-camera robot world of nanocosmos: scene, physics, renderer and the writer of the dataset.
 
-Owns: simulate_episode (a random, smooth 6-DoF end-effector motion that pushes and carries cubes), the camera rig
-and ray-cast renderer, and make_synthetic, which writes a dataset in data.py's camera-folder layout:
-annotations/{train,val}/epNNNNN.json (state, continuous_gripper_state, action stored like Bridge, texts) and
-videos/cam<k>/epNNNNN.mp4, plus synth.json with the settings. Episode i depends only on (seed, i).
-Must not: read datasets or define the action convention (both are data.py's; synth.py imports data.py, never the
-reverse), or import torch-heavy scripts. Runs on the CPU in worker processes.
+Owns: World (the steppable physics: reset to episode i's first scene, one frame per pose or per action, every
+camera rendered), simulate_episode (World under a random, smooth 6-DoF motion that pushes and carries cubes), the
+camera rig and ray-cast renderer, and make_synthetic, which writes data.py's camera-folder layout:
+annotations/{train,val}/epNNNNN.json (state, continuous_gripper_state, action stored like Bridge, texts),
+videos/cam<k>/epNNNNN.mp4 and synth.json. Episode i depends only on (seed, i).
+Must not: read datasets or define the action convention (both are data.py's), or import scripts (sample, evaluate,
+train, policy). Runs on the CPU in worker processes.
 
     python synth.py --out datasets/synth [--episodes 100] [--val-episodes N] [--cameras 4] [--frames 40] [--size 128x160]
 """
@@ -22,17 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from configurator import UserError
-from data import euler_to_rotm, relative_actions
+from data import euler_to_rotm, relative_actions, rotm_to_euler
 from video import progress, write_mp4
 
-# the synthetic multi-camera robot world: a table, a big gripper with a red fin, cubes it pushes and carries.
-# Geometry is oriented boxes, ray cast per pixel (only inside each box group's projected rectangle),
-# Lambert shading and soft contact shadows. World frame: z up, table top at z = 0, metres.
-# Built to make actions matter to a tiny model at 64x80: the cameras frame only the workspace, the end effector
-# covers about a tenth of every view (a third of its width), its yaw stays within +-0.6 rad so an action in its own
-# frame moves it the same way on screen every time, and the commanded motion is random (not inferable from the
-# first frame). Measured with the default `python train.py`: validation action gain +0.044 (0.115 vs 0.159 with
-# shuffled actions) after 1200 steps; +0.001 with the same world but any yaw, ~0 with the first (planner) world.
+# A table, a big gripper with a red fin, cubes it pushes and carries: oriented boxes ray cast per pixel, Lambert
+# shading, soft contact shadows. World frame: z up, table top at z = 0, metres. Made for a tiny model at 64x80:
+# the gripper covers a tenth of every view, its yaw stays within +-0.6 rad (an action in its own frame moves it the
+# same way on screen) and the motion is random, so only the actions tell where it goes.
 
 TABLE_HALF = 0.45                                 # the table top is |x|, |y| < TABLE_HALF
 WORK_LO, WORK_HI = np.array([-0.13, -0.13, 0.045]), np.array([0.13, 0.13, 0.17])  # where the tool centre may go
@@ -54,16 +51,15 @@ CAMERA_FOV = 40.0                                 # horizontal field of view, de
 # the motion: piecewise random velocity goals (segments of SEGMENT frames), eased into so the path is smooth
 SPEED = (0.01, 0.045)                             # m per frame: 0.2 .. 0.9 after the x20 action scale
 YAW_RATE = 0.12                                   # rad per frame, at most
-YAW_LIMIT = 0.6                                   # |yaw| stays below this (soft), as a real arm's wrist mostly does:
-# the actions are in the end effector's frame, so with any yaw at all a model would first have to read the yaw off
-# the image (hard at 8x8-pooled 64x80) to know which way an action moves the gripper
+YAW_LIMIT = 0.6                                   # |yaw| stays below this (soft)
 SEGMENT = (3, 8)                                  # frames per velocity goal
 EASE = 0.4                                        # velocity moves this fraction of the way to its goal each frame
 TOGGLE = 0.08                                     # chance per frame of flipping the gripper command (after 4 frames)
+_CAMERAS = {}                                     # per process: the rig of each (camera, size), built once
 
 
 def make_camera(k, size, target=(0.0, 0.0, 0.11)):
-    """Camera k of a fixed rig around the workspace: front, left, right, top, then oblique views."""
+    """Camera k of a fixed rig around the workspace: front, left, right, top, then oblique views. Cached: camera."""
     presets = [(0.0, 55, 0.7), (90.0, 52, 0.7), (-90.0, 52, 0.7), (180.0, 80.0, 0.72)]
     azimuth, elevation, distance = presets[k] if k < len(presets) else (45.0 + 90.0 * (k - len(presets)), 50.0, 0.7)
     az, el = math.radians(azimuth), math.radians(elevation)
@@ -71,7 +67,7 @@ def make_camera(k, size, target=(0.0, 0.0, 0.11)):
     origin = target + distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
     forward = (target - origin) / np.linalg.norm(target - origin)
     right = np.cross(forward, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)  # no camera looks straight down, so `right` is well defined
+    right /= np.linalg.norm(right)
     down = np.cross(forward, right)
     H, W = size
     focal = 0.5 * W / math.tan(math.radians(CAMERA_FOV) / 2)
@@ -81,7 +77,7 @@ def make_camera(k, size, target=(0.0, 0.0, 0.11)):
     rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
     cam = dict(origin=origin, forward=forward, right=right, down=down, focal=focal, size=(H, W),
                rays=np.ascontiguousarray(rays.transpose(2, 0, 1)))  # channel-first planes keep numpy's inner loops long
-    # the static part of the picture (table, floor, wall) and its depth, rendered once per camera
+    # the static picture (table, floor, wall) and its depth
     dz = rays[..., 2]
     t_table = np.where(dz < 0, -origin[2] / np.minimum(dz, -1e-9), np.inf)
     xy = origin[:2] + t_table[..., None] * rays[..., :2]
@@ -160,6 +156,12 @@ def draw_boxes(cam, image, depth, centre, R, offsets_B_3, halves_B_3, colours_B_
     depth[rows, cols] = t[visible]
 
 
+def camera(k, size):
+    if (k, tuple(size)) not in _CAMERAS:
+        _CAMERAS[(k, tuple(size))] = make_camera(k, tuple(size))
+    return _CAMERAS[(k, tuple(size))]
+
+
 def finger_offsets(gap):
     y = 0.5 * gap + FINGER_HALF[1]
     return np.array([[0.0, y, 0.0], [0.0, -y, 0.0]])
@@ -169,7 +171,7 @@ def render(cam, ee_pose, gap, objects):
     """One frame, uint8 [H,W,3]. ee_pose = (p, R); objects = list of dicts with centre, R, half, colour."""
     p, R = ee_pose
     image, depth = cam["background"].copy(), cam["depth"].copy()
-    # soft contact shadows: the light is nearly overhead, so a blob under each thing that fades with height
+    # soft contact shadows: the light is nearly overhead, a blob under each thing that fades with height
     casters = [(p[:2], 0.06 + 0.25 * p[2], 0.55 * math.exp(-p[2] / 0.25))]
     casters += [(o["centre"][:2], 1.5 * o["half"][0] + 0.25 * (o["centre"][2] - o["half"][2]),
                  0.55 * math.exp(-(o["centre"][2] - o["half"][2]) / 0.25)) for o in objects]
@@ -222,7 +224,7 @@ def place_objects(rng, num_objects):
 
 
 def try_grasp(objects, p, R, texts):
-    """The index of a cube that sits between the closing fingers (its grip recorded), or None."""
+    """The index of the cube between the closing fingers (its grip recorded), or None."""
     for i, o in enumerate(objects):
         c = R.T @ (o["centre"] - p)
         if abs(c[0]) < FINGER_HALF[0] + 0.01 and abs(c[1]) < 0.5 * OPEN_GAP - 0.8 * o["half"][1] and abs(c[2]) < 0.035:
@@ -233,8 +235,8 @@ def try_grasp(objects, p, R, texts):
 
 
 def move_cubes(objects, held, p, R, gap, texts):
-    """One frame of the cubes (in place): the held one rides with the fingers, the others fall, are shoved by
-    fingers low enough to touch them, shove each other apart and stay on the table."""
+    """One frame of the cubes (in place): the held one rides with the fingers, the others fall, are shoved by low
+    fingers and each other, and stay on the table."""
     for i, o in enumerate(objects):
         if i == held:
             c, R_rel = o["grip"]
@@ -263,85 +265,128 @@ def move_cubes(objects, held, p, R, gap, texts):
             o["centre"][:2] = np.clip(o["centre"][:2], -TABLE_HALF + o["half"][0], TABLE_HALF - o["half"][0])
 
 
-def simulate_episode(rng, frames, num_objects):
-    """
-    Roll the world forward under a random, smooth 6-DoF motion: the end effector eases toward a new random velocity
-    goal (any direction, speed in SPEED, sometimes a pause, sometimes a dive at a cube) every 3-8 frames, turns
-    and tilts the same way, bounces off the workspace walls, and flips its gripper at random times (always closing
-    when a dive reaches its cube). Cubes it touches are shoved; a cube between closing fingers is carried until they
-    open. So where the gripper goes is NOT predictable from the first frame: only the actions tell.
-    Returns state [T,7] (x, y, z, roll, pitch, yaw, 1 = gripper commanded open, as Bridge), continuous gripper [T]
-    (0 open .. 1 closed; it stops on a held cube, like Bridge's 0.3-0.95), the scene of every frame, and texts.
-    """
+class World:
+    """The steppable world: the end effector's pose (p, rpy), gripper (g 0 open .. 1 closed, command 1 = close),
+    the cubes. step() moves it one frame; act() does so under one action of data.py's convention; render() draws
+    every camera. The dataset's episodes are World under simulate_episode's random motion."""
+
+    def __init__(self, objects, p, rpy):
+        self.objects, self.p, self.rpy = objects, p, rpy
+        self.g, self.command, self.held, self.texts = 0.0, 0, None, []
+        self.settle()
+
+    @classmethod
+    def episode(cls, seed, index, objects=(1, 3)):
+        """The first scene of episode `index` of a dataset written with `seed` and `objects` (synth.json)."""
+        rng = np.random.default_rng([seed, index])
+        return cls(*initial_scene(rng, int(rng.integers(objects[0], objects[1] + 1))))
+
+    def step(self, p, rpy, command):
+        """One frame: the end effector moved to (p, rpy); the gripper eases towards command; grasp, drop, cubes."""
+        self.p, self.rpy, self.command = p, rpy, command
+        self.g += float(np.clip(command - self.g, -0.34, 0.34))
+        R = euler_to_rotm(rpy)
+        if command == 1 and self.held is None and self.g < 0.7:  # closing on a cube between the fingers grasps it
+            self.held = try_grasp(self.objects, p, R, self.texts)
+        if command == 0 and self.held is not None:  # opening drops it; it lands upright
+            self.objects[self.held]["R"] = rot_z(yaw_of(self.objects[self.held]["R"]))
+            self.held = None
+        self.settle()
+
+    def settle(self):
+        R = euler_to_rotm(self.rpy)
+        if self.held is not None:  # the fingers stop on the cube
+            self.g = min(self.g, (OPEN_GAP - 2 * self.objects[self.held]["half"][1]) / (OPEN_GAP - CLOSED_GAP))
+        gap = OPEN_GAP - self.g * (OPEN_GAP - CLOSED_GAP)
+        move_cubes(self.objects, self.held, self.p, R, gap, self.texts)
+        self.state = [*self.p, *self.rpy, 1.0 - self.command]
+        self.scene = ((self.p.copy(), R), gap, [dict(centre=o["centre"].copy(), R=o["R"].copy(), half=o["half"],
+                                                     colour=o["colour"]) for o in self.objects])
+
+    def act(self, action, action_scale=20.0, gripper_scale=1.0):
+        """One frame under a scaled action (data.compute_actions): translation and rotation in the end effector's
+        frame, column 6 the gripper value to reach (command close above the current value, open below, else kept).
+        The tool centre stays in the workspace."""
+        a = np.asarray(action, dtype=np.float64)
+        R = euler_to_rotm(self.rpy)
+        p = np.clip(self.p + R @ (a[:3] / action_scale), WORK_LO, WORK_HI)
+        target = a[6] / gripper_scale
+        command = 1 if target > self.g + 0.05 else 0 if target < self.g - 0.05 else self.command
+        self.step(p, rotm_to_euler(R @ euler_to_rotm(a[3:6] / action_scale)), command)
+
+    def render(self, cameras, size):
+        """uint8 [V, 3, H, W] of the current frame."""
+        return np.stack([render(camera(k, size), *self.scene).transpose(2, 0, 1) for k in cameras])
+
+
+def initial_scene(rng, num_objects):
     objects = place_objects(rng, num_objects)
     p = rng.uniform([WORK_LO[0], WORK_LO[1], 0.08], [WORK_HI[0], WORK_HI[1], WORK_HI[2] - 0.02])
-    rpy = np.array([rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(-YAW_LIMIT, YAW_LIMIT)])
+    return objects, p, np.array([rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(-YAW_LIMIT, YAW_LIMIT)])
+
+
+def simulate_episode(rng, frames, num_objects):
+    """
+    World under a random, smooth 6-DoF motion: the end effector eases toward a new random velocity goal (any
+    direction, speed in SPEED, sometimes a pause, sometimes a dive at a cube) every 3-8 frames, turns and tilts,
+    bounces off the workspace walls and flips its gripper at random (closing when a dive reaches its cube).
+    Returns state [T,7] (x, y, z, roll, pitch, yaw, 1 = gripper commanded open, as Bridge), continuous gripper [T]
+    (0 open .. 1 closed; it stops on a held cube), the scene of every frame, and texts.
+    """
+    world = World(*initial_scene(rng, num_objects))
+    objects, p, rpy = world.objects, world.p, world.rpy
     v, v_goal, yaw_rate, yaw_goal, tilt_goal = np.zeros(3), np.zeros(3), 0.0, 0.0, rpy[:2].copy()
-    g, command, dwell, held, dive, segment_left = 0.0, 0, 0, None, None, 0
-    texts, states, grippers, scenes = [], [], [], []
-    for t in range(frames):
-        if t > 0:
-            if segment_left <= 0:  # a new random goal for the next few frames
-                segment_left, dive = int(rng.integers(SEGMENT[0], SEGMENT[1] + 1)), None
-                kind = rng.random()
-                if kind < 0.12:
-                    v_goal, yaw_goal = np.zeros(3), 0.0
-                elif kind < 0.35 and held is None and objects:
-                    dive = (int(rng.integers(len(objects))), rng.uniform(0.6, 1.0) * SPEED[1])
-                    segment_left = 12  # at most; reaching the cube ends it earlier
-                    if command == 1:
-                        command, dwell = 0, 0  # open to grasp
-                else:
-                    v_goal = random_direction(rng) * rng.uniform(*SPEED)
-                    yaw_goal = rng.uniform(-YAW_RATE, YAW_RATE) * (rng.random() < 0.7)
-                tilt_goal = np.clip(rng.normal(0, 0.15, 2), -0.3, 0.3)
-            segment_left -= 1
-            if dive is not None:  # head for the cube at grasp height and turn the fingers square to its faces
-                o, speed = objects[dive[0]], dive[1]
-                target = np.array([o["centre"][0], o["centre"][1], max(o["half"][2], WORK_LO[2])])
-                v_goal = (target - p) * min(1.0, speed / max(np.linalg.norm(target - p), 1e-9))
-                grip_yaw = yaw_of(o["R"]) + np.pi / 2 * np.round(wrap(rpy[2] - yaw_of(o["R"])) / (np.pi / 2))
-                grip_yaw = np.clip(grip_yaw, -YAW_LIMIT, YAW_LIMIT)
-                yaw_goal = float(np.clip(wrap(grip_yaw - rpy[2]), -YAW_RATE, YAW_RATE))
-            for a in range(3):  # soft walls: a goal that would leave the workspace within 3 frames turns around
-                ahead = p[a] + 3 * v[a]
-                if (ahead < WORK_LO[a] and v_goal[a] < 0) or (ahead > WORK_HI[a] and v_goal[a] > 0):
-                    v_goal[a] = -v_goal[a]
-            v += EASE * (v_goal - v)
-            p = p + v
-            for a in range(3):  # rarely needed: the wall stops it
-                if not WORK_LO[a] <= p[a] <= WORK_HI[a]:
-                    p[a], v[a] = np.clip(p[a], WORK_LO[a], WORK_HI[a]), 0.0
-            if abs(rpy[2] + 3 * yaw_rate) > YAW_LIMIT and yaw_goal * rpy[2] > 0:  # a soft wall for the wrist too
-                yaw_goal = -yaw_goal
-            yaw_rate += EASE * (yaw_goal - yaw_rate)
-            rpy[2] = wrap(rpy[2] + yaw_rate)
-            rpy[:2] += 0.3 * (tilt_goal - rpy[:2])
-            dwell += 1
-            if dive is not None and np.linalg.norm(target - p) < 0.012:
-                command, dwell, segment_left, dive = 1, 0, 0, None  # there: close on it
-            elif dwell >= 4 and rng.random() < TOGGLE:
-                command, dwell = 1 - command, 0
-            g += float(np.clip(command - g, -0.34, 0.34))
-            R = euler_to_rotm(rpy)
-            if command == 1 and held is None and g < 0.7:  # closing on a cube that sits between the fingers grasps it
-                held = try_grasp(objects, p, R, texts)
-            if command == 0 and held is not None:  # opening drops it; it lands upright
-                objects[held]["R"] = rot_z(yaw_of(objects[held]["R"]))
-                held = None
-        R = euler_to_rotm(rpy)
-        if held is not None:  # the fingers stop on the cube
-            g = min(g, (OPEN_GAP - 2 * objects[held]["half"][1]) / (OPEN_GAP - CLOSED_GAP))
-        gap = OPEN_GAP - g * (OPEN_GAP - CLOSED_GAP)
-        move_cubes(objects, held, p, R, gap, texts)
-        states.append([*p, *rpy, 1.0 - command])
-        grippers.append(g)
-        scenes.append(((p.copy(), R), gap, [dict(centre=o["centre"].copy(), R=o["R"].copy(), half=o["half"],
-                                                 colour=o["colour"]) for o in objects]))
-    return np.array(states), np.array(grippers), scenes, texts or ["move the gripper around"]
+    command, dwell, dive, segment_left = 0, 0, None, 0
+    states, grippers, scenes = [world.state], [world.g], [world.scene]
+    for t in range(1, frames):
+        if segment_left <= 0:  # a new random goal for the next few frames
+            segment_left, dive = int(rng.integers(SEGMENT[0], SEGMENT[1] + 1)), None
+            kind = rng.random()
+            if kind < 0.12:
+                v_goal, yaw_goal = np.zeros(3), 0.0
+            elif kind < 0.35 and world.held is None and objects:
+                dive = (int(rng.integers(len(objects))), rng.uniform(0.6, 1.0) * SPEED[1])
+                segment_left = 12  # at most; reaching the cube ends it earlier
+                if command == 1:
+                    command, dwell = 0, 0  # open to grasp
+            else:
+                v_goal = random_direction(rng) * rng.uniform(*SPEED)
+                yaw_goal = rng.uniform(-YAW_RATE, YAW_RATE) * (rng.random() < 0.7)
+            tilt_goal = np.clip(rng.normal(0, 0.15, 2), -0.3, 0.3)
+        segment_left -= 1
+        if dive is not None:  # head for the cube at grasp height and turn the fingers square to its faces
+            o, speed = objects[dive[0]], dive[1]
+            target = np.array([o["centre"][0], o["centre"][1], max(o["half"][2], WORK_LO[2])])
+            v_goal = (target - p) * min(1.0, speed / max(np.linalg.norm(target - p), 1e-9))
+            grip_yaw = yaw_of(o["R"]) + np.pi / 2 * np.round(wrap(rpy[2] - yaw_of(o["R"])) / (np.pi / 2))
+            grip_yaw = np.clip(grip_yaw, -YAW_LIMIT, YAW_LIMIT)
+            yaw_goal = float(np.clip(wrap(grip_yaw - rpy[2]), -YAW_RATE, YAW_RATE))
+        for a in range(3):  # soft walls: a goal that would leave the workspace within 3 frames turns around
+            ahead = p[a] + 3 * v[a]
+            if (ahead < WORK_LO[a] and v_goal[a] < 0) or (ahead > WORK_HI[a] and v_goal[a] > 0):
+                v_goal[a] = -v_goal[a]
+        v += EASE * (v_goal - v)
+        p = p + v
+        for a in range(3):  # rarely needed: the wall stops it
+            if not WORK_LO[a] <= p[a] <= WORK_HI[a]:
+                p[a], v[a] = np.clip(p[a], WORK_LO[a], WORK_HI[a]), 0.0
+        if abs(rpy[2] + 3 * yaw_rate) > YAW_LIMIT and yaw_goal * rpy[2] > 0:  # a soft wall for the wrist too
+            yaw_goal = -yaw_goal
+        yaw_rate += EASE * (yaw_goal - yaw_rate)
+        rpy[2] = wrap(rpy[2] + yaw_rate)
+        rpy[:2] += 0.3 * (tilt_goal - rpy[:2])
+        dwell += 1
+        if dive is not None and np.linalg.norm(target - p) < 0.012:
+            command, dwell, segment_left, dive = 1, 0, 0, None  # there: close on it
+        elif dwell >= 4 and rng.random() < TOGGLE:
+            command, dwell = 1 - command, 0
+        world.step(p, rpy, command)
+        states.append(world.state)
+        grippers.append(world.g)
+        scenes.append(world.scene)
+    return np.array(states), np.array(grippers), scenes, world.texts or ["move the gripper around"]
 
 
-_CAMERAS = {}  # per process: the rig of each (camera, size), built once
 
 
 def synth_episode(job):
@@ -350,12 +395,8 @@ def synth_episode(job):
     rng = np.random.default_rng([seed, index])
     state, gripper, scenes, texts = simulate_episode(rng, frames, int(rng.integers(objects[0], objects[1] + 1)))
     for k in range(cameras):
-        if (k, size) not in _CAMERAS:
-            _CAMERAS[(k, size)] = make_camera(k, size)
-        cam = _CAMERAS[(k, size)]
-        frames_T_H_W_3 = np.stack([render(cam, *s) for s in scenes])
-        # veryfast: 4x quicker than medium at the same size and quality for these small, simple frames; one encoder
-        # thread: the episodes are the parallel work, and a threaded x264 gave files that differed under heavy load
+        frames_T_H_W_3 = np.stack([render(camera(k, size), *s) for s in scenes])
+        # veryfast: 4x quicker than medium here; one thread: a threaded x264 gave files that differed under load
         write_mp4(Path(out) / "videos" / f"cam{k}" / f"{name}.mp4", frames_T_H_W_3, fps=fps, preset="veryfast",
                   threads=1)
     action = relative_actions(state, gripper)
