@@ -120,10 +120,12 @@ def dry_run(c, raw, tok, shapes, say=print):
     model built on the meta device: nothing is read, nothing trained, no GPU needed."""
     world = int(os.environ.get("WORLD_SIZE", 0)) or c["plan_gpus"]
     summary(c, raw, tok, shapes, world, "cuda", say=say, bf16=c["dtype"] != "float32")
-    say(f"op count of one sample's DiT step (bf16, activation ckpt {c['activation_checkpointing']}), priced on "
-        f"{c['plan_gpu']} (opcount.py; roofline at 70% GEMM / 50% attention / 80% bandwidth efficiency):")
+    compiled = bool(c["compile"])
+    say(f"op count of one sample's DiT step (bf16 autocast, activation ckpt {c['activation_checkpointing']}, "
+        f"{'compiled: opcount.Fusion estimate' if compiled else 'eager'}), priced on {c['plan_gpu']} (opcount.py; "
+        f"roofline at 70% GEMM / 50% attention / 80% bandwidth efficiency):")
     s = shapes
-    counts = opcount.count_run(raw, s.V, s.T, s.t, s.h, s.w, 1, c["activation_checkpointing"])
+    counts = opcount.count_run(raw, s.V, s.T, s.t, s.h, s.w, 1, c["activation_checkpointing"], compiled)
     opcount.report(counts, c["plan_gpu"], say=lambda s: say("  " + s))
     say(f"dry run: planned for {world} GPU(s) (plan_gpus); nothing was read or trained")
     return raw

@@ -16,6 +16,9 @@ VIEW_OPS = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose",
             "alias", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
             "unbind", "chunk", "_reshape_alias"}
 GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm"}
+# ops CUDA autocast runs in float32 (aten/src/ATen/autocast_mode.cpp, the fp32 list; those this DiT uses). In the
+# backward only the recomputed forward's layer norms (checkpointing replays autocast); backward ops run as recorded
+AUTOCAST_FP32 = {"native_layer_norm", "pow", "sum", "softmax", "_softmax", "log_softmax", "exp", "rsqrt", "mse_loss"}
 ATTN_OPS = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
             "_scaled_dot_product_attention_math"}
@@ -113,9 +116,16 @@ _COUNTED = {"scaled_dot_product_attention": _counted_sdpa, "rms_norm": _counted_
 
 
 class OpCounter(TorchDispatchMode):
-    def __init__(self):
+    """Counts GEMM / attention FLOPs and the bytes and launches of the memory-bound ops. With a Fusion, the
+    memory-bound ops are handed to it instead (compiled code: see Fusion) and F.rms_norm decomposes as under
+    inductor."""
+
+    def __init__(self, fusion=None, autocast=None, backward=False):
         super().__init__()
         self.paused = False
+        self.fusion = fusion
+        self.autocast = autocast             # None, or the dtype of a CUDA autocast region to emulate
+        self.fp32_ops = {"native_layer_norm"} if backward else AUTOCAST_FP32
         self.flops = defaultdict(int)        # kind -> FLOPs
         self.bytes = 0                       # memory-bound bytes moved
         self.kernels = 0                     # memory-bound kernel launches
@@ -124,7 +134,8 @@ class OpCounter(TorchDispatchMode):
     def __enter__(self):
         _ACTIVE.append(self)
         for name, fn in _COUNTED.items():
-            setattr(F, name, fn)
+            if not (self.fusion and name == "rms_norm"):
+                setattr(F, name, fn)
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -136,6 +147,8 @@ class OpCounter(TorchDispatchMode):
 
     def count_kernel(self, name, flops=0, nbytes=0):
         """One fused kernel: attention FLOPs, or memory-bound bytes."""
+        if self.fusion is not None:    # a kernel inductor does not generate: it splits the fused runs
+            self.fusion.ops.append((self, name, "barrier", [], []))
         self.flops["attention"] += flops
         self.bytes += nbytes
         self.kernels += 1
@@ -144,14 +157,44 @@ class OpCounter(TorchDispatchMode):
         row[1] += flops
         row[2] += nbytes
 
+    def memory_op(self, name, args, out):
+        """A memory-bound kernel: its bytes read and written (or handed to the Fusion)."""
+        self.table[name][0] += 1
+        if self.fusion is not None:
+            return self.fusion.record(self, name, False, args, out)
+        b = _nbytes(_tensors(args)) + _nbytes(_tensors(out))
+        self.bytes += b
+        self.kernels += 1
+        self.table[name][2] += b
+
+    def autocast_args(self, args, dtype):
+        """CUDA autocast on meta tensors (which autocast does not see): floating inputs cast to dtype, each cast
+        one memory-bound kernel (autocast does the same casts before the op)."""
+        def cast(t):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
+                return t
+            c = t.to(dtype)
+            self.memory_op("_to_copy", [t], c)
+            return c
+        return [cast(t) for t in args] if isinstance(args, (list, tuple)) else args
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        base = name[:-len("_backward")] if name.endswith("_backward") else name
+        if self.autocast and not self.paused and (base in GEMM_OPS or base in ATTN_OPS):
+            args = self.autocast_args(args, self.autocast)          # CUDA autocast's bf16 ops
+        elif self.autocast and not self.paused and name in self.fp32_ops:
+            args = self.autocast_args(args, torch.float32)          # and its fp32 ones
         out = func(*args, **(kwargs or {}))
         if self.paused:
             return out
-        name = func.overloadpacket.__name__
-        base = name[:-len("_backward")] if name.endswith("_backward") else name
+        if name not in VIEW_OPS and base not in GEMM_OPS and base not in ATTN_OPS:
+            self.memory_op(name, args, out)
+            return out
         row = self.table[name]
         row[0] += 1
+        if self.fusion is not None and (base in GEMM_OPS or base in ATTN_OPS):
+            self.fusion.record(self, name, True, args, out)
         if base in GEMM_OPS:
             f = _gemm_flops(base, args, _tensors(out)[0])
             self.flops["gemm"] += f
@@ -162,11 +205,8 @@ class OpCounter(TorchDispatchMode):
             f = int(_attn_flops(args[1:] if bwd else args) * (2.5 if bwd else 1))
             self.flops["attention"] += f
             row[1] += f
-        elif name not in VIEW_OPS:
-            b = _nbytes(_tensors(args)) + _nbytes(_tensors(out))
-            self.bytes += b
-            self.kernels += 1
-            row[2] += b
+        elif self.fusion is not None:     # a view: it keeps the run it is in going
+            self.fusion.record(self, name, False, args, out)
         return out
 
 
@@ -246,15 +286,74 @@ def _snapshot(c):
     return {"flops": dict(c.flops), "bytes": c.bytes, "kernels": c.kernels, "table": dict(c.table)}
 
 
-def count_step(net, inputs_kwargs, loss_fn=None):
-    """Forward and backward of net(**inputs_kwargs), counted separately, plus saved bytes."""
+class Fusion:
+    """A model of what torch.compile's inductor does to the memory-bound ops: every run of them between two
+    kernels it does not generate (GEMMs and attention, which stay cuBLAS / flash calls) becomes one generated
+    kernel per reduction in it (at least one), reading each tensor that comes from outside the run once and
+    writing only what is used after it (by a later op, the backward, or nobody: results such as gradients).
+    An estimate of compiled code, counted on the eager op sequence; the saved-for-backward bytes stay eager's."""
+    REDUCTIONS = {"sum", "mean", "native_layer_norm", "native_layer_norm_backward", "amax", "var_mean", "norm",
+                  "_fused_rms_norm", "_fused_rms_norm_backward", "_softmax", "_softmax_backward_data"}
+
+    def __init__(self):
+        self.ops = []       # (counter, name, kind, [(storage key, bytes) read], [(key, bytes) written])
+        self.keep = []      # the traced tensors, alive so that storage keys stay unique
+
+    def record(self, counter, name, barrier, args, out):
+        ins, outs = _tensors(args), _tensors(out)
+        self.keep += ins + outs
+        kind = "barrier" if barrier else "view" if name in VIEW_OPS else "fused"
+        self.ops.append((counter, name, kind, [(_storage_key(t), _nbytes([t])) for t in ins],
+                         [(_storage_key(t), _nbytes([t])) for t in outs]))
+
+    def apply(self):
+        """Adds each group's bytes and kernels to the counter it ran under."""
+        group, groups, prev = [], [], None
+        for i, (counter, _, kind, _, _) in enumerate(self.ops):      # runs of fusable ops, views inside them
+            if kind == "barrier" or counter is not prev:
+                group = []
+            if kind == "fused" or (kind == "view" and group):
+                if not group:
+                    groups.append(group)
+                group.append(i)
+            prev = counter
+        owner = {i: g for g, idx in enumerate(groups) for i in idx}
+        last_use = defaultdict(lambda: -1)                               # storage -> last op (group) reading it
+        for i, (_, _, _, ins, _) in enumerate(self.ops):
+            for k, _ in ins:
+                last_use[k] = i
+        for g, idx in enumerate(groups):
+            made, read, written = set(), {}, {}
+            for i in idx:
+                for k, b in self.ops[i][3]:
+                    if k not in made:
+                        read[k] = max(read.get(k, 0), b)
+                for k, b in self.ops[i][4]:
+                    made.add(k)
+                    if self.ops[i][2] == "fused" and (last_use[k] < 0 or owner.get(last_use[k]) != g):
+                        written[k] = b
+            counter = self.ops[idx[0]][0]
+            n = max(1, sum(self.ops[i][1] in self.REDUCTIONS for i in idx))
+            counter.bytes += sum(read.values()) + sum(written.values())
+            counter.kernels += n
+            row = counter.table["fused (compiled)"]
+            row[0] += n
+            row[2] += sum(read.values()) + sum(written.values())
+
+
+def count_step(net, inputs_kwargs, loss_fn=None, compiled=False, autocast=None):
+    """Forward and backward of net(**inputs_kwargs), counted separately, plus saved bytes; compiled: the
+    memory-bound ops priced as inductor would fuse them (Fusion); autocast: the dtype of CUDA autocast."""
     loss_fn = loss_fn or (lambda out: out.float().sum())
     params = list(net.parameters())
-    with OpCounter() as fwd:
+    fusion = Fusion() if compiled else None
+    with OpCounter(fusion, autocast) as fwd:
         act, par, out = saved_bytes(lambda: net(**inputs_kwargs), params)
         loss = loss_fn(out)
-    with OpCounter() as bwd:
+    with OpCounter(fusion, autocast, backward=True) as bwd:
         loss.backward()
+    if fusion:
+        fusion.apply()
     return {"forward": _snapshot(fwd), "backward": _snapshot(bwd),
             "saved_act_bytes": act, "saved_param_bytes": par}
 
@@ -302,39 +401,17 @@ def meta_step(raw, V, T, t, h, w, batch=1, checkpointing=False, dtype=torch.bflo
     return net, kw
 
 
-def count_run(raw, V, T, t, h, w, batch=1, checkpointing=False):
-    """count_step of the DiT `raw` (any device: it is counted on a meta copy) at a run's shapes, in bf16."""
-    return count_step(*meta_step(raw, V, T, t, h, w, batch, checkpointing))
+def count_run(raw, V, T, t, h, w, batch=1, checkpointing=False, compiled=False):
+    """count_step of the DiT `raw` (any device: it is counted on a meta copy) at a run's shapes, as a CUDA run
+    computes it: FSDP2's bf16 weights under bf16 autocast."""
+    return count_step(*meta_step(raw, V, T, t, h, w, batch, checkpointing), compiled=compiled,
+                      autocast=torch.bfloat16)
 
 
 def saved_activations(raw, V, T, t, h, w, checkpointing=False, dtype=torch.bfloat16):
     """(activation bytes, parameter bytes) autograd keeps for backward in one sample's forward, attention counted as
     the fused kernel it is on CUDA; a meta forward, well under a second for the 2B model."""
     net, kw = meta_step(raw, V, T, t, h, w, 1, checkpointing, dtype)
-    with OpCounter():
+    with OpCounter(autocast=dtype if dtype != torch.float32 else None):
         act, par, _ = saved_bytes(lambda: net(**kw), list(net.parameters()))
     return act, par
-
-
-def main(argv=None):
-    import argparse
-    import model
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model_size", default="2B", choices=("2B", "tiny"))
-    p.add_argument("--frames", type=int, default=13)
-    p.add_argument("--size", default="256x320")
-    p.add_argument("--views", type=int, default=4)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--checkpointing", action="store_true")
-    p.add_argument("--gpu", default="H100 SXM", choices=tuple(GPUS))
-    a = p.parse_args(argv)
-    arch = dict(model.PRESETS["2B"]) if a.model_size == "2B" else dict(
-        model_channels=64, num_blocks=2, num_heads=4, adaln_lora_dim=16, crossattn_emb_channels=32)
-    with torch.device("meta"):
-        raw = model.DiT(model.DiTConfig(**arch, in_channels=16, out_channels=16, n_views_emb=7, timestep_scale=0.001))
-    H, W = (int(s) // 8 for s in a.size.split("x"))   # Wan2.1 VAE: 8x spatial, 4x temporal
-    report(count_run(raw, a.views, a.frames, 1 + (a.frames - 1) // 4, H, W, a.batch, a.checkpointing), a.gpu)
-
-
-if __name__ == "__main__":
-    main()

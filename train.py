@@ -697,6 +697,7 @@ def main(argv=None):
     ckpt_dir = checkpoint.prepare_out_dir(c["out_dir"], env.rank, barrier)
     resume_path = checkpoint.latest(ckpt_dir, c["resume_from"]) if c["resume"] else None
     raw = build_model(c, cfg, env.device, init=not resume_path, say=env.say)
+    perf.summary(c, raw, tok, shapes, env.world, env.device, say=env.say, bf16=env.bf16)   # (counts a meta copy)
     net = parallelize(raw, c, env)
     trainable, opt, sched = make_optimizer(raw, c)
     ema_names, params, ema_params = ema_tracked(raw, c["ema"])
@@ -704,7 +705,6 @@ def main(argv=None):
     saver = checkpoint.Saver(c, {"model": model.config_dict(raw.cfg), "train": c, "lora": lora.run_config(raw)},
                              raw, opt, sched, ema_names, ema_params, G, env.rank, env.world, barrier)
     step, data_step = saver.resume(resume_path, c["lr"], lambda s: lr_factor(s, c), env.say) if resume_path else (0, 0)
-    perf.summary(c, raw, tok, shapes, env.world, env.device, say=env.say, bf16=env.bf16)
     if c["bench"]:          # time the step on random inputs at the configured shapes (bench.py), then exit
         res = run_bench(c, net, raw, opt, tok, tok_dtype, shapes, env)
         del net            # DDP's reducer holds the process group: drop it while the group is alive

@@ -76,3 +76,34 @@ def test_plan_activations_are_what_a_real_cpu_run_saves():
         net.gradient_checkpointing = ck
         real, _, _ = opcount.saved_bytes(lambda: net(**kw), list(net.parameters()))
         assert abs(counted - real) / real < 0.10, (ck, counted, real)
+
+
+def test_fusion_model_one_kernel_per_run_of_pointwise_ops():
+    """compile's estimate (opcount.Fusion): a run of pointwise ops between GEMMs is one kernel reading its outside
+    inputs once and writing only what is used after it; a GEMM splits the runs."""
+    x, w = torch.randn(64, 256, device="meta"), torch.randn(256, 256, device="meta")
+    with opcount.OpCounter() as eager:
+        y = ((x * 2 + 1).relu() * 3) @ w
+        z = (y + 1).sigmoid()
+    fusion = opcount.Fusion()
+    with opcount.OpCounter(fusion) as fused:
+        y = ((x * 2 + 1).relu() * 3) @ w
+        z = (y + 1).sigmoid()
+    fusion.apply()
+    n = 64 * 256 * 4
+    assert eager.kernels == 6 and eager.bytes == 12 * n
+    assert fused.kernels == 2 and fused.bytes == 4 * n        # (read x, write the GEMM input), (read y, write z)
+    assert fused.flops["gemm"] == eager.flops["gemm"] > 0 and z.shape == (64, 256)
+
+
+def test_autocast_emulation_runs_gemms_in_bf16():
+    """On meta, CUDA autocast does not act: the counter emulates it (the GEMM's fp32 input cast to bf16, one cast
+    kernel; layer norm in fp32), as a bf16 CUDA run computes, and as CPU autocast does for the GEMM."""
+    x, w = torch.randn(64, 256, device="meta"), torch.randn(256, 256, device="meta", dtype=torch.bfloat16)
+    with opcount.OpCounter(autocast=torch.bfloat16) as c:
+        y = x @ w
+        ln = torch.nn.functional.layer_norm(y, (256,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real = torch.randn(64, 256) @ torch.randn(256, 256, dtype=torch.bfloat16)
+    assert y.dtype == real.dtype == torch.bfloat16 and ln.dtype == torch.float32
+    assert c.table["_to_copy"][0] == 2                        # x to bf16 for the GEMM, y to fp32 for the norm

@@ -474,3 +474,20 @@ def test_training_steps_make_no_host_syncs(dataset, tmp_path):
             train.main(args)
         counts.append(s.count)
     assert counts[0] == counts[1] > 0, counts
+
+
+def test_keep_consolidated_keeps_the_last_and_every_nth(tmp_path):
+    """Retention of the consolidated files (each 8.5 GB for the 2B model): the `last` newest plus the steps that are
+    multiples of `every`, each with its .json; 0 keeps all."""
+    import checkpoint
+    steps = [500, 1000, 1500, 2000, 2500, 3000]
+    for s in steps:
+        for ext in (".pt", ".json"):
+            (tmp_path / f"iter_{s:09d}{ext}").write_text("x")
+    checkpoint.keep_consolidated(str(tmp_path), 0, 1000)
+    assert len(list(tmp_path.iterdir())) == 12
+    checkpoint.keep_consolidated(str(tmp_path), 2, 1000)
+    left = sorted(int(p.name[5:14]) for p in tmp_path.glob("*.pt"))
+    assert left == [1000, 2000, 2500, 3000] and len(list(tmp_path.glob("*.json"))) == 4
+    checkpoint.keep_consolidated(str(tmp_path), 1, 0)
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["iter_000003000.pt"]
