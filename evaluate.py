@@ -525,6 +525,9 @@ def main(argv):
     c = parse_args(argv)
     if c["bench"]:
         return bench(c)
+    if c["policy"] or c["policy_eval"]:
+        import policy
+        return policy.policy_eval(c) if c["policy_eval"] else policy.sample_policy(c)
     if not c["eval"]:
         return sample_episodes(c)
     path = Path(c["eval_json"] or "output/eval.json")

@@ -101,6 +101,13 @@ disable_guardrail = False      # accepted for the official command line: nanocos
 device = "auto"                # "auto" | "cpu" | "cuda"
 bench = False                  # time two chunks on random frames and actions (no dataset); with --model_size:
                                # a random-weight Predict2.5 multi-view action net of that size, 4 cameras
+policy = ""                    # file.py:fn | pkg.mod:fn: closed loop from the first frames (policy.py), actions to
+                               # <save_path>.actions.json; replay: --policy policy.py:replay --policy_arg that.json
+policy_arg = ""                # with --policy: fn is a factory, fn(policy_arg, settings) returns the policy
+policy_eval = False            # reference policies in synth.World and in the model: success rates, agreement
+policy_episodes = 16           # --policy_eval: first scenes (of the val split) per policy
+policy_scores = ""             # --policy_eval: JSON {policy name: real success rate}, compared as well
+policy_json = ""               # --policy_eval report; "" -> output/policy_eval.json (chart: .png beside it)
 _KEYS = configurator.config_keys(globals())
 _DEFAULTS = {k: globals()[k] for k in _KEYS}
 _FLAGS = [k for k in _KEYS if isinstance(_DEFAULTS[k], bool)]
