@@ -1,10 +1,9 @@
 """
-The sample.py command line and evaluation. `python sample.py [--compare | --eval | --bench] ...` runs main() here
-(sample.py dispatches with runpy; this file imports sample, sample never imports it): the settings (command line,
-else the run's saved config, else the checkpoint family's), the tokenizer, the episodes (a dataset split or files),
-the video / strip outputs; and the evaluation of a rollout against the ground truth: PSNR / SSIM per camera and per
-chunk, the reference rows (shuffled actions, no motion through the tokenizer, the sharp first frame, the tokenizer
-round trip, latent L2) and the table.
+The sample.py command line and evaluation: sample.main runs main() here with runpy (sample never imports this file).
+Owns: the settings (command line, else the run's config, else the family's), tokenizer, episodes (a split or files),
+video / strip outputs, --bench, and --eval: PSNR / SSIM per camera and chunk against the ground truth, the reference
+rows (shuffled actions, no motion, sharp first frame, tokenizer round trip, latent L2) and the table. --policy and
+--policy_eval are policy.py's. Must not: hold rollout or sampler code (sample.py's).
 """
 import json
 import math
@@ -62,8 +61,7 @@ def frame_metrics(pred_V_3_T_H_W, gt_V_3_T_H_W):
 
 
 def windows(video_V_3_T_H_W, num_frames=13):
-    """The rollout's windows of a video: (start, real frames k, clip [V,3,num_frames,H,W]) for time steps
-    12c..12c+12, a short last window padded with its last frame."""
+    """(start, real frames k, clip [V,3,num_frames,H,W]) per rollout window, the last padded with its last frame."""
     T = video_V_3_T_H_W.shape[2]
     for start in range(0, T - 1, num_frames - 1):
         clip = video_V_3_T_H_W[:, :, start:start + num_frames]
@@ -72,8 +70,7 @@ def windows(video_V_3_T_H_W, num_frames=13):
 
 
 def reconstruct(tokenizer, video_V_3_T_H_W, num_frames=13):
-    """The ground truth through the tokenizer alone, window by window as a rollout sees it: the best any model can
-    score with this tokenizer."""
+    """The ground truth through the tokenizer alone, window by window: the ceiling of any model."""
     out = video_V_3_T_H_W.clone()
     for start, k, clip in windows(video_V_3_T_H_W, num_frames):
         out[:, :, start + 1:start + k] = decode(tokenizer, encode(tokenizer, clip))[:, :, 1:k]
@@ -81,8 +78,7 @@ def reconstruct(tokenizer, video_V_3_T_H_W, num_frames=13):
 
 
 def no_motion(tokenizer, first_V_3_H_W, T, num_frames=13):
-    """A model that predicts a still robot, through the tokenizer like every model's output: latent 0 of the first
-    frame held for every latent frame of a chunk, decoded; every chunk decodes that same clip. [V,3,T,H,W]."""
+    """A still robot through the tokenizer: latent 0 of the first frame held for a whole chunk, decoded. [V,3,T,H,W]."""
     z = encode(tokenizer, first_V_3_H_W[:, :, None])
     clip = decode(tokenizer, z.repeat(1, 1, latent_frames(num_frames, tokenizer.temporal_factor), 1, 1))
     idx = [0] + [1 + (k - 1) % (num_frames - 1) for k in range(1, T)]
@@ -90,17 +86,15 @@ def no_motion(tokenizer, first_V_3_H_W, T, num_frames=13):
 
 
 def latent_l2(tokenizer, pred_V_3_T_H_W, gt_V_3_T_H_W, num_frames=13):
-    """Latent-space L2 as in the Cosmos Bridge evaluation (prediction vs ground-truth latents): each rollout window
-    of both videos encoded, then the root-mean-square latent difference over the predicted latent frames (1..),
-    averaged over windows. Lower is better; unlike PSNR it does not reward blur."""
+    """Latent L2 as the Cosmos Bridge evaluation: RMS latent difference of the predicted latent frames (1..) per
+    window, averaged. Lower is better; unlike PSNR it does not reward blur."""
     errs = [(encode(tokenizer, p)[:, :, 1:] - encode(tokenizer, g)[:, :, 1:]).pow(2).mean().sqrt().item()
             for (_, _, p), (_, _, g) in zip(windows(pred_V_3_T_H_W, num_frames), windows(gt_V_3_T_H_W, num_frames))]
     return sum(errs) / len(errs)
 
 
 def shuffled_actions(dataset, i):
-    """Actions that do not belong to episode i: the next episode's (rolled by one). With a single episode, its own
-    actions time-reversed. Returns (actions [n, A], how)."""
+    """(actions [n, A] not of episode i: the next episode's, or with one episode its own reversed, how)."""
     n = len(dataset.episodes)
     if n > 1:
         return dataset.episode_actions((i + 1) % n), "actions of the next episode (rolled by one)"
@@ -109,12 +103,9 @@ def shuffled_actions(dataset, i):
 
 @torch.no_grad()
 def evaluate(net, tokenizer, dataset, *, episodes=0, max_actions=0, progress=True, strip_dir=None, **kw):
-    """Roll out every episode of a data.RobotVideoDataset from its first frame (rollout settings in kw) and compare
-    to the ground truth (time steps 1..N; step 0 is given). Reports PSNR / SSIM overall, per view, per chunk (the
-    drift over the rollout), the same with shuffled actions (action sensitivity = true minus shuffled: > 0 means
-    the model follows the actions), the latent L2, and references: the no-motion model through the tokenizer (the
-    baseline a world model must beat), the sharp first frame copied (no tokenizer: not reachable by any model) and
-    the ground truth through the tokenizer alone (the ceiling). Returns a JSON-able dict."""
+    """Every episode rolled out from its first frame (rollout settings in kw) against the ground truth: PSNR / SSIM
+    overall, per view, per chunk, with shuffled actions (action sensitivity = true - shuffled), latent L2 and the
+    references (no motion: the baseline to beat; sharp first frame; tokenizer round trip: the ceiling). A dict."""
     num_frames = kw.get("num_frames", 13)
     per_chunk = num_frames - 1
     import data
@@ -209,8 +200,6 @@ def format_table(report, camera_names=None):
     return "\n".join(lines)
 
 
-
-
 # -----------------------------------------------------------------------------
 # the command line of sample.py: settings from the run's config, episodes from a dataset or from files
 
@@ -268,7 +257,8 @@ def load_tokenizer(s, dev, bench=False):
     if path is None and bench:
         print(f"bench: {s['tokenizer']} tokenizer with random weights")
     elif path is None:
-        raise UserError("--tokenizer_path", "the Wan2.1 tokenizer needs its weights: pass --tokenizer_path path/to/tokenizer.pth")
+        raise UserError("--tokenizer_path", "the Wan2.1 tokenizer needs its weights: pass --tokenizer_path "
+                                            "path/to/tokenizer.pth")
     if path is not None and not os.path.exists(path):
         raise FileNotFoundError(2, "tokenizer weights not found (--tokenizer_path)", path)
     return vae.load_tokenizer(s["tokenizer"], path, device=dev)
@@ -283,10 +273,8 @@ def dataset_root(ann_path, folder, data_root):
 
 
 def camera_files(ann_path, ann, video_path, cameras, data_root):
-    """The video of every camera for one annotation. With a video path: its sibling cam<k>/ folders (the camera
-    folder layout) or, for one camera, the file itself. Without: IRASim (json["videos"][k]["video_path"] relative to
-    the dataset root, root/annotation/<split>/<id>.json) or camera folders (root/annotations/[split/]<name>.json,
-    root/videos/cam<k>/<name>.mp4). Missing files are named."""
+    """Every camera's video of an annotation: the video path's sibling cam<k>/ folders (or, one camera, the file),
+    else IRASim's json["videos"][k]["video_path"] or camera folders (root/videos/cam<k>/<name>.mp4). Missing: named."""
     import data
     if video_path:
         p = Path(video_path)
@@ -341,8 +329,7 @@ def file_job(ann, video, out, data_root):
 
 
 def file_jobs(c, save_path):
-    """The jobs (file_job) of --annotation (a JSON episode, a JSON list of episodes, or a folder of episodes) and
-    --input_path."""
+    """The jobs (file_job) of --annotation (an episode JSON, a JSON list, or a folder) and --input_path."""
     if not c["annotation"]:
         raise UserError("--input_path", "needs --annotation (the episode's state and gripper, for the actions)")
     a = Path(c["annotation"])
@@ -394,8 +381,7 @@ def episode_index(ds, ep):
 
 
 def check_outputs(paths, overwrite):
-    """Before any work: every output folder can be created and written, and no existing video is replaced unless
-    overwrite."""
+    """Before any work: every output folder is writable and no existing output is replaced unless overwrite."""
     for p in map(Path, paths):
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -476,8 +462,7 @@ def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
 
 
 def bench_net(c, dev):
-    """(a random-weight DiT, no run config): the Predict2.5 multi-view action net of --model_size, the shape
-    config/multiview_action.py trains (tests/test_bench.py holds the two equal)."""
+    """(a random-weight Predict2.5 multi-view action net of --model_size as config/multiview_action.py, None)."""
     if c["model_size"] not in model.PRESETS:
         raise ConfigError(f"--bench --model_size must be one of {sorted(model.PRESETS)}, got {c['model_size']!r} "
                           f"(or no --model_size: the checkpoint --dit_path)")

@@ -7,13 +7,17 @@ called fn(policy_arg, settings) (settings: cameras, frame_size, action_scale, gr
 that returns the policy. --max_actions sets the rollout's length (0: the episode's). Writes the mp4 of all cameras,
 the strip and <save_path>.actions.json; replay it with --policy policy.py:replay --policy_arg that.json.
 `--policy_eval`: every reference policy (REFERENCE) on --policy_episodes first scenes of the synthetic world, closed
-loop in synth.World and in the world model from the same first frames; success rates in both worlds, their Spearman
-rank correlation and mean absolute difference, per-chunk PSNR between the two videos; --policy_scores {name: real
-success rate} adds a real column (names: REFERENCE names or file.py:fn specs).
+loop in synth.World and in the world model from the same first frames (episode indices from the val split's first, by
+synth.json); success rates in both worlds, their Spearman rank correlation and mean absolute difference, per-chunk
+PSNR between the two videos; --policy_scores {name: real success rate} adds a real column (names: REFERENCE names
+or file.py:fn specs). Output: --policy_json and a PNG bar chart beside it.
 Task and success, the same in both worlds: the target is the cube colour (OBJECT_COLOURS but white) covering most
 pixels of the first camera's first frame; a pixel is a colour when its chromaticity (rgb / sum) is within 0.2 (L1)
 of it and r+g+b > 60; the gripper is the blue palm. Success: in the last frame, in every camera, both are seen
 (>= 3 pixels) and their centroids' columns differ by < 8% of the width (so the gripper is over the cube).
+Reference policies (REFERENCE), per chunk from its latest frame: servo: each camera's column error (cube - palm)
+moves the gripper along that camera's right axis, a fraction `gain` of what is left per step, plus gaussian noise
+(m per step); no rotation (the wrist's yaw, < 0.6 rad, is ignored), gripper open. random: xy steps of up to 3 cm.
 Owns: loading and checking policies, the reference policies, the success measure, --policy and --policy_eval.
 Must not: change rollout or the simulator (sample.py, synth.py), or define the action convention (data.py's).
 """

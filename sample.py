@@ -105,7 +105,7 @@ policy = ""                    # file.py:fn | pkg.mod:fn: closed loop from the f
                                # <save_path>.actions.json; replay: --policy policy.py:replay --policy_arg that.json
 policy_arg = ""                # with --policy: fn is a factory, fn(policy_arg, settings) returns the policy
 policy_eval = False            # reference policies in synth.World and in the model: success rates, agreement
-policy_episodes = 16           # --policy_eval: first scenes (of the val split) per policy
+policy_episodes = 16           # --policy_eval: first scenes per policy, episodes from the val split's first on
 policy_scores = ""             # --policy_eval: JSON {policy name: real success rate}, compared as well
 policy_json = ""               # --policy_eval report; "" -> output/policy_eval.json (chart: .png beside it)
 _KEYS = configurator.config_keys(globals())

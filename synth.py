@@ -9,7 +9,8 @@ videos/cam<k>/epNNNNN.mp4 and synth.json. Episode i depends only on (seed, i).
 Must not: read datasets or define the action convention (both are data.py's), or import scripts (sample, evaluate,
 train, policy). Runs on the CPU in worker processes.
 
-    python synth.py --out datasets/synth [--episodes 100] [--val-episodes N] [--cameras 4] [--frames 40] [--size 128x160]
+    python synth.py --out datasets/synth [--episodes 100] [--val-episodes N] [--cameras 4] [--frames 40] \
+        [--size 128x160]
 """
 import argparse
 import json
@@ -181,7 +182,8 @@ def render(cam, ee_pose, gap, objects):
                                                     for sx in (-1, 1) for sy in (-1, 1)]))
         if r0 < r1 and c0 < c1:
             dx, dy = cam["table_x"][r0:r1, c0:c1] - np.float32(xy[0]), cam["table_y"][r0:r1, c0:c1] - np.float32(xy[1])
-            image[:, r0:r1, c0:c1] *= 1.0 - np.float32(strength) * np.exp((dx * dx + dy * dy) * np.float32(-1 / radius ** 2))
+            fade = np.exp((dx * dx + dy * dy) * np.float32(-1 / radius ** 2))
+            image[:, r0:r1, c0:c1] *= 1.0 - np.float32(strength) * fade
     for o in objects:
         draw_boxes(cam, image, depth, o["centre"], o["R"], np.zeros((1, 3)), o["half"][None], np.array([o["colour"]]))
     offsets = np.array([c for c, _, _ in EE_PARTS] + list(finger_offsets(gap)))
@@ -418,12 +420,8 @@ def default_val_episodes(episodes):
 
 def make_synthetic(out, episodes=100, cameras=4, frames=40, size=(128, 160), seed=0, val_episodes=None,
                    objects=(1, 3), fps=4, workers=None):
-    """
-    Write the synthetic robot world in the camera-folder layout: annotations/{train,val}/epNNNNN.json and
-    videos/cam<k>/epNNNNN.mp4. The last `val_episodes` of the `episodes` are the val split (None: default_val_episodes).
-    Episode i depends only on (seed, i), so any worker count gives the same files. Progress goes to stderr.
-    Bad arguments raise ValueError with one line saying which and why.
-    """
+    """The synthetic world in the camera-folder layout; the last `val_episodes` (None: default_val_episodes) are
+    the val split. Episode i depends only on (seed, i). Bad arguments: one ValueError line."""
     val_episodes = default_val_episodes(episodes) if val_episodes is None else val_episodes
     size = tuple(size)
     problems = [f"episodes must be >= 1, got {episodes}" if episodes < 1 else None,
@@ -452,7 +450,8 @@ def make_synthetic(out, episodes=100, cameras=4, frames=40, size=(128, 160), see
         names = list(progress(map(synth_episode, jobs), len(jobs), desc))
     meta = dict(generator="nanocosmos synth.py", episodes=episodes, val_episodes=val_episodes, cameras=cameras,
                 frames=frames, size=list(size), seed=seed, objects=list(objects), fps=fps,
-                camera_names=[["front", "left", "right", "top"][k] if k < 4 else f"oblique{k - 4}" for k in range(cameras)])
+                camera_names=[["front", "left", "right", "top"][k] if k < 4 else f"oblique{k - 4}"
+                              for k in range(cameras)])
     (Path(out) / "synth.json").write_text(json.dumps(meta, indent=1))
     return names
 
