@@ -1,24 +1,13 @@
 """
-The video tokenizer of Cosmos-Predict2 / 2.5: the Wan2.1 causal 3D VAE, and a weightless `pixel` stand-in.
-
-Wan2.1: 16 latent channels, 8x spatial and 4x causal temporal compression, T = 1+4k frames -> 1+k latents.
-Latent 0 depends on frame 0 only, latent j on frames <= 4j. encode() returns the encoder mean normalised the way
-Cosmos does it, (mu - mean) * (1/std) with the 16 official constants (no sampling); decode() inverts that and
-returns video in nominal [-1, 1], NOT clamped (clamp where you convert to uint8).
-
-Memory: the network is streamed in time exactly like the official code, so peak activations are set by one chunk,
-not by the clip. encode() runs frame 0 alone, then chunks of `temporal_window` (4) frames; decode() runs one latent
-frame at a time. Between chunks every temporal convolution keeps the last frames of its own input in a cache (a
-dict keyed by module, created per call). Samples of the batch (views folded in by the caller) are streamed one
-`micro_batch` at a time, so a 4-view clip costs the memory of one view; the samples never interact, so this only
-trades a little GPU efficiency at tiny resolutions for a bounded peak. encode_batched(tok, video, max_batch) encodes
-all B x V clips of a step in as few calls as memory allows (max_batch from a measured bytes-per-pixel budget).
-
-Usage:
+Owns the video tokenizer of Cosmos-Predict2 / 2.5: the Wan2.1 causal 3D VAE (16 latent channels, 8x spatial and 4x
+causal temporal compression: T = 1+4k frames -> 1+k latents, latent j depends on frames <= 4j), and a weightless
+`pixel` stand-in. encode() returns the encoder mean normalised as Cosmos does, (mu - mean) * (1/std), no sampling;
+decode() inverts it and returns video in nominal [-1, 1], NOT clamped. Streamed in time like the official code
+(frame 0 alone, then chunks of `temporal_window` frames; decode one latent frame at a time; each temporal conv
+caches its last input frames in a per-call dict) and over the batch `micro_batch` samples at a time, so the peak
+is one chunk of one sample. Must not: import a script. Usage:
     tok = load_tokenizer("wan2.1", "checkpoints/tokenizer.pth", device="cuda", dtype=torch.bfloat16)
-    z_B_16_t_h_w = tok.encode(video_B_3_T_H_W)       # video in [-1, 1]
     z_N_16_t_h_w = encode_batched(tok, video_N_3_T_H_W_uint8)   # uint8 -> [-1, 1] as training does, batched
-    video_B_3_T_H_W = tok.decode(z_B_16_t_h_w)
     python vae.py bench --size 256x320 --frames 13 --dtype both     # seconds and peak memory, random weights
 """
 import argparse
@@ -72,11 +61,9 @@ def check_latent(latent, channels):
 # -----------------------------------------------------------------------------
 # Wan2.1 building blocks. Attribute names and nn.Sequential slot numbers are the official state-dict key names.
 # Every block's forward takes (x_B_C_T_H_W, cache); only the temporal convolutions read or write the cache.
-
 class CPUBf16Conv:
-    """On CPUs without bf16 dot-product instructions (AVX2) oneDNN's bf16 convolutions are ~45x slower than fp32,
-    so on CPU a bf16 conv multiplies in fp32 and rounds its output to bf16, which is what cuDNN's bf16 convs do
-    anyway (fp32 accumulation). Everything else stays in bf16."""
+    """On CPU a bf16 conv runs in fp32 and rounds its output to bf16 (as cuDNN's fp32 accumulation does): oneDNN's
+    bf16 convolutions are far slower than fp32 on CPUs without bf16 dot-product instructions."""
 
     def _conv_forward(self, x, weight, bias):
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -85,12 +72,8 @@ class CPUBf16Conv:
         return super()._conv_forward(x, weight, bias)
 
 
-class Conv2d(CPUBf16Conv, nn.Conv2d):
-    pass
-
-
-class Conv3d(CPUBf16Conv, nn.Conv3d):
-    pass
+Conv2d = type("Conv2d", (CPUBf16Conv, nn.Conv2d), {})
+Conv3d = type("Conv3d", (CPUBf16Conv, nn.Conv3d), {})
 
 
 class CausalConv3d(Conv3d):
@@ -161,12 +144,6 @@ class AttentionBlock(nn.Module):
         return x + rearrange(h, "(b t) c h w -> b c t h w", t=T)
 
 
-class Upsample2x(nn.Module):
-    # Official: nearest-exact 2x in fp32. For an exact factor 2 that is a 2x2 repeat, which is exact in any dtype.
-    def forward(self, x):
-        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
-
-
 class Resample(nn.Module):
     """2x spatial down/up-sampling per frame, plus (for the *3d modes) 2x causal temporal resampling in which frame 0
     is special: it is neither merged nor doubled, and is never history for the frames after it."""
@@ -174,8 +151,9 @@ class Resample(nn.Module):
     def __init__(self, dim, mode):
         super().__init__()
         self.mode = mode
-        if mode.startswith("upsample"):  # the 2D conv halves the channels
-            self.resample = nn.Sequential(Upsample2x(), Conv2d(dim, dim // 2, 3, padding=1))
+        if mode.startswith("upsample"):  # official nearest-exact 2x (a 2x2 repeat: exact in any dtype); conv halves C
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          Conv2d(dim, dim // 2, 3, padding=1))
         else:  # asymmetric pad (right/bottom only) then a stride-2 conv: not the same as padding=1
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), Conv2d(dim, dim, 3, stride=2))
         if mode == "upsample3d":  # each input frame becomes 2 output frames: channels [0:C] then [C:2C]
@@ -281,12 +259,10 @@ class WanVAE(nn.Module):
         dim_mult, temperal_downsample = list(dim_mult), list(temperal_downsample)  # "temperal" is the official name
         if z_dim != len(LATENT_MEAN):
             raise ValueError(f"the Wan2.1 latent statistics are for z_dim={len(LATENT_MEAN)}, got {z_dim}")
-        self.spatial_factor = 2 ** (len(dim_mult) - 1)
-        self.temporal_factor = 2 ** sum(temperal_downsample)
+        self.spatial_factor, self.temporal_factor = 2 ** (len(dim_mult) - 1), 2 ** sum(temperal_downsample)
         if temporal_window < 1 or temporal_window % self.temporal_factor:
             raise ValueError(f"temporal_window must be a multiple of {self.temporal_factor}, got {temporal_window}")
-        self.temporal_window = temporal_window
-        self.micro_batch = micro_batch
+        self.temporal_window, self.micro_batch = temporal_window, micro_batch
         self.encoder = Encoder3d(dim, z_dim, dim_mult, num_res_blocks, list(attn_scales), temperal_downsample, dropout)
         self.conv1 = CausalConv3d(z_dim * 2, z_dim * 2, 1)  # "quant conv", applied to mu | logvar
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)  # "post-quant conv", applied before the decoder
@@ -295,17 +271,15 @@ class WanVAE(nn.Module):
         self.reset_latent_stats()
 
     def reset_latent_stats(self):
-        """The latent mean / std as buffers (they follow .to(device, dtype)): no host-to-device copy per encode
-        (issue 20: that copy was a blocking sync per training micro-step). Re-made after a meta-device load."""
+        """The latent mean / std as buffers (they follow .to()): no host sync per call. Re-made after a meta load."""
         dev = None if self.conv1.weight.is_meta else self.conv1.weight.device
-        self.register_buffer("latent_mean", torch.tensor(LATENT_MEAN, device=dev).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latent_std", torch.tensor(LATENT_STD, device=dev).view(1, -1, 1, 1, 1), persistent=False)
+        for name, values in (("latent_mean", LATENT_MEAN), ("latent_std", LATENT_STD)):
+            self.register_buffer(name, torch.tensor(values, device=dev).view(1, -1, 1, 1, 1), persistent=False)
 
     def latent_stats(self, dtype, device):
         # Cosmos holds mean and std in the model dtype and multiplies by 1/std computed in that dtype; doing the same
         # reproduces its bf16-rounded constants exactly. Shapes (1, 16, 1, 1, 1). Device ops only (no sync).
-        mean, std = self.latent_mean.to(device, dtype), self.latent_std.to(device, dtype)
-        return mean, 1.0 / std
+        return self.latent_mean.to(device, dtype), 1.0 / self.latent_std.to(device, dtype)
 
     @torch.no_grad()
     def encode(self, video_B_3_T_H_W, micro_batch=None):
@@ -323,8 +297,7 @@ class WanVAE(nn.Module):
         starts = [0] + list(range(1, T, self.temporal_window))  # frame 0 alone, then chunks
         mu = []
         for x in video_B_3_T_H_W.split(micro_batch or self.micro_batch):
-            x = x.to(w)
-            cache = {}
+            x, cache = x.to(w), {}
             mu.append(torch.cat([self.conv1(self.encoder(x[:, :, a:b], cache), cache)[:, :self.latent_channels]
                                  for a, b in zip(starts, starts[1:] + [T])], dim=2))
         return torch.cat(mu)
@@ -338,26 +311,18 @@ class WanVAE(nn.Module):
         for z in latent_B_16_t_h_w.split(self.micro_batch):
             cache = {}
             z = self.conv2(z.to(w) / inv_std + mean, cache)
-            frames = [self.decoder(z[:, :, i:i + 1], cache) for i in range(z.shape[2])]  # 1 frame, then 4 each
-            videos.append(torch.cat(frames, dim=2))
+            # latent 0 decodes to 1 frame, every later one to 4
+            videos.append(torch.cat([self.decoder(z[:, :, i:i + 1], cache) for i in range(z.shape[2])], dim=2))
         return torch.cat(videos)
 
 
 # -----------------------------------------------------------------------------
 # The pixel tokenizer: no weights, same interface, for tiny CPU presets.
-
 class PixelTokenizer(nn.Module):
-    """Latent = the frames themselves, average-pooled by `spatial_factor` and stacked in time groups.
-
-    Time: frame 0 is its own group (replicated 4 times so every latent frame looks alike), then each next 4 frames
-    form one group, so T = 1+4k -> t = 1+k, exactly as the VAE. Channels: latent_channels = 3*4 = 12, ordered
-    (frame-in-group, RGB): channel 3*f + c is colour c of frame f of the group. Values: pooled pixels times `scale`
-    (default 2: on the Bridge sample clips, pixel std ~0.5 becomes latent std 0.93-0.98).
-    What is lost: all spatial detail within each s x s block (decode repeats the block mean, nearest upsampling).
-    Nothing else: decode(encode(x)) == the pooled-then-upsampled x, and encode(decode(z)) == z for every z that
-    encode produces. Decode averages latent 0's 4 copies, so an arbitrary z (a DiT sample) comes back with latent 0
-    projected onto equal copies and latents 1.. unchanged.
-    """
+    """Latent = the frames average-pooled by `spatial_factor`, times `scale`, stacked in time groups: frame 0 alone
+    (replicated 4 times), then 4 frames each (T = 1+4k -> t = 1+k, as the VAE); channel 3*f + c is colour c of
+    frame f of the group (12 channels). Only detail within each block is lost: encode(decode(z)) == z for every
+    encoded z; decode averages latent 0's copies (an arbitrary z gets latent 0 projected onto equal copies)."""
     temporal_factor = 4
 
     def __init__(self, spatial_factor=8, scale=2.0):
@@ -386,7 +351,6 @@ class PixelTokenizer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-
 def wan_state_dict(path):
     """The flat state dict of an official tokenizer.pth; one-line UserError for a file that is not one."""
     try:
@@ -410,7 +374,8 @@ def load_tokenizer(name: str, path: str | None = None, device="cpu", dtype=torch
         tok = PixelTokenizer(**kw)
     elif name == "wan2.1":
         if path is None:
-            print("WARNING: Wan2.1 VAE with RANDOM weights (no tokenizer.pth given): latents and videos are meaningless")
+            print("WARNING: Wan2.1 VAE with RANDOM weights (no tokenizer.pth given): latents and videos are "
+                  "meaningless")
             tok = WanVAE(**kw)
         else:
             sd = wan_state_dict(path)
@@ -435,10 +400,8 @@ def load_tokenizer(name: str, path: str | None = None, device="cpu", dtype=torch
 
 # -----------------------------------------------------------------------------
 # Batched encoding: all B x V clips of a training step (or of a cache shard) in as few calls as memory allows.
-
-# Peak encoder activations of one sample, per pixel of a frame and per byte of the dtype, at temporal_window 4:
-# measured with `python vae.py bench --size 64x80 --frames 5 --views 4 --micro_batch 1` vs `4` on CPU fp32
-# (peak RSS 287 vs 500 MiB: 71 MiB a sample = 3,630 x 64 x 80 x 4 bytes); rounded up for allocator slack.
+# Peak encoder activations of one sample per frame pixel and dtype byte at temporal_window 4 (measured with
+# `python vae.py bench --micro_batch 1` vs `4`, rounded up for allocator slack)
 ENCODE_BYTES_PER_PIXEL = 4000
 
 
@@ -462,12 +425,8 @@ def encode_micro_batch(tok, H, W, memory_budget=None):
 
 @torch.no_grad()
 def encode_batched(tok, video_N_3_T_H_W, max_batch=None, dtype=None):
-    """
-    Latents [N, C, t, h, w] of N clips in ceil(N / max_batch) tokenizer calls (max_batch None: encode_micro_batch).
-    uint8 video becomes [-1, 1] in `dtype` (default the tokenizer's) as x / 127.5 - 1, on the video's device, exactly
-    as the training step does; float video is taken as already in [-1, 1]. Clips never interact, so the result equals
-    one-by-one encoding up to float rounding (convolution kernels may differ with the batch size).
-    """
+    """Latents [N, C, t, h, w] of N clips in ceil(N / max_batch) calls (None: encode_micro_batch); uint8 video becomes
+    x / 127.5 - 1 in `dtype` (default the tokenizer's) as training does, float video is taken as in [-1, 1]."""
     x = video_N_3_T_H_W
     if x.dtype == torch.uint8:
         x = x.to(dtype or tokenizer_dtype(tok)).div(127.5).sub(1.0)
@@ -478,11 +437,9 @@ def encode_batched(tok, video_N_3_T_H_W, max_batch=None, dtype=None):
 
 # -----------------------------------------------------------------------------
 # Benchmark: python vae.py bench [--size 256x320[,480x640]] [--frames 13] [--views 4] [--dtype bf16] [--device cpu]
-
 class PeakRSS:
-    """Peak growth of this process's resident memory while the block runs, sampled every millisecond from
-    /proc/self/statm (torch's CPU allocations are invisible to tracemalloc). Memory freed earlier but still held
-    by glibc's malloc would be reused unseen, so it is handed back to the OS first."""
+    """Peak growth of resident memory while the block runs, sampled every ms from /proc/self/statm (after handing
+    glibc's freed memory back to the OS, which would otherwise be reused unseen)."""
 
     def __enter__(self):
         try:
@@ -513,8 +470,7 @@ class PeakRSS:
 
 
 def measure(fn, device):
-    """(fn(), wall seconds, process CPU seconds, peak memory bytes): CUDA max_memory_allocated beyond what was live
-    before, or CPU peak RSS growth. CPU seconds tell the work apart from waiting on a busy machine."""
+    """(fn(), wall seconds, process CPU seconds, peak bytes: CUDA allocated beyond what was live, or RSS growth)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
