@@ -9,13 +9,6 @@ reads. `python data.py ...` and `python lerobot.py ...` run this file's main.
     python data.py encode ROOT --out CACHE --tokenizer pixel|wan2.1 [--tokenizer_path P] --cameras 0,1
                    --num_frames 13 --size 256x320 [--start_stride S] [--split train]   # torchrun: each rank a share
 Known errors print one line `error: <file>: <problem>` and exit 1; bad arguments exit 2; problems found exit 1.
-
-check reads what training reads: --cameras defaults to every camera folder found (and says so: pass the cameras the
-run will use); a camera with no folder at all is one problem, a folder lacking some episodes is counted; NaN or
-Infinity anywhere in an annotation is a problem; the stored 'action' is compared with the recomputed one. On a
-LeRobot folder it takes training's settings (fps, action_key, action_type, action_norm, state_key: train.py's
-defaults unless given, and it prints the ones it used): the stats action_norm needs, the state column delta_state
-needs, NaN / inf in those columns, info.json's fps against the parquet timestamps and every video's own rate.
 """
 
 import argparse
@@ -24,10 +17,9 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
-import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
@@ -39,21 +31,17 @@ from data import (RobotVideoDataset, _array, available_splits, camera_folder_cam
                   compute_actions, detect_layout, list_annotations, parse_annotation, relative_actions)
 from lerobot import (LeRobotDataset, clips_that_fit, load_episodes, load_info, load_rows, load_stats, select_cameras,
                      split_episodes)
-from video import count_frames, progress, probe_video, resize_frames, single_threaded_worker, video_timeline
+from video import (count_frames, decode_frames, open_video, progress, probe_video, resize_frames,
+                   single_threaded_worker, video_timeline)
+
 
 # -----------------------------------------------------------------------------
 # check: Bridge / IRASim and camera folders
 
-
 def all_annotations(root, splits=None):
-    """(split, path) of every annotation under root, sorted; loose camera-folder files get the split the dataset
-    gives them (train / val by a hash of the name). splits: only these."""
-    root, layout = Path(root), detect_layout(root)
-    folder = root / ("annotation" if layout == "irasim" else "annotations")
-    found = [(p.parent.name, p) for p in sorted(folder.glob("*/*.json"))]
-    if layout == "camera_folders" and not any(p.is_dir() for p in folder.iterdir()):
-        found = [(split, p) for split in ("train", "val") for p in list_annotations(root, split)]
-    return [(s, p) for s, p in found if splits is None or s in splits]
+    """(split, path) of every annotation of the dataset (of `splits` only), split as data.list_annotations splits."""
+    return [(split, p) for split in available_splits(root) if splits is None or split in splits
+            for p in list_annotations(root, split)]
 
 
 def non_finite(obj, where=""):
@@ -75,7 +63,6 @@ def stored_action(path, ann):
     if action.ndim != 2 or action.shape[0] != T - 1 or action.shape[1] < 6:
         raise UserError(path, f"'action' must be [{T - 1}, 7] (one row per state transition), got {list(action.shape)}")
     return action
-
 
 
 def check_stored_action(ann_path, ann):
@@ -102,40 +89,31 @@ def check_stored_action(ann_path, ann):
 
 
 def check_episode(job):
-    """
-    Check one annotation and all its videos (a worker's unit of work). Returns (problems, notes, record): problems
-    and notes are '<file>: ...' strings; record (frames, sizes per camera, max |scaled action|, stored gripper
-    column source, missing cameras) is None when the episode is unusable.
-    """
+    """Check one annotation and its videos (a worker's job) -> (problems, notes: '<file>: ...', record: frames, sizes,
+    max |scaled action|, stored gripper column source, missing cameras; None or just those if unusable)."""
     root, layout, ann_path, cameras, fast = job
+    problems = []
     try:
         ann = parse_annotation(ann_path)
-    except UserError as e:
-        return [str(e)], [], None
-    bad = non_finite(ann["json"])  # parse_annotation already refuses NaN in what training reads; this is the rest
-    problems = [f"{ann_path}: {len(bad)} NaN/Infinity value(s) in the JSON, first at {bad[0]}"] if bad else []
-    try:
+        if bad := non_finite(ann["json"]):  # parse_annotation already refuses NaN in what training reads
+            problems.append(f"{ann_path}: {len(bad)} NaN/Infinity value(s) in the JSON, first at {bad[0]}")
         if cameras is None:  # IRASim: every camera the annotation lists (camera_paths names a missing 'videos')
             cameras = range(len(ann["videos"])) if isinstance(ann["videos"], list) and ann["videos"] else [0]
         videos = camera_paths(root, layout, ann_path, ann, cameras)
         p, source = check_stored_action(ann_path, ann)
-        problems += p
     except UserError as e:
         return problems + [str(e)], [], None
+    problems += p
     notes, counts, sizes, missing = [], [], {}, []
     for k, v in zip(cameras, videos):
-        if not v.exists():
-            problems.append(f"{v}: video file not found")
-            missing.append(k)
-            continue
         try:
             n, h, w = probe_video(v) if fast else count_frames(v)
             counts.append(n)
             sizes[k] = (h, w)
-        except UserError as e:  # every video is checked: the user wants the whole list at once
+        except UserError as e:  # every video is checked (a missing one: "video file not found"), the list at once
             problems.append(str(e))
-    state, gripper = ann["state"], ann["gripper"]
-    T = len(state)
+            missing += [] if v.exists() else [k]
+    state, gripper, T = ann["state"], ann["gripper"], len(ann["state"])
     if len(counts) == len(videos):
         try:
             check_frame_counts(ann_path, T, videos, counts)
@@ -152,12 +130,8 @@ def check_episode(job):
 
 
 def check_dataset(root, cameras=None, num_frames=13, fast=False, splits=None, workers=None):
-    """
-    Validate every annotation and video of a dataset (or of some splits) the way training will read them; print a
-    summary table, then every problem with its file. Returns the list of problems (empty: training can load it).
-    cameras: what the run will use (None: every camera folder found, or for IRASim every camera an episode lists,
-    and it says so); fast=True trusts the container's frame count instead of decoding every frame.
-    """
+    """Validate (and print, with a summary table) every annotation and video as training reads them; returns the
+    problems. cameras: the run's (None: every one found); fast=True trusts container frame counts (no decoding)."""
     root, layout = Path(root), detect_layout(root)
     entries = all_annotations(root, splits)
     problems, what = [], ",".join(map(str, cameras or ()))
@@ -166,11 +140,9 @@ def check_dataset(root, cameras=None, num_frames=13, fast=False, splits=None, wo
         if cameras is None:
             cameras, what = have, f"{','.join(map(str, have))} (default: the camera folders found; pass --cameras " \
                                   f"to check what training will use)"
-        absent = [k for k in cameras if k not in have]
-        if absent:  # one line for a whole missing folder, not one per episode
-            problems += [f"{root / 'videos' / f'cam{k}'}: camera folder not found; the dataset has "
-                         f"{', '.join(f'cam{j}' for j in have) or 'no camera folders'}" for k in absent]
-            cameras = [k for k in cameras if k in have]
+        problems += [f"{root / 'videos' / f'cam{k}'}: camera folder not found; the dataset has "  # not per episode
+                     f"{', '.join(f'cam{j}' for j in have) or 'no camera folders'}" for k in cameras if k not in have]
+        cameras = [k for k in cameras if k in have]
     elif cameras is None:
         what = "every camera each episode lists (default; pass --cameras to check what training will use)"
     print(f"check {root} ({layout} layout): {len(entries)} annotations"
@@ -194,7 +166,7 @@ def report_check(root, layout, entries, results, cameras, num_frames, splits, pr
     """The summary table, notes and problems of check_dataset; returns every problem."""
     notes, stats, missing = [], {}, {}
     for (split, ann_path), (p, n, record) in zip(entries, results):
-        s = stats.setdefault(split, dict(episodes=0, bad=0, frames=[], sizes={}, act=[], sources={}))
+        s = stats.setdefault(split, dict(episodes=0, bad=0, frames=[], sizes={}, act=[], sources=Counter()))
         problems += p
         notes += n
         s["episodes"] += 1
@@ -207,8 +179,7 @@ def report_check(root, layout, entries, results, cameras, num_frames, splits, pr
         for k, hw in record["sizes"].items():
             s["sizes"].setdefault(k, set()).add(hw)
         s["act"].append(record["act"])
-        key = record["source"] or "not stored"
-        s["sources"][key] = s["sources"].get(key, 0) + 1
+        s["sources"][record["source"] or "not stored"] += 1
     print(f"{'split':<8}{'episodes':>9}{'bad':>6}{'frames min/mean/max':>22}{f'{num_frames}-frame clips':>16}  video sizes")
     for split, s in stats.items():
         f = s["frames"]
@@ -240,10 +211,8 @@ def report_check(root, layout, entries, results, cameras, num_frames, splits, pr
                                                         f"episodes")
 
 
-
 # -----------------------------------------------------------------------------
 # check and bench of a LeRobot folder
-
 
 def _check_videos(info_path, eps, keys, fps, decode, problems):
     """Per camera: codecs, fps, sizes, frames, files; per file, its own rate against info.json's fps; per episode,
@@ -307,13 +276,8 @@ def check_columns(root, info, eps, s, problems):
 
 
 def check_lerobot(root, cameras=None, num_frames=13, fast=False, val_fraction=0.1, **settings):
-    """
-    Validate a LeRobot folder with training's settings (fps, action_key, state_key, action_type, action_norm:
-    LEROBOT_SETTINGS, i.e. train.py's defaults, unless given; printed): per camera codec, fps, resolution, frame
-    count; episodes whose parquet length and video disagree, rows with no frame at their timestamp, a declared fps
-    that the timestamps or a video contradict, NaN/inf in the columns, missing stats, and the clip count per split.
-    fast=True reads packet timestamps instead of decoding every frame. Returns the problems.
-    """
+    """Validate a LeRobot folder with training's settings (LEROBOT_SETTINGS unless given), printing the cameras and the
+    clips per split; returns the problems. fast=True reads packet timestamps instead of decoding every frame."""
     s = {**LEROBOT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
     root, info = Path(root), load_info(root)
     keys, source_fps = select_cameras(root, info, cameras), float(info["fps"])
@@ -338,12 +302,9 @@ def check_lerobot(root, cameras=None, num_frames=13, fast=False, val_fraction=0.
 
 def report(problems, what, where=""):
     """The last lines of a check: every problem with its file, or OK. Returns the problems."""
-    if problems:
-        print(f"FAILED: {len(problems)} problem(s){where}:")
-        for p in problems:
-            print(f"  {p}")
-    else:
-        print(f"OK: {what}, no problems found")
+    print(f"FAILED: {len(problems)} problem(s){where}:" if problems else f"OK: {what}, no problems found")
+    for p in problems:
+        print(f"  {p}")
     return problems
 
 
@@ -362,9 +323,8 @@ def bench_lerobot(root, split="train", cameras=None, size=(256, 320), num_frames
         n += 1
     direct, per_clip = n / (time.perf_counter() - t0), (ds.decoded_frames - decoded) / n
     torch.set_num_threads(threads)
-    V = len(ds.cameras)
     print(f"dataset[i]  {direct:8.1f} clips/s  (1 process, 1 thread; {per_clip:.0f} frames decoded per clip for "
-          f"{V * num_frames} delivered, {V} camera(s) x {num_frames})")
+          f"{len(ds.cameras) * num_frames} delivered, {len(ds.cameras)} camera(s) x {num_frames})")
     windows = torch.randint(len(ds), (batches * batch_size,), generator=torch.Generator().manual_seed(0)).tolist()
     loader_cps = loader_rate(ds, windows, workers, batch_size)
     print(f"DataLoader  {loader_cps:8.1f} clips/s  ({workers} workers, batch {batch_size}, {batches - 1} batches timed)")
@@ -374,35 +334,21 @@ def bench_lerobot(root, split="train", cameras=None, size=(256, 320), num_frames
 # -----------------------------------------------------------------------------
 # bench and encode
 
-
-def raw_decode(paths, indices, size=None):
-    """The reference for bench: plain PyAV, seek to the keyframe before the first index, decode to the last, RGB for
-    the wanted frames, no checks; size: also resize each frame (resize_frames). Returns the number of frames."""
-    n = 0
-    for path in paths:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            container.seek(int(indices[0] / (stream.average_rate * stream.time_base)), stream=stream, backward=True)
-            rgb, wanted = VideoReformatter(), set(indices)
-            for frame in container.decode(stream):
-                i = round(float(frame.pts * stream.time_base * stream.average_rate))
-                if i in wanted:
-                    x = rgb.reformat(frame, format="rgb24").to_ndarray()
-                    if size is not None:
-                        resize_frames(torch.from_numpy(x).permute(2, 0, 1)[None], size)
-                    n += 1
-                if i >= indices[-1]:
-                    break
-    return n
+def raw_decode(ds, i, size=None):
+    """bench's reference: window i of ds through video.decode_frames alone (seek, decode, RGB); size: also resize."""
+    start = int(ds.window_start[i])
+    indices = list(range(start, start + ds.num_frames * ds.frame_stride, ds.frame_stride))
+    for path in ds.episodes[int(ds.window_episode[i])].videos:
+        with open_video(path) as (container, stream):
+            frames, _ = decode_frames(container, stream, indices, seek=True)
+        for x in (frames or {}).values() if size is not None else ():
+            resize_frames(torch.from_numpy(x).permute(2, 0, 1)[None], size)
 
 
 def bench(root, split=None, cameras=(0,), size=(256, 320), num_frames=13, workers=2, batch_size=4, batches=20,
           frame_stride=1, cache=None):
-    """
-    Clips per second of raw PyAV decoding of a random set of windows (one process, native size), of one process
-    calling the dataset, and of a DataLoader with `workers` processes over the same windows; with `cache`, also of
-    LatentCacheDataset through the same DataLoader. Returns the figures as a dict (measured ones: README).
-    """
+    """Clips/s over the same random windows of raw decoding (native size, then resized) and dataset[i] in one process,
+    of a DataLoader with `workers` processes and (cache) of the latent cache through it. Returns the figures."""
     split = split or ("train" if "train" in available_splits(root) else available_splits(root)[0])
     ds = RobotVideoDataset(root, split, num_frames=num_frames, cameras=cameras, size=size, frame_stride=frame_stride)
     if len(ds) == 0:
@@ -411,26 +357,21 @@ def bench(root, split=None, cameras=(0,), size=(256, 320), num_frames=13, worker
     order = torch.randint(len(ds), (n_clips,), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"bench {ds}\n{n_clips} random windows; episodes of {min(e.num_frames for e in ds.episodes)}.."
           f"{max(e.num_frames for e in ds.episodes)} frames; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+
+    def rate(fetch):  # clips/s of fetch(i) over the windows, in this process
+        t0 = time.perf_counter()
+        for i in order:
+            fetch(i)
+        return n_clips / (time.perf_counter() - t0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    figures = {}
-    t0 = time.perf_counter()
-    for i in order:
-        ep, start = ds.episodes[int(ds.window_episode[i])], int(ds.window_start[i])
-        raw_decode(ep.videos, list(range(start, start + num_frames * frame_stride, frame_stride)))
-    figures["raw_decode_clips_per_s"] = raw = n_clips / (time.perf_counter() - t0)
-    print(f"raw PyAV decode {raw:8.1f} clips/s  (1 process, seek + decode + RGB, native size, no resize)")
-    t0 = time.perf_counter()
-    for i in order:
-        ep, start = ds.episodes[int(ds.window_episode[i])], int(ds.window_start[i])
-        raw_decode(ep.videos, list(range(start, start + num_frames * frame_stride, frame_stride)), size)
-    figures["raw_resize_clips_per_s"] = raw_resize = n_clips / (time.perf_counter() - t0)
-    print(f"  + resize      {raw_resize:8.1f} clips/s  (the same, each frame resized to {size[0]}x{size[1]})")
-    t0 = time.perf_counter()
-    for i in order:
-        ds[i]
-    figures["dataset_clips_per_s"] = direct = n_clips / (time.perf_counter() - t0)
+    figures = {"raw_decode_clips_per_s": rate(lambda i: raw_decode(ds, i)),
+               "raw_resize_clips_per_s": rate(lambda i: raw_decode(ds, i, size)),
+               "dataset_clips_per_s": rate(ds.__getitem__)}
     torch.set_num_threads(threads)
+    raw, raw_resize, direct = figures.values()
+    print(f"raw PyAV decode {raw:8.1f} clips/s  (1 process, seek + decode + RGB, native size, no resize)")
+    print(f"  + resize      {raw_resize:8.1f} clips/s  (the same, each frame resized to {size[0]}x{size[1]})")
     print(f"dataset[i]      {direct:8.1f} clips/s  (1 process, 1 thread, + checks + resize to {size[0]}x{size[1]}) "
           f"= {direct / raw:.2f}x raw, {direct / raw_resize:.2f}x raw + resize")
     figures["loader_clips_per_s"] = cps = loader_rate(ds, order, workers, batch_size)
@@ -453,8 +394,7 @@ def loader_rate(ds, order, workers, batch_size):
     it = iter(loader)
     next(it)
     t0 = time.perf_counter()
-    rest = sum(1 for _ in it)
-    return rest * batch_size / max(time.perf_counter() - t0, 1e-9)
+    return sum(1 for _ in it) * batch_size / max(time.perf_counter() - t0, 1e-9)  # the batches after the first
 
 
 def encode_command(args, parser):
@@ -466,9 +406,8 @@ def encode_command(args, parser):
         parser.error(f"--size must be a multiple of {factor} for the {args.tokenizer} tokenizer, got {args.size}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if args.dtype == "auto":   # what train.py runs the tokenizer in: the VAE in bf16 on CUDA, else fp32
-        args.dtype = "bf16" if device.startswith("cuda") and args.tokenizer != "pixel" else "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    auto_bf16 = device.startswith("cuda") and args.tokenizer != "pixel"   # as train.py: the VAE in bf16 on CUDA
+    dtype = torch.bfloat16 if args.dtype == "bf16" or args.dtype == "auto" and auto_bf16 else torch.float32
     kw = dict(spatial_factor=args.pixel_factor) if args.tokenizer == "pixel" else {}
     tok = vae.load_tokenizer(args.tokenizer, args.tokenizer_path, device=device, dtype=dtype, **kw)
     ds = RobotVideoDataset(args.root, args.split, num_frames=args.num_frames, cameras=args.cameras, size=args.size,
@@ -485,9 +424,9 @@ def encode_command(args, parser):
               f"in {time.perf_counter() - t0:.1f} s")
     return 0
 
+
 # -----------------------------------------------------------------------------
 # the command line
-
 
 def _ints(text):
     try:
@@ -544,11 +483,8 @@ def parser():
     add(p, "split", default=None, help="default: train if present, else the first split")
     add(p, "cameras", type=_cameras, default=None, help="default: 0 (LeRobot: every video feature)")
     add(p, "size", type=_size, default=(256, 320), help="HxW")
-    add(p, "num_frames", type=int, default=13)
-    add(p, "workers", type=int, default=2)
-    add(p, "batch_size", type=int, default=4)
-    add(p, "batches", type=int, default=20)
-    add(p, "frame_stride", type=int, default=1)
+    for name, default in dict(num_frames=13, workers=2, batch_size=4, batches=20, frame_stride=1).items():
+        add(p, name, type=int, default=default)
     add(p, "fps", type=float, default=None, help="LeRobot: the clip rate (default: the dataset's)")
     add(p, "action_key", default="action", help="LeRobot: the action column")
     add(p, "cache", default=None, help="a latent cache folder to time through the same loader")
@@ -559,10 +495,9 @@ def parser():
     add(p, "tokenizer_path", default=None, help="tokenizer.pth (wan2.1)")
     add(p, "pixel_factor", type=int, default=8, help="pixel tokenizer pooling")
     add(p, "cameras", type=_ints, default=(0,))
-    add(p, "num_frames", type=int, default=13)
     add(p, "size", type=_size, default=(256, 320), help="HxW")
-    add(p, "frame_stride", type=int, default=1)
-    add(p, "start_stride", type=int, default=1)
+    for name, default in dict(num_frames=13, frame_stride=1, start_stride=1).items():
+        add(p, name, type=int, default=default)
     add(p, "split", default="train")
     add(p, "device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     add(p, "dtype", default="auto", choices=["auto", "fp32", "bf16"],
