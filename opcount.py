@@ -324,13 +324,13 @@ class Fusion:
                 last_use[k] = i
         for g, idx in enumerate(groups):
             made, read, written = set(), {}, {}
-            for i in idx:
+            for i in (i for i in idx if self.ops[i][2] == "fused"):     # (views move nothing)
                 for k, b in self.ops[i][3]:
                     if k not in made:
                         read[k] = max(read.get(k, 0), b)
                 for k, b in self.ops[i][4]:
                     made.add(k)
-                    if self.ops[i][2] == "fused" and (last_use[k] < 0 or owner.get(last_use[k]) != g):
+                    if last_use[k] < 0 or owner.get(last_use[k]) != g:
                         written[k] = b
             counter = self.ops[idx[0]][0]
             n = max(1, sum(self.ops[i][1] in self.REDUCTIONS for i in idx))

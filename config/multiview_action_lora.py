@@ -15,16 +15,16 @@
 # Memory per GPU: frozen bf16 2,059.0M x 2 B = 4.1 GB; trainable 100.8M x (4 weights + 4 grads + 8 AdamW + 4 EMA)
 #   = 20 B/param = 2.0 GB; model state 6.1 GB (full fine-tuning: 2.13B weights + EMA, 1.85B of them trained with
 #   grads and AdamW = 39.2 GB, hence 8-way FSDP there).
-#   Plus activations, counted on the meta device by opcount.saved_activations (attention as the flash kernel): 1.16
-#   GiB per sample with per-block checkpointing (the 28 saved block inputs of 5,120 x 2048 bf16 = 0.56 GiB, the
-#   rest outside the blocks) plus one block recomputed at a time (1.0 GiB); 28.1 GiB without. Then the bf16 Wan2.1
-#   VAE (0.25 GB), its encode of 4 x 13 frames at 256x320, and the CUDA context.
+#   Plus activations, counted on the meta device by opcount.saved_activations (bf16 autocast as on CUDA, attention
+#   as the flash kernel): 0.6 GiB per sample with per-block checkpointing (mostly the 28 saved bf16 block inputs of
+#   5,120 x 2048) plus one block recomputed at a time (0.64 GiB); 18.0 GiB without. Then the bf16 Wan2.1 VAE
+#   (0.25 GB), its encode of 4 x 13 frames at 256x320, and the CUDA context.
 #   `python train.py config/multiview_action_lora.py --dry_run=True` prints (GiB):
-#     model state 5.71 = weights 4.21 + grads 0.38 + AdamW 0.75 + EMA 0.38 | activations 2.16 with checkpointing
-#     plan: ~8.11 GiB per GPU | 24 GB: fits, 48 GB: fits, 80 GB: fits       (the verdict keeps 3 GiB in reserve)
-#   Without checkpointing ~34.0 GiB: does NOT fit 24 GB (48 GB and up); base_dtype=float32 ~12.0; batch_size=4
-#   ~14.6; full fine-tuning (lora_rank=0) on one GPU ~39.0 GiB: 48 GB cards and up. Rank 16 saves 0.3 GB, rank 64
-#   costs 0.6 GB more. Not yet measured on a GPU.
+#     model state 5.71 = weights 4.21 + grads 0.38 + AdamW 0.75 + EMA 0.38 | activations 1.25 with checkpointing
+#     plan: ~7.20 GiB per GPU | 24 GB: fits, 48 GB: fits, 80 GB: fits       (the verdict keeps 3 GiB in reserve)
+#   Without checkpointing ~23.9 GiB: does NOT fit 24 GB (48 GB and up); base_dtype=float32 ~11.1; batch_size=4
+#   ~10.9; full fine-tuning (lora_rank=0) on one GPU ~38.0 GiB: 48 GB cards and up. Rank 16 saves 0.3 GB, rank 64
+#   costs 0.6 GB more. Not yet measured on a GPU (bench_gpu.sh prints plan vs peak).
 out_dir = "checkpoints/posttraining/multiview_action_lora/2b"
 synth_if_missing = False                          # a real dataset: missing is an error
 data_root = "datasets/multiview_action"          # annotations/{train,val}/<name>.json + videos/cam0..cam3/<name>.mp4
