@@ -1,49 +1,24 @@
 """
-LeRobot datasets read directly: a LeRobot folder (format v2.0, v2.1 or v3.0) is a nanocosmos data_root, with no
-conversion step and without the `lerobot` package. pyarrow (for the parquet files) is imported only here.
+LeRobot datasets read directly: a LeRobot folder (v2.0, v2.1 or v3.0) is a nanocosmos data_root, with no conversion
+and without the `lerobot` package; pyarrow (parquet) is imported only here. The format as huggingface/lerobot writes
+it (src/lerobot/datasets/utils.py, dataset_metadata.py, dataset_reader.py, video_utils.py; v2.x at f55c6e89):
+meta/info.json (fps, features: every "video" feature is a camera; data_path / video_path templates, chunks_size,
+splits), the episodes (v2.x meta/episodes.jsonl, one parquet and one mp4 per episode; v3.0 meta/episodes/*.parquet,
+many episodes per file with per-camera from_timestamp), tasks and stats (v2.0 stats.json, v2.1 pooled
+episodes_stats.jsonl). Parquet columns: timestamp, episode_index, task_index, `action_key`, `state_key`.
+Parquet row r of an episode is the video frame at from_timestamp + timestamp[r], as LeRobot queries it.
 
-What is read (the format as huggingface/lerobot writes it: src/lerobot/datasets/utils.py, dataset_metadata.py,
-io_utils.py, dataset_reader.py, video_utils.py, scripts/convert_dataset_v21_to_v30.py; v2.x as of the commit
-before "Dataset v3", f55c6e89):
-  meta/info.json         codebase_version, fps, features (every feature with dtype "video" is a camera, in file
-                         order: observation.images.*), data_path and video_path (path templates, formatted as LeRobot
-                         does), chunks_size (v2.x), splits ({"train": "0:50"}: episode index ranges)
-  v2.x meta/episodes.jsonl   one {episode_index, length} per line
-       meta/tasks.jsonl      {task_index, task}
-       meta/stats.json (v2.0) or, when absent, meta/episodes_stats.jsonl (v2.1), pooled as LeRobot's aggregate_stats
-       data_path.format(episode_chunk=episode_index // chunks_size, episode_index=...)       one parquet per episode
-       video_path.format(episode_chunk=..., video_key=<camera>, episode_index=...)           one mp4 per episode+camera
-  v3.0 meta/episodes/*/*.parquet  episode_index, length, data/chunk_index, data/file_index and per camera
-                                  videos/<camera>/{chunk_index, file_index, from_timestamp, to_timestamp}
-       meta/tasks.parquet (task_index, task; meta/tasks.jsonl if that is what is there), meta/stats.json
-       data_path.format(chunk_index=..., file_index=...)    many episodes per parquet, told apart by episode_index
-       video_path.format(video_key=..., chunk_index=..., file_index=...)   many episodes per mp4
-  data parquet columns: timestamp, episode_index, task_index, the action column (`action_key`) and, for
-  action_type="delta_state" (and `check`), the state column (`state_key`).
-  The frame of parquet row r of an episode is the video frame shown at from_timestamp + timestamp[r] seconds
-  (from_timestamp = 0 in v2.x), as LeRobot's dataset_reader.py queries it. An item's "task" is the task string of
-  its first frame's task_index (the episode's task; LeRobot does the same per frame).
-
-Frames by timestamp. A clip of T frames at the training rate `fps` starting at row s takes, for k < T, the row whose
-timestamp is nearest to timestamp[s] + k / fps (a tie, e.g. 30 -> 4 fps = a stride of 7.5 rows, goes to the earlier
-row: rows s, s+7, s+15, s+22, s+30, ...). Each camera reads the keyframe times of the clip's span from packet
-headers, seeks to the keyframe at or before the first wanted frame and decodes forward, seeking ahead again when the
-next wanted frame's keyframe is past what is decoded (never a whole file from its start; with LeRobot's keyframe
-every 2 frames a 13-frame 4 fps clip decodes ~19 frames, not its 91-frame span). Each wanted time gets the video
-frame nearest to it (an error if none is within half a frame period). Windows start every `start_stride` rows; a
-clip fits when its last time is within half a frame period of the episode's last row.
-
-Actions between clip frames k and k+1 (rows i_k < i_{k+1}); row j of the action column is the command given at
-frame j, in force until frame j+1, as LeRobot pairs them:
+Frames by timestamp: a clip of T frames at the training `fps` from row s takes, for k < T, the row nearest to
+timestamp[s] + k / fps (ties to the earlier row); each camera seeks to the keyframe before the first wanted frame
+and decodes forward, seeking again past gaps (a 13-frame 4 fps clip decodes ~19 frames, not its 91-frame span);
+a wanted time without a video frame within half a period is an error.
+Actions between clip frames k and k+1 (rows i_k < i_{k+1}; row j's command holds until frame j+1, as LeRobot pairs):
   action_type="absolute"     action[i_{k+1} - 1]                the last command before the later frame
   action_type="delta"        action[i_{k+1}] - action[i_k]      the sum of the per-row changes in between
   action_type="delta_state"  action[i_{k+1} - 1] - state[i_k]   the last command relative to the earlier state
-Normalised with the stats of the action column (action_norm): "mean_std" (x - mean) / std, "min_max" to [-1, 1],
-"none". A delta is a difference of two values, so only the scale applies to it (a change of one std gives 1).
-A dimension whose std (or range) is zero is left unscaled.
-Refused when the dataset is opened (one line naming the file): info.json's fps contradicted by the parquet
-timestamps or the videos' own rate, NaN / inf in the action or state columns read, a frame_stride (fps sets the
-rate). `python lerobot.py check|bench ROOT ...` = `python data.py check|bench ROOT ...` (checks.py).
+normalised by action_norm ("mean_std", "min_max" to [-1, 1], "none"; a delta by the scale only; zero-spread
+dimensions unscaled). Refused at open, one line naming the file: an fps the timestamps or videos contradict, NaN /
+inf actions or states, a frame_stride. `python lerobot.py check|bench` = `python data.py check|bench` (checks.py).
 Imports only leaf helpers (video.py, configurator.py): data.py finds this file, never the reverse.
 """
 
