@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import runpy
 import time
 from pathlib import Path
 
@@ -510,9 +511,9 @@ def main(argv):
     c = parse_args(argv)
     if c["bench"]:
         return bench(c)
-    if c["policy"] or c["policy_eval"]:
-        import policy
-        return policy.policy_eval(c) if c["policy_eval"] else policy.sample_policy(c)
+    if c["policy"] or c["policy_eval"]:   # policy.py imports this file: runpy, not an import (no cycle)
+        policy = runpy.run_module("policy", run_name="policy_cli")
+        return policy["policy_eval"](c) if c["policy_eval"] else policy["sample_policy"](c)
     if not c["eval"]:
         return sample_episodes(c)
     path = Path(c["eval_json"] or "output/eval.json")
