@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -443,7 +444,9 @@ def make_synthetic(out, episodes=100, cameras=4, frames=40, size=(128, 160), see
     if workers > 1:
         # fork: the workers need no torch, and spawning would re-import it in each (seconds)
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(workers) as pool:
+        # the workers take SIGTERM's default action: a handler inherited from the caller (train.StopSignal in the
+        # same process) would swallow the SIGTERM that Pool's exit sends, and the exit would wait forever
+        with ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
             names = list(progress(pool.imap(synth_episode, jobs, chunksize=max(1, len(jobs) // (8 * workers))),
                                   len(jobs), desc))
     else:
