@@ -453,3 +453,28 @@ def test_sparse_clip_seeks_ahead_between_keyframes(tmp_path, monkeypatch):
     x, decoded = lerobot.decode_at(path, np.array(rows) / FPS, 0.5 / FPS)
     assert [identify(f)[1] for f in x] == [r % 60 for r in rows]
     assert decoded <= 2 * len(rows) + 1 < rows[-1] - rows[0]
+
+
+def test_train_py_refuses_bad_lerobot_data_in_one_line(folders, rows, tmp_path):
+    """What the reader refuses (a NaN action, a declared fps the data contradicts, a frame_stride LeRobot has no
+    use for) stops `python train.py` in one line naming the file or key, before any step."""
+    nan = tmp_path / "nan"
+    shutil.copytree(folders["v2.1"], nan)
+    r = dict(rows[3], action=rows[3]["action"].copy())
+    r["action"][5, 0] = np.nan
+    parquet = nan / "data/chunk-000/episode_000003.parquet"
+    pq.write_table(rows_table([r], fixed=False), parquet)
+    fps15 = with_info(folders["v2.1"], tmp_path / "fps15", fps=15)
+    for root, extra, says in (
+            (nan, [], f"error: {parquet}: episode 3: 1 NaN/inf in 'action', first at row 5"),
+            (fps15, [], f"error: {fps15 / 'data/chunk-000/episode_000000.parquet'}: episode 0: the timestamps run at "
+                        f"30 per second but"),
+            (folders["v3.0"], ["--frame_stride=2"], "error: --frame_stride=2: a LeRobot folder")):
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"),
+                            f"--data_root={root}", f"--out_dir={tmp_path / 'out'}", "--cameras=0", f"--action_dim={A}",
+                            "--action_norm=none", "--frame_size=(16, 16)", "--num_frames=5", "--num_workers=0",
+                            "--model_channels=32", "--num_blocks=1", "--num_heads=2", "--max_iters=2", *extra],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines()[-1].startswith(says), p.stderr
+        assert "step 1:" not in p.stdout
