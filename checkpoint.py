@@ -101,10 +101,10 @@ def disk_full(e):
         x = seen.pop()
         if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             return True
-        if "No space left on device" in str(x) or "File too large" in str(x):
-            return True
+        if any(m in str(x) for m in ("No space left on device", "File too large", "unexpected pos")):
+            return True             # "unexpected pos": torch.save's zip writer after a short write
         seen += [y for y in (x.__cause__, x.__context__) if y is not None]
-        seen += [v for v in getattr(x, "failures", {}).values() if isinstance(v, BaseException)]
+        seen += [v[0] if isinstance(v, tuple) else v for v in getattr(x, "failures", {}).values()]   # (exc, trace)
     return False
 
 
@@ -171,7 +171,7 @@ class Saver:
             if self.rank == 0:
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(cfg_json, f, indent=1)
-        except Exception as e:
+        except (Exception, dcp.api.CheckpointException) as e:     # the latter is a BaseException
             self.failed(e, tmp)
         full = gather_full(self.consolidated_tensors(), self.rank) if self.c["save_consolidated"] else None
         self.barrier()                                  # every rank's share is on disk
@@ -204,7 +204,7 @@ class Saver:
             keep_consolidated(os.path.join(self.dir, "model"), self.c["keep_consolidated"],
                               self.c["keep_consolidated_every"])
         except Exception as e:  # noqa: BLE001 (re-raised in the training thread by finish)
-            self.write_error = e
+            self.write_error = e, os.path.join(self.dir, "model", f"iter_{step:09d}")
 
     def finish(self):
         """Wait for a background consolidated write; its failure is raised here, in the training thread."""
@@ -212,10 +212,11 @@ class Saver:
             self.writer.join()
             self.writer = None
         if self.write_error is not None:
-            e, self.write_error = self.write_error, None
+            (e, name), self.write_error = self.write_error, None
             if disk_full(e):
-                raise UserError(os.path.join(self.dir, "model"), f"no space left on device writing the consolidated "
-                                f"weights (removed): the training checkpoint {self.last_good} is intact") from None
+                raise UserError(name + (".safetensors" if lora.enabled(self.raw) else ".pt"), f"no space left on "
+                                f"device writing the consolidated weights (removed): the training checkpoint "
+                                f"{self.last_good} is intact (a resume writes them)") from None
             raise e
 
     def resume(self, path, lr, lr_factor, say):

@@ -491,3 +491,65 @@ def test_keep_consolidated_keeps_the_last_and_every_nth(tmp_path):
     assert left == [1000, 2000, 2500, 3000] and len(list(tmp_path.glob("*.json"))) == 4
     checkpoint.keep_consolidated(str(tmp_path), 1, 0)
     assert [p.name for p in tmp_path.glob("*.pt")] == ["iter_000003000.pt"]
+
+
+def last_error_line(p):
+    """The one error line of a refused command: exit 1, no traceback."""
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return p.stderr.strip().splitlines()[-1]
+
+
+# a file-size limit (what a full disk looks like to the writer) during train.py's consolidated write only
+FULL_DURING_CONSOLIDATED = """import resource, runpy, sys
+import checkpoint
+write = checkpoint.write_consolidated
+def limited(*args):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        return write(*args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+checkpoint.write_consolidated = limited
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_damaged_checkpoints_and_full_disks_are_one_line(dataset, tmp_path):
+    """A truncated shard of the latest checkpoint: resuming, sample.py and convert.py export name it in one line,
+    the resume names the intact one and --resume_from=previous resumes from it. A full disk (a file-size limit)
+    during the DCP save and during the consolidated write: one line naming the file and the intact checkpoint, no
+    partial file left, and the same run without the limit resumes from that checkpoint."""
+    import resource
+    out = tmp_path / "o"
+    common = [f"--data_root={dataset}", f"--out_dir={out}", "--save_interval=2", "--keep_last=9"]
+    run(common + ["--max_iters=4"])
+    shard = ckpt(out, 4) / "__0_0.distcp"
+    size = shard.stat().st_size
+    os.truncate(shard, size // 2)
+    damaged = f"error: {ckpt(out, 4)}: a damaged checkpoint: __0_0.distcp is truncated ({size // 2} of {size} bytes)"
+    assert last_error_line(run(common + ["--max_iters=6"], check=False)) == \
+        f"{damaged}; iter_000000002 is intact: resume from it with --resume_from=previous"
+    for script, args in (("sample.py", ["--dit_path", ckpt(out, 4), f"--data_root={dataset}"]),
+                         ("convert.py", ["export", ckpt(out, 4), tmp_path / "release"])):
+        p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert last_error_line(p) == damaged
+    assert f"resumed from {ckpt(out, 2)} at step 2" in run(common + ["--max_iters=6", "--resume_from=previous"]).stdout
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))  # noqa: E731
+    p = run(common + ["--max_iters=8"], check=False, preexec_fn=limit)
+    assert last_error_line(p) == (f"error: {ckpt(out, 8)}.tmp: no space left on device writing this checkpoint "
+                                  f"(removed): the previous checkpoint {ckpt(out, 6)} is intact")
+    assert not list((out / "checkpoints").rglob("*.tmp*")) and (out / "checkpoints" / "model" / "iter_000000006.pt").exists()
+    p = subprocess.run([sys.executable, "-c", FULL_DURING_CONSOLIDATED, str(ROOT / "train.py")] + TINY + common +
+                       ["--max_iters=8"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert f"resumed from {ckpt(out, 6)} at step 6" in p.stdout
+    pt = out / "checkpoints" / "model" / "iter_000000008.pt"
+    assert last_error_line(p) == (f"error: {pt}: no space left on device writing the consolidated weights (removed): "
+                                  f"the training checkpoint {ckpt(out, 8)} is intact (a resume writes them)")
+    assert not list((out / "checkpoints").rglob("*.tmp*")) and not pt.exists()
+    p = run(common + ["--max_iters=8"])
+    assert f"resumed from {ckpt(out, 8)} at step 8" in p.stdout and "missing consolidated weights of step 8" in p.stdout
+    assert pt.exists() and (out / "checkpoints" / "model" / "iter_000000006.pt").exists()
