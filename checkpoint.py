@@ -301,6 +301,10 @@ def load_init(raw, c, say):
     import convert
     path = c["init_from"]
     sd, src = convert.load_weights(path, ema=c["init_ema"])
+    if c["lora_rank"] and (src or {}).get("lora"):   # a LoRA base must be one file (the checkpoints record it)
+        raise UserError(path, f"init_from is a LoRA run's adapter or checkpoint (factors on {src['lora']['base']}), "
+                              f"not base weights: pass its merged export (python convert.py export {path} DEST) "
+                              f"or, to start again from its base, {src['lora']['base']}")
     try:
         missing, unexpected, regrown = model.load_into(raw, sd, strict=False, grow=True)
     except ValueError as e:      # a shape mismatch: another model size or text width

@@ -201,12 +201,6 @@ def check_config(c):
         return
     if not c["init_from"]:
         raise bad("lora_rank", "LoRA post-trains a model: set init_from to the base weights")
-    if c["init_from"].endswith(".safetensors") and os.path.isfile(c["init_from"]):
-        from safetensors import safe_open
-        with safe_open(c["init_from"], "pt") as f:
-            if "lora" in (f.metadata() or {}):
-                raise bad("init_from", "is a LoRA adapter, not base weights: pass its merged export "
-                                       "(python convert.py export ADAPTER DEST) or the base it was trained on")
     if c["base_dtype"] == "bfloat16":
         cuda = c["device"] == "cuda" or (c["device"] == "auto" and (torch.cuda.is_available() or c["dry_run"]))
         if c["dtype"] == "float32" or (c["dtype"] == "auto" and not cuda):

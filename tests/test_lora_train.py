@@ -145,3 +145,19 @@ def test_dry_run_of_the_lora_preset_says_what_fits(tmp_path):
     assert abs(float(line.split("model state ")[1].split()[0]) - state) < 0.02, line
     assert "24 GB: fits, 48 GB: fits, 80 GB: fits" in p.stdout and "planned for 1 GPU" in p.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_lora_from_a_lora_adapter_is_one_line(dataset, base, tmp_path):
+    """init_from a LoRA run's adapter or checkpoint under lora_rank > 0: one line saying what it is and what to pass
+    (factors on factors would need two files forever); full fine-tuning starts from it merged."""
+    common = [f"--data_root={dataset}", "--max_iters=2", "--save_interval=2"]
+    run(common + [f"--out_dir={tmp_path / 'a'}", f"--init_from={base}"] + LORA)
+    for src in (tmp_path / "a" / "checkpoints" / "model" / "iter_000000002.safetensors", ckpt(tmp_path / "a", 2)):
+        p = run(common + [f"--out_dir={tmp_path / 'b'}", f"--init_from={src}"] + LORA, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines()[-1] == (
+            f"error: {src}: init_from is a LoRA run's adapter or checkpoint (factors on {base}), not base weights: "
+            f"pass its merged export (python convert.py export {src} DEST) or, to start again from its base, {base}")
+    p = run(common + [f"--out_dir={tmp_path / 'c'}", f"--init_from={ckpt(tmp_path / 'a', 2)}"])
+    assert f"merged {ckpt(tmp_path / 'a', 2)} (LoRA rank 4" in p.stdout and "model tiny" in p.stdout
+    assert (tmp_path / "c" / "checkpoints" / "model" / "iter_000000002.pt").exists()        # a full model, not LoRA
