@@ -384,4 +384,4 @@ class RobotVideoDataset(torch.utils.data.Dataset):
 
 if __name__ == "__main__":  # the commands live in checks.py (this file imports no script); same argv, same exits
     import runpy
-    runpy.run_module("checks", run_name="__main__")
+    runpy.run_module("checks", run_name="__main__", alter_sys=True)   # (pool workers find __main__.check_episode)

@@ -518,4 +518,4 @@ def config_kwargs(c):
 
 if __name__ == "__main__":  # the commands live in checks.py, which imports this file (never the reverse)
     import runpy
-    runpy.run_module("checks", run_name="__main__")
+    runpy.run_module("checks", run_name="__main__", alter_sys=True)   # (pool workers find __main__.check_episode)
