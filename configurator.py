@@ -100,19 +100,25 @@ def _run_config_file(path, g, keys):
     if not os.path.isfile(path):
         raise UserError(path, "config file not found")
     print(f"config: {path}")
-    scope = {}
+    scope, text = {}, open(path).read()
     try:
-        exec(compile(open(path).read(), path, "exec"), scope)
+        exec(compile(text, path, "exec"), scope)
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}", f"syntax error: {e.msg}") from None
     except Exception as e:   # noqa: BLE001 (a config file that raises: name its line)
         line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == path), "?")
         raise UserError(f"{path}:{line}", f"{type(e).__name__}: {e}") from None
+    lines = {t.id: n.lineno for n in ast.parse(text).body if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+             for t in getattr(n, "targets", [getattr(n, "target", None)]) if isinstance(t, ast.Name)}
     for k, v in scope.items():
         if not (k.startswith("_") or callable(v) or type(v).__name__ == "module"):
+            SET_IN[k] = f"{path}:{lines.get(k, '?')}"
             if k not in keys:
-                raise UserError(path, f"unknown config key {k!r}.{_suggest(k, keys)}")
-            g[k] = check_value(f"{path}: {k}", k, v, g[k])
+                raise UserError(SET_IN[k], f"unknown config key {k!r}.{_suggest(k, keys)}")
+            g[k] = check_value(f"{SET_IN[k]}: {k}", k, v, g[k])
+
+
+SET_IN = {}   # key -> "file:line" of the config file that set it last (a later check's "--key=value" names it)
 
 
 def configure(g, keys, argv, source=None):
@@ -122,6 +128,7 @@ def configure(g, keys, argv, source=None):
         print(help_text(source or g.get("__file__", ""), {k: g[k] for k in keys}))
         sys.exit(0)
     i = 0
+    SET_IN.clear()
     while i < len(argv):
         arg, i = argv[i], i + 1
         if not arg.startswith("--"):
@@ -140,7 +147,7 @@ def configure(g, keys, argv, source=None):
                 raise UserError(f"--{key}", "needs a value (--key=value or --key value)")
         if key not in keys:
             raise UserError(f"--{key}", f"unknown config key.{_suggest(key, keys)}")
-        g[key] = _parse(key, text, g[key])
+        g[key], _ = _parse(key, text, g[key]), SET_IN.pop(key, None)
     return {k: g[k] for k in keys}
 
 
@@ -180,7 +187,8 @@ def exit_on_known_errors(main, argv=None):
         msg = known_error(e)
         if msg is None:
             raise
-        sys.exit(f"error: {msg}")
+        key = re.match(r"--(\w+)=", msg)             # a setting's check: the config file and line that set it
+        sys.exit(f"error: {SET_IN[key.group(1)]}: {msg}" if key and key.group(1) in SET_IN else f"error: {msg}")
 
 
 # -----------------------------------------------------------------------------

@@ -553,3 +553,29 @@ def test_damaged_checkpoints_and_full_disks_are_one_line(dataset, tmp_path):
     p = run(common + ["--max_iters=8"])
     assert f"resumed from {ckpt(out, 8)} at step 8" in p.stdout and "missing consolidated weights of step 8" in p.stdout
     assert pt.exists() and (out / "checkpoints" / "model" / "iter_000000006.pt").exists()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("lr = 1e-3\nbatch_size = (\n", "{f}:2: syntax error: '(' was never closed"),
+    ("lr = 1e-3\nx = 1 / 0\n", "{f}:2: ZeroDivisionError: division by zero"),
+    ("# views\ncameras = 0\n", "{f}:2: cameras: expected a tuple such as (0, 1) (or 0,1), got 0"),
+    ("frame_size = 64\n", "{f}:1: frame_size: expected a tuple such as (64, 80) (or 64,80), got 64"),
+    ('lr = "1e-3"\n', "{f}:1: lr: expected float (default 0.001), got '1e-3'"),
+    ("\nnum_frames = 14\n", "{f}:2: --num_frames=14: must be 1 + 4k (the tokenizer packs 4 frames per latent frame "
+                            "after the first)"),
+    ("action_type = 'relative'\n", "{f}:1: --action_type='relative': must be one of 'absolute', 'delta', "
+                                   "'delta_state'"),
+    ("learning_rate = 1e-3\n", "{f}:1: unknown config key 'learning_rate'. Did you mean: lr?"),
+])
+def test_config_file_errors_name_the_file_and_line(tmp_path, text, says):
+    """A config file's syntax error, exception, wrong-typed value or value a later check refuses: one line naming
+    the file, the line and the key (the defaults of train.py itself: the file is the only setting)."""
+    f = tmp_path / "my_config.py"
+    f.write_text(text)
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), str(f), f"--out_dir={tmp_path / 'o'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert last_error_line(p) == "error: " + says.format(f=f)
+    if "num_frames" in text:          # set again on the command line: the command line is named
+        p = subprocess.run([sys.executable, str(ROOT / "train.py"), str(f), "--num_frames=15"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert last_error_line(p).startswith("error: --num_frames=15: must be 1 + 4k")
