@@ -234,6 +234,9 @@ def test_truncated_or_deleted_shard_is_named(world, tmp_path):
     with pytest.raises(Exception, match=f"UserError: {shard}: cache shard not found") as e:
         next(iter(torch.utils.data.DataLoader(lc, batch_size=2, num_workers=1)))
     assert "DataLoader worker" in str(e.value)
+    import configurator                 # what every command's handler prints of it: one line, not the worker's text
+    assert configurator.known_error(e.value) == f"{shard}: cache shard not found (deleted?): run the same encode " \
+                                                "again to write it"
 
 
 def test_disk_full_during_encode_is_one_line(world, tmp_path):
