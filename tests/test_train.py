@@ -541,7 +541,8 @@ def test_damaged_checkpoints_and_full_disks_are_one_line(dataset, tmp_path):
     p = run(common + ["--max_iters=8"], check=False, preexec_fn=limit)
     assert last_error_line(p) == (f"error: {ckpt(out, 8)}.tmp: no space left on device writing this checkpoint "
                                   f"(removed): the previous checkpoint {ckpt(out, 6)} is intact")
-    assert not list((out / "checkpoints").rglob("*.tmp*")) and (out / "checkpoints" / "model" / "iter_000000006.pt").exists()
+    assert not list((out / "checkpoints").rglob("*.tmp*"))
+    assert (out / "checkpoints" / "model" / "iter_000000006.pt").exists()
     p = subprocess.run([sys.executable, "-c", FULL_DURING_CONSOLIDATED, str(ROOT / "train.py")] + TINY + common +
                        ["--max_iters=8"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -579,3 +580,21 @@ def test_config_file_errors_name_the_file_and_line(tmp_path, text, says):
         p = subprocess.run([sys.executable, str(ROOT / "train.py"), str(f), "--num_frames=15"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert last_error_line(p).startswith("error: --num_frames=15: must be 1 + 4k")
+
+
+def test_sampling_on_fewer_cameras_than_trained_is_one_line(dataset, tmp_path):
+    """A 2-camera checkpoint sampled on a 1-camera Bridge/IRASim folder: one line with both camera counts."""
+    run([f"--data_root={dataset}", f"--out_dir={tmp_path / 'o'}", "--max_iters=1", "--save_interval=1"])
+    bridge = tmp_path / "bridge"
+    ann = json.loads(sorted((dataset / "annotations" / "val").glob("*.json"))[0].read_text())
+    (bridge / "videos" / "val" / "0").mkdir(parents=True)
+    shutil.copy(sorted((dataset / "videos" / "cam0").glob("*.mp4"))[-1], bridge / "videos" / "val" / "0" / "rgb.mp4")
+    (bridge / "annotation" / "val").mkdir(parents=True)
+    ann["videos"] = [{"video_path": "videos/val/0/rgb.mp4"}]
+    (bridge / "annotation" / "val" / "0.json").write_text(json.dumps(ann))
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--dit_path", str(tmp_path / "o"),
+                        f"--data_root={bridge}", "--num_steps=2"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert last_error_line(p) == (f"error: {bridge / 'annotation' / 'val' / '0.json'}: the config asks for 2 "
+                                  f"camera(s) [0, 1] and this episode lists 1 camera(s) in 'videos' (0..0); camera 1 "
+                                  f"was asked for")
