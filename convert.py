@@ -174,6 +174,17 @@ def require_dit(p, sd):
                               f"; first keys: {list(sd)[:3]})"))
 
 
+def adapter_header(p):
+    """(LoRA record, run config) from a .safetensors LoRA adapter's header; (None, None) for any other file."""
+    header = {}
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+    spec = json.loads(header.get("nanocosmos_lora", "null"))
+    return spec, json.loads(header.get("nanocosmos_run", "null")) if spec else None
+
+
 def load_weights(path, ema=True):
     """(state dict with official keys, minus RoPE tables / accum_* / _extra_state; run config or None) of a path
     resolve takes, a LoRA one merged onto its base. ema: the EMA weights (net_ema.*, DCP "ema") where there are."""
@@ -189,13 +200,8 @@ def load_weights(path, ema=True):
         raw = read_file(p)
         prefix = _source_prefix(raw, ema)
         sd, source = model.clean_state_dict(raw, ema=ema), f"{prefix}*" if prefix else "unprefixed keys"
-        header = {}
-        if p.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(p), framework="pt") as f:
-                header = f.metadata() or {}
-        spec = json.loads(header.get("nanocosmos_lora", "null"))          # a LoRA adapter: merged below
-        rc = json.loads(header.get("nanocosmos_run", "null")) if spec else run_config_for(p)
+        spec, rc = adapter_header(p)                                       # a LoRA adapter: merged below
+        rc = rc if spec else run_config_for(p)
     if spec is None:
         require_dit(p, sd)
         print(f"convert: loaded {len(sd)} tensors from {p} ({source})")
@@ -341,11 +347,12 @@ def export(checkpoint, dest, safetensors=False, lora_only=False, base=None):
     config.json. A LoRA run is merged onto its base (base: if it moved) unless lora_only (export_adapter)."""
     src = resolve(checkpoint)
     if not src.is_dir():
-        raise ValueError(f"{src} is a file; export takes a training checkpoint directory (for files: import)")
+        raise UserError(src, "is a file; export takes a training checkpoint directory (iter_* or its run's "
+                             "checkpoints/); a weights file is already exported (convert.py info shows it)")
     groups = {k.split(".", 1)[0] for k in _dcp_metadata(src)}
     if not {"model", "ema"} <= groups:
-        raise ValueError(f"{src} must hold 'model' and 'ema' weights (has {sorted(groups)}); the EMA files need "
-                         "EMA weights: train with ema=True")
+        raise UserError(src, f"must hold 'model' and 'ema' weights (has {sorted(groups)}); the EMA files need "
+                             "EMA weights: train with ema=True")
     if lora_only:
         return export_adapter(src, dest)
     rc = run_config_for(src)
@@ -362,8 +369,10 @@ def export(checkpoint, dest, safetensors=False, lora_only=False, base=None):
     save_weights(prefixed(cast(ema, torch.float32)), dest / ("model_ema_fp32" + ext))
     save_weights(prefixed(cast(ema, torch.bfloat16)), dest / ("model_ema_bf16" + ext))
     if rc is None:
-        cfg, _ = infer_config(ema)
-        print(f"convert: {src} has no config.json; config.json gets the one inferred from shapes: {describe(cfg)}")
+        cfg, assumed = infer_config(ema)
+        print(f"convert: warning: {src} has no config.json: {dest / 'config.json'} gets a config GUESSED from "
+              f"shapes: {describe(cfg)}; assumed, not in the weights: {_assumed(cfg, assumed)}. If the run used "
+              f"others, copy its config.json (any iter_* folder of the run has it) into {src} and export again")
         rc = {"model": model.config_dict(cfg)}
     (dest / "config.json").write_text(json.dumps(rc, indent=1) + "\n")
     print(f"convert: wrote {dest / 'config.json'}")
@@ -473,8 +482,8 @@ def export_adapter(checkpoint, dest):
     src = resolve(checkpoint)
     rc = run_config_for(src) if src.is_dir() else None
     if not rc or "lora" not in rc:
-        raise ValueError(f"{src} is not a LoRA training checkpoint (no 'lora' in its config.json): --lora-only "
-                         "exports the adapter of a run with lora_rank > 0")
+        raise UserError(src, "not a LoRA training checkpoint (no 'lora' in its config.json): --lora-only exports "
+                             "the adapter of a run with lora_rank > 0")
     dest = Path(dest)
     path = dest if dest.suffix == ".safetensors" else dest / "lora_adapter.safetensors"
     adapter = prefixed(cast(model.clean_state_dict(read_dcp(src, "ema")), torch.float32))
@@ -521,7 +530,11 @@ def info(path, ema=True):
     for v in sd.values():
         dtypes[str(v.dtype).replace("torch.", "")] += v.numel()
     lines.append(f"parameters: {sum(dtypes.values()):,} ({', '.join(f'{d} {n:,}' for d, n in dtypes.items())})")
-    if (rc := run_config_for(p)) is not None:
+    spec, rc = adapter_header(p) if not p.is_dir() else (None, None)
+    if spec:
+        lines.append(f"LoRA adapter: rank {spec['rank']}, alpha {spec['alpha']:g}, {len(sd)} tensors (factors and "
+                     f"heads) for the base {spec['base']} (loading merges them onto it)")
+    if (rc := rc or run_config_for(p)) is not None:
         step = f", step {rc['step']}" if "step" in rc else ""
         lines.append(f"config (run config{step}): {describe(model.config_from_dict(rc['model']))}")
     else:

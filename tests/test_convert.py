@@ -379,6 +379,49 @@ def test_info(tmp_path, nets):
     assert f"parameters: {ema.num_params():,}" in text and "run config, step 3" in text
 
 
+def test_export_and_info_mistakes_are_one_line(tmp_path, nets, capsys):
+    """Issue 24 items 6 and 14: export of a weights file, of a truncated .distcp, through an empty
+    latest_checkpoint.txt, and --lora-only of a full run are one line each (exit 1, as a subprocess too); info on a
+    --lora-only adapter shows it; a checkpoint without config.json exports a config said to be GUESSED, with the fix."""
+    import os
+    import subprocess
+    import sys
+    from test_lora import lora_run
+    reg, ema = nets
+    ck = tmp_path / "run" / "checkpoints"
+    write_dcp(ck / "iter_000000003", reg.state_dict(), ema.state_dict(), run_config(ema))
+    torch.save({"net." + k: v for k, v in ema.state_dict().items()}, tmp_path / "w.pt")
+    trunc = tmp_path / "trunc"
+    __import__("shutil").copytree(ck / "iter_000000003", trunc)
+    shard = next(trunc.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    (ck / "latest_checkpoint.txt").write_text("")
+    cases = [(["export", str(tmp_path / "w.pt"), str(tmp_path / "o")],
+              f"error: {tmp_path / 'w.pt'}: is a file; export takes a training checkpoint directory"),
+             (["export", str(trunc), str(tmp_path / "o")], f"error: {trunc}: a damaged checkpoint: {shard.name} is "
+              "truncated (100 of"),
+             (["export", str(ck), str(tmp_path / "o")], f"error: {ck / 'latest_checkpoint.txt'}: is empty"),
+             (["export", str(ck / "iter_000000003"), str(tmp_path / "a.safetensors"), "--lora-only"],
+              f"error: {ck / 'iter_000000003'}: not a LoRA training checkpoint")]
+    for cmd, want in cases:
+        with pytest.raises(SystemExit) as e:
+            convert.exit_on_known_errors(convert.main, cmd)
+        assert str(e.value.code).startswith(want) and "\n" not in str(e.value.code), (cmd, e.value.code)
+    p = subprocess.run([sys.executable, str(ROOT / "convert.py"), *cases[0][0]], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 1 and p.stderr.strip().startswith(cases[0][1]) and len(p.stderr.strip().splitlines()) == 1
+    (tmp_path / "lora").mkdir()
+    _, lora_ck, base = lora_run(tmp_path / "lora")
+    adapter = convert.export_adapter(lora_ck, tmp_path / "adapter.safetensors")
+    text = convert.info(adapter)
+    assert "LoRA adapter: rank 4, alpha 8" in text and str(base) in text and "run config, step 3" in text
+    (ck / "iter_000000003" / "config.json").unlink()
+    capsys.readouterr()
+    convert.export(ck / "iter_000000003", tmp_path / "rel")
+    out = capsys.readouterr().out
+    assert "GUESSED from shapes" in out and "rope_enable_fps_modulation=" in out and "copy its config.json" in out
+
+
 # ---- round trip: train.py -> export -> sample.py --------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
