@@ -123,7 +123,8 @@ def evaluate(net, tokenizer, dataset, *, episodes=0, max_actions=0, progress=Tru
         pred = rollout(net, tokenizer, first, act[None], timings=timings, progress=False, **kw)[0]
         p, s = frame_metrics(pred[:, :, 1:], gt[:, :, 1:])       # [V, N]
         if strip_dir is not None:   # issue 24 item 13: one strip per episode, prediction over ground truth
-            sample.save_strip(Path(strip_dir) / f"{dataset.episodes[i].name}.png", pred, gt)
+            sample.save_strip(Path(strip_dir) / f"{dataset.episodes[i].name}.png", pred, gt,
+                              cameras=getattr(dataset, "cameras", None))
         wrong, how = shuffled_actions(dataset, i)
         L = min(N, wrong.shape[0])
         pw, sw = frame_metrics(rollout(net, tokenizer, first, wrong[None, :L], progress=False, **kw)[0][:, :, 1:],
@@ -232,7 +233,7 @@ def settings(c, run, fam):
     for k, default in fallback.items():
         v = c[k]
         # cond_t 0 and camera 0 are real values (issue 24 item 1: --cameras 0 was taken as unset)
-        unset = v is None if k in ("cond_t", "cameras") else v in (None, "", 0, 0.0)
+        unset = v is None if k in ("cond_t", "cameras") else v in (None, "", 0, 0.0, ())
         s[k] = t.get("val_split" if k == "split" else k, default) if unset else v
         if not unset and k in OVERRIDES and k in t and list(as_tuple(v)) != list(as_tuple(t[k])):
             over.append(f"--{k}={v!r} (the run used {t[k]!r})")
@@ -303,7 +304,7 @@ def load_files_episode(ann_path, video_path, s, data_root):
     """(frames uint8 [V,3,T,H,W], actions [T-1, 7]) of one episode given by files, at the run's frame size/stride."""
     import data
     ann = data.parse_annotation(ann_path)
-    videos = camera_files(ann_path, ann["json"], video_path, s["cameras"], data_root)
+    videos = camera_files(ann_path, ann["json"], video_path, camera_ids(s, ann_path), data_root)
     T = len(ann["state"])
     data.check_frame_counts(ann_path, T, videos, [data.probe_video(v)[0] for v in videos])
     st = s["frame_stride"]
@@ -358,11 +359,21 @@ def file_jobs(c, save_path):
     return jobs
 
 
+def camera_ids(s, where):
+    """The cameras of a non-LeRobot dataset: ids (a LeRobot run's camera names are refused, naming the fix)."""
+    names = [k for k in s["cameras"] if isinstance(k, str)]
+    if names:
+        raise UserError(where, f"cameras {names} are LeRobot camera names (the run's), but this is not a LeRobot "
+                               f"folder (no meta/info.json): pass --cameras with this data's ids, e.g. --cameras 0")
+    return s["cameras"]
+
+
 def dataset(s, split):
     import data
     if os.path.isfile(os.path.join(s["data_root"], "meta", "info.json")):   # a LeRobot folder
         import lerobot
         return lerobot.LeRobotDataset(s["data_root"], split, **lerobot.config_kwargs(s))
+    camera_ids(s, s["data_root"])
     return data.RobotVideoDataset(s["data_root"], split, num_frames=s["num_frames"], cameras=s["cameras"],
                                   size=s["frame_size"], frame_stride=s["frame_stride"], action_scale=s["action_scale"],
                                   gripper_scale=s["gripper_scale"])
@@ -379,6 +390,19 @@ def episode_index(ds, ep):
     if str(ep) not in names:
         raise ConfigError(f"no episode {ep!r} in {ds.root} split {ds.split!r}; first ones: {names[:5]}")
     return names.index(str(ep))
+
+
+def free_path(path, named):
+    """An output path: as named (check_outputs refuses it when it exists), else the default one or, when that is
+    taken, the next free <stem>_<n> (said): no output is replaced without --overwrite, and commands run in a row."""
+    path, n = Path(path), 1
+    if named or not path.exists():
+        return path
+    while path.with_name(f"{path.stem}_{n}{path.suffix}").exists():
+        n += 1
+    free = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    print(f"{path} exists: writing {free} (--save_path / --eval_json name the output; --overwrite replaces it)")
+    return free
 
 
 def check_outputs(paths, overwrite):
@@ -451,7 +475,7 @@ def run_jobs(jobs, net, tok, common, c, s, start_frame=0):
         if c["save_frames"]:
             write_frames(out, video)
         strip = Path(c["strip_path"]) if c["strip_path"] and len(jobs) == 1 else out.with_suffix(".png")
-        times = save_strip(strip, video, gt)
+        times = save_strip(strip, video, gt, cameras=s["cameras"])
         calls = sum(r["net_calls"] for r in timings)
         print(f"{name}: {actions.shape[0]} actions -> {video.shape[2]} frames x {video.shape[0]} views in "
               f"{len(timings)} chunks, {dt:.1f} s ({dt / max(len(timings), 1):.2f} s/chunk, "
@@ -506,17 +530,19 @@ def bench(c):
 @torch.no_grad()   # (not set_grad_enabled: a caller in the same process keeps its gradients)
 def main(argv):
     """`python sample.py [--eval | --bench] ...` (sample.main dispatches here): one episode of the split or the files
-    given -> video + strip; --bench; --eval: the report over the split -> table, eval_json (refused when it exists
-    unless --overwrite, as every output) and one PNG strip per episode beside it."""
+    given -> video + strip; --bench; --eval: the report over the split -> table, eval_json and one PNG strip per
+    episode beside it. Every output: a named one that exists is refused unless --overwrite; a taken default name
+    moves to the next free one (free_path)."""
     c = parse_args(argv)
     if c["bench"]:
         return bench(c)
     if c["policy"] or c["policy_eval"]:   # policy.py imports this file: runpy, not an import (no cycle)
         policy = runpy.run_module("policy", run_name="policy_cli")
         return policy["policy_eval"](c) if c["policy_eval"] else policy["sample_policy"](c)
+    named = {a.split("=")[0][2:] for a in argv if a.startswith("--")}
     if not c["eval"]:
-        return sample_episodes(c)
-    path = Path(c["eval_json"] or "output/eval.json")
+        return sample_episodes({**c, "save_path": free_path(c["save_path"], "save_path" in named or c["overwrite"])})
+    path = free_path(c["eval_json"] or "output/eval.json", c["eval_json"] or c["overwrite"])
     check_outputs([path], c["overwrite"])
     net, s, tok, common = setup(c)
     ds = dataset(s, c["split"] or s["split"])
@@ -526,7 +552,7 @@ def main(argv):
                       strip_dir=path.parent / (path.stem + "_strips"), **common)
     report.update(checkpoint=str(c["dit_path"]), data_root=str(s["data_root"]), split=ds.split,
                   cameras=list(s["cameras"]))
-    print(format_table(report, [f"cam{k}" for k in s["cameras"]]))
+    print(format_table(report, sample.camera_names(s["cameras"])))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")

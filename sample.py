@@ -75,7 +75,7 @@ dtype = ""                     # "" -> "bfloat16" on CUDA (DiT autocast, tokeniz
 compile = False                # torch.compile the DiT
 # data settings (None / 0 -> run config)
 num_frames = 0
-frame_size = None
+frame_size = ()                # H, W: 256x320, 256,320 or (256, 320); () -> run config
 frame_stride = 0
 action_scale = 0.0
 gripper_scale = 0.0
@@ -89,7 +89,8 @@ tokenizer_path = ""
 pixel_factor = 0
 # output
 save_path = "output/sample.mp4"
-overwrite = False              # replace existing output videos (else an existing one is an error, before sampling)
+overwrite = False              # replace existing outputs (else a named one is an error, before sampling, and a
+                               # taken default name moves to the next free one: output/sample_1.mp4)
 strip_path = ""                # PNG frame strip; "" -> save_path with .png
 save_fps = 0
 compare = False                # ground truth beside the prediction
@@ -516,13 +517,44 @@ def strip_times(T, count=8):
     return sorted(set(np.linspace(0, T - 1, min(count, T)).round().astype(int).tolist()))
 
 
-def save_strip(path, video_V_3_T_H_W, gt=None, count=8):
-    """A PNG: time runs left to right (the tiled views at strip_times), the ground truth as a second row."""
+# a 3x5 pixel font (each glyph: 5 rows of 3 bits), so that labels need no image library
+FONT = dict(zip("abcdefghijklmnopqrstuvwxyz0123456789._-: ", (
+    "25755 65656 34443 65556 74647 74644 34553 55755 72227 11152 55655 44447 57755 65555 25552 65644 25563 65655 "
+    "34216 72222 55557 55552 55775 55255 55222 71247 75557 26227 61247 61216 55711 74616 34652 71222 25252 25316 "
+    "00002 00007 00700 02020 00000").split()))
+
+
+def camera_names(cameras):
+    """cam<k> for camera ids, a LeRobot key's last part (observation.images.top -> top) for names."""
+    return [f"cam{k}" if isinstance(k, int) else str(k).split(".")[-1] for k in cameras]
+
+
+def draw_label(img_H_W_3, text, y, x, scale=1):
+    """Burn text (white on black, cut to fit the image's width) into img at row y, column x."""
+    n = max(0, min(len(text), (img_H_W_3.shape[1] - x - scale) // (4 * scale)))
+    if n == 0:
+        return
+    bits = torch.tensor([[[int(FONT.get(ch, "00000")[r]) >> (2 - b) & 1 if b < 3 else 0 for b in range(4)]
+                          for r in range(5)] for ch in text.lower()[:n]], dtype=torch.bool)   # [n, 5, 4]
+    mask = bits.permute(1, 0, 2).reshape(5, -1).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    h, w = mask.shape
+    img_H_W_3[y:y + h + 2 * scale, x:x + w + scale] = 0
+    img_H_W_3[y + scale:y + scale + h, x + scale:x + scale + w][mask] = 255
+
+
+def save_strip(path, video_V_3_T_H_W, gt=None, count=8, cameras=None):
+    """A PNG: time runs left to right (the tiled views at strip_times), the ground truth as a second row. The first
+    tile of each row is labelled "prediction" / "ground truth" and each view with its camera's name (cameras)."""
     times = strip_times(video_V_3_T_H_W.shape[2], count)
     rows = [video_V_3_T_H_W] + ([gt] if gt is not None else [])
+    V, _, _, H, W = video_V_3_T_H_W.shape
+    cols, scale = V if V <= 3 else math.ceil(math.sqrt(V)), max(1, H // 64)
     lines = []
-    for v in rows:
+    for v, label in zip(rows, ("prediction", "ground truth")):
         tiles = grid(v.cpu()[:, :, [t for t in times if t < v.shape[2]]])
+        for i, name in enumerate(camera_names(cameras) if cameras is not None else []):
+            draw_label(tiles[0, i // cols * H:, i % cols * W:i % cols * W + W], name, 0, 0, scale)
+        draw_label(tiles[0], label, tiles.shape[1] - 7 * scale, 0, scale)
         sep = torch.full((tiles.shape[1], SEPARATOR, 3), 255, dtype=torch.uint8)
         cells = [x for t in tiles for x in (t, sep)][:-1]
         lines.append(torch.cat(cells, dim=1))
@@ -546,7 +578,7 @@ def parse_args(argv):
                                                                           or nxt.endswith(".py")):
             args.append("True")
     g = dict(_DEFAULTS)
-    return configurator.configure(g, _KEYS, args)
+    return configurator.configure(g, _KEYS, args, source=__file__)   # (--help reads this file's config block)
 
 
 def main(argv=None):

@@ -351,6 +351,27 @@ def test_png_and_mp4_round_trip(tmp_path):
     assert read_png(tmp_path / "s.png").shape == (2 * 16 + 2, 8 * 32 + 7 * 2, 3)
 
 
+def test_strip_labels_rows_and_cameras(tmp_path):
+    """Issue 24 item 13: the strip's first tile says "prediction" / "ground truth" and each view's camera (cam<k>,
+    a LeRobot key's last part), burnt in white on black; every other tile is the video's, untouched."""
+    assert sample.camera_names((0, 3, "observation.images.top")) == ["cam0", "cam3", "top"]
+    H, W = 32, 48
+    video = torch.full((2, 3, 9, H, W), 128, dtype=torch.uint8)
+    sample.save_strip(tmp_path / "s.png", video, gt=video, cameras=(0, "observation.images.top"))
+    img = read_png(tmp_path / "s.png")
+    assert img.shape == (2 * H + 2, 8 * 2 * W + 7 * 2, 3)
+
+    def label(y0, x0, n):                     # n characters of the 3x5 font at (y0, x0): a black box, white text
+        box = img[y0:y0 + 7, x0:x0 + 4 * n + 1]
+        return (box == 0).any() and (box == 255).any() and set(np.unique(box)) <= {0, 255}
+    for row in (0, H + 2):
+        assert label(row, 0, 4) and label(row, W, 3)                            # cam0 | top
+        assert label(row + H - 7, 0, len("prediction" if row == 0 else "ground truth"))
+        assert (img[row + 7:row + H - 7, :W] == 128).all()                    # between the labels: the frame
+        assert (img[row:row + H, 2 * W + 2:2 * W + 2 + 2 * W] == 128).all()   # the next tile: untouched
+    assert not np.array_equal(img[H - 7:H, :W], img[2 * H + 2 - 7:, :W])     # two different row labels
+
+
 # -----------------------------------------------------------------------------
 # metrics and the eval report
 
@@ -444,6 +465,45 @@ def test_eval_command_line(synth, ckpt2, tmp_path, monkeypatch, capsys):
     on_disk = json.loads(Path("r.json").read_text())
     assert on_disk["episodes"] == 1 and on_disk["psnr"] == report["psnr"] and on_disk["split"] == "val"
     assert "PSNR" in capsys.readouterr().out
+    assert read_png(Path("r_strips") / "ep00002.png").shape == (2 * H + 2, 8 * 2 * W + 7 * 2, 3)   # per episode
+    # issue 24 item 5: a second --eval replaces no report: a named one is refused, the default name moves on
+    with pytest.raises(configurator.UserError, match="r.json: exists; pass --overwrite"):
+        sample.main(["--dit_path", str(ckpt2), "--eval", "--data_root", str(synth), "--eval_json", "r.json"])
+    for name in ("eval.json", "eval_1.json"):
+        sample.main(["--dit_path", str(ckpt2), "--eval", "--data_root", str(synth), "--num_steps", "1",
+                     "--eval_episodes=1"])
+        assert Path("output", name).is_file() and Path("output", name.replace(".json", "_strips")).is_dir()
+    assert "output/eval.json exists: writing output/eval_1.json" in capsys.readouterr().out
+    assert json.loads(Path("output/eval.json").read_text())["episodes"] == 1
+
+
+def test_settings_the_run_did_not_use_are_said_or_refused(synth, ckpt2, tmp_path, monkeypatch, capsys):
+    """Issue 24 items 1, 2, 8, 10, 14: --cameras 0 is camera 0 (not "unset"); each setting that differs from the
+    run's is printed as an override; 64x96 / 0,1 forms; tiny CPU nets sample on one thread (the train.py policy);
+    a LeRobot run's camera names on other data are one line; --help lists the keys with their comments."""
+    monkeypatch.chdir(tmp_path)
+    budget = []
+    monkeypatch.setattr(configurator, "cpu_budget", lambda *a, **k: budget.append((a, k)) or (0, 1))
+    common = ["--dit_path", str(ckpt2), "--data_root", str(synth), "--num_steps", "1", "--max_actions", "3"]
+    out = sample.main(common + ["--cameras", "0", "--save_path", "c0.mp4"])
+    assert out[0][1].shape[0] == 1 and budget == [(("cpu",), dict(num_workers=0, tiny=True))]
+    assert "override of the run's config: --cameras=0 (the run used [0, 1])" in capsys.readouterr().out
+    out = sample.main(common + ["--cameras", "1,0", "--frame_size", "64x96", "--pixel_factor", "16", "--fps", "8",
+                                "--save_path", "o.mp4"])
+    assert out[0][1].shape == (2, 3, 4, 64, 96)
+    said = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("override of the run's"))
+    for k in ("--frame_size=(64, 96) (the run used [32, 48])", "--pixel_factor=16 (the run used 8)",
+              "--cameras=(1, 0) (the run used [0, 1])", "--fps=8 (the run used 4)"):
+        assert k in said, said
+    named = write_checkpoint(tmp_path / "lr" / "m.pt", tiny_net(init=True), ("observation.images.top",))
+    with pytest.raises(configurator.UserError, match=f"{synth}: cameras \\['observation.images.top'\\] are LeRobot "
+                                                     "camera names .* pass --cameras with this data's ids"):
+        sample.main(["--dit_path", str(named), "--data_root", str(synth), "--save_path", "n.mp4"])
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and p.stdout.startswith("usage: python sample.py"), p.stdout[:300] + p.stderr[-500:]
+    assert "\nwhat to roll out: a dataset episode (default) or files\n" in p.stdout
+    assert "  --frame_size=()   H, W: 256x320, 256,320 or (256, 320)" in p.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -764,7 +824,8 @@ def test_command_line_errors_are_one_line(synth, ckpt2, tmp_path, capsys):
     (tmp_path / "exists.mp4").write_text("")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"continuous_gripper_state": [0, 0]}))
-    cases = [(["--dit_path", str(tmp_path / "nope.pt")], f"error: {tmp_path / 'nope.pt'}: no such file"),
+    cases = [(["--dit_path", str(tmp_path / "nope.pt"), "--save_path", str(tmp_path / "o.mp4")],   # (only under tmp)
+              f"error: {tmp_path / 'nope.pt'}: no such file"),
              (["--dit_path", str(ckpt2), "--save_path", str(tmp_path / "afile" / "x.mp4")],
               f"error: {tmp_path / 'afile'}: cannot create the output folder"),
              (["--dit_path", str(ckpt2), "--save_path", str(tmp_path / "exists.mp4")],
