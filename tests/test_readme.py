@@ -2,8 +2,10 @@
 config keys; every train.py command plans its run (`--dry_run=True`: no data, no weights, no GPU); the quick start
 (train -> sample -> export -> check) runs end to end on tiny settings."""
 
+import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def commands():
-    """The command lines of the README's bash blocks: continuations joined, comments dropped, loops unrolled to
+def commands(text=README):
+    """The command lines of the bash blocks of text: continuations joined, comments dropped, loops unrolled to
     their first values (`for x in A B` -> $x = A)."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         text = re.sub(r"\\\n\s*", " ", block)
         loop_vars = dict(re.findall(r"for (\w+) in (\S+)", text))
         for line in text.splitlines():
@@ -37,6 +39,8 @@ def commands():
 
 
 COMMANDS = commands()
+_SECTION = README.split("## Sampling and evaluation", 1)[1]
+SAMPLING = commands(_SECTION[:_SECTION.index("```", _SECTION.index("```bash") + 7) + 3])   # its first block
 TRAIN = [c for c in COMMANDS if " train.py" in c]
 
 
@@ -78,10 +82,12 @@ def test_readme_train_commands_plan_their_run(cmd):
 
 
 def test_readme_quick_start_runs(tmp_path):
-    """The quick start as a new user runs it, on tiny settings: train, sample, export, check."""
+    """The quick start as a new user runs it, on tiny settings: train, sample, export, check; then the Sampling
+    block's commands in order, as written (a taken default output name moves to the next free one), its Bridge
+    line on a Bridge-layout copy of a synthetic val episode."""
     quick = [c for c in COMMANDS if c.split()[:2] in (["python", "train.py"], ["python", "sample.py"])][:2]
     assert quick == ["python train.py", "python sample.py --compare"], quick
-    tiny = ["--max_iters=4", "--eval_interval=4", "--save_interval=4", "--log_interval=2", "--synth_episodes=4",
+    tiny = ["--max_iters=4", "--eval_interval=4", "--save_interval=4", "--log_interval=2", "--synth_episodes=16",
             "--batch_size=2"]
 
     def run(*args):
@@ -97,3 +103,17 @@ def test_readme_quick_start_runs(tmp_path):
     run("convert.py", "export", "out/synthetic/checkpoints", "release/")
     assert (tmp_path / "release" / "model_ema_bf16.pt").is_file()
     assert "OK" in run("data.py", "check", "datasets/synthetic", "--cameras", "0,1")
+    syn, bridge = tmp_path / "datasets" / "synthetic", tmp_path / "datasets" / "bridge"
+    ann = json.loads((syn / "annotations" / "val" / "ep00012.json").read_text())
+    ann["videos"] = [{"video_path": f"videos/test/0/rgb{k}.mp4"} for k in range(2)]
+    for k in range(2):
+        (bridge / "videos" / "test" / "0").mkdir(parents=True, exist_ok=True)
+        shutil.copy(syn / "videos" / f"cam{k}" / "ep00012.mp4", bridge / "videos" / "test" / "0" / f"rgb{k}.mp4")
+    (bridge / "annotation" / "test").mkdir(parents=True)
+    (bridge / "annotation" / "test" / "0.json").write_text(json.dumps(ann))
+    assert len(SAMPLING) == 4 and SAMPLING[0] == "python sample.py", SAMPLING
+    outs = [run(argv_of(cmd)[0], *argv_of(cmd)[1], "--num_steps=2") for cmd in SAMPLING]
+    assert "output/sample.mp4 exists: writing output/sample_1.mp4" in outs[0]
+    assert "wrote output/sample_2.mp4" in outs[1] and "wrote output/eval.json" in outs[2]
+    assert "wrote output/sample_3.mp4" in outs[3]
+    assert all((tmp_path / "output" / f"sample_{i}.png").is_file() for i in (1, 2, 3))
