@@ -598,3 +598,66 @@ def test_sampling_on_fewer_cameras_than_trained_is_one_line(dataset, tmp_path):
     assert last_error_line(p) == (f"error: {bridge / 'annotation' / 'val' / '0.json'}: the config asks for 2 "
                                   f"camera(s) [0, 1] and this episode lists 1 camera(s) in 'videos' (0..0); camera 1 "
                                   f"was asked for")
+
+
+# -----------------------------------------------------------------------------
+# issue 24: signals, a lost consolidated file, --help and the plain flag forms, ETA and the curves
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_step_saves_and_resumes_exactly(dataset, tmp_path, sig):
+    """SIGTERM (a preempted job) or SIGINT (Ctrl-C) mid-run: the step finishes, a checkpoint is saved, one line says
+    so, the exit is 128 + signal with no traceback; resuming to step N + 2 equals an uninterrupted run to N + 2."""
+    common = [f"--data_root={dataset}", "--save_interval=1000", "--keep_last=5"]
+    out = tmp_path / "a"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + TINY + common + [f"--out_dir={out}",
+                            "--max_iters=400"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and "Traceback" not in stderr, stderr[-3000:]
+    last = stdout.strip().splitlines()[-1]
+    step = int(last.split(" at step ")[1].split(":")[0])
+    assert last == (f"stopped by {signal.Signals(sig).name} at step {step}: saved {ckpt(out, step)}; the same "
+                    f"command resumes it") and 0 < step < 400
+    p = run(common + [f"--out_dir={out}", f"--max_iters={step + 2}"])
+    assert f"at step {step}" in p.stdout and "| eta " in p.stdout                # progress lines carry an ETA
+    run(common + [f"--out_dir={tmp_path / 'b'}", f"--max_iters={step + 2}"])
+    assert_same_state(load_state(ckpt(out, step + 2)), load_state(ckpt(tmp_path / "b", step + 2)))
+
+
+def test_resume_writes_a_consolidated_file_lost_to_a_kill(dataset, tmp_path):
+    """A kill -9 during the final consolidated write leaves model/iter_X.pt.tmp and no iter_X.pt: the resume (already
+    at max_iters) writes it, the same file. The run draws its loss curves next to log.jsonl at each eval."""
+    out = tmp_path / "run"
+    args = [f"--data_root={dataset}", f"--out_dir={out}", "--save_interval=2", "--max_iters=2", "--eval_interval=2"]
+    run(args)
+    final = out / "checkpoints" / "model" / "iter_000000002.pt"
+    want = torch.load(final, weights_only=True)
+    final.rename(str(final) + ".tmp")                                   # as the kill left it
+    p = run(args)
+    assert "writing the missing consolidated weights of step 2" in p.stdout
+    got = torch.load(final, weights_only=True)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert not Path(str(final) + ".tmp").exists()
+    png = (out / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and png[16:24] == (640).to_bytes(4, "big") + (240).to_bytes(4, "big")
+
+
+def test_help_and_the_plain_flag_forms(tmp_path):
+    """--help / -h list the keys with their defaults and comments under the config block's headings; 32x48, 0,1 and 0
+    are tuples as the tuple forms are; an unknown key names the key meant (learning_rate -> lr)."""
+    for flag in ("--help", "-h"):
+        p = subprocess.run([sys.executable, str(ROOT / "train.py"), flag], cwd=tmp_path, capture_output=True,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0 and p.stdout.startswith("usage: python train.py"), p.stderr[-2000:]
+        assert "\n  --save_interval=200   also saved at max_iters and on SIGTERM / SIGINT\n" in p.stdout
+        assert not list(tmp_path.iterdir())                             # nothing written
+    c = train.configure(["--frame_size=32x48", "--cameras=0,1"])
+    assert c["frame_size"] == (32, 48) and c["cameras"] == (0, 1)
+    assert train.configure(["--cameras", "0"])["cameras"] == (0,)
+    assert train.configure(["--frame_size=(32, 48)", "--cameras=(1,)"])["cameras"] == (1,)
+    with pytest.raises(configurator.UserError, match=r"^--learning_rate: unknown config key. Did you mean: lr\?$"):
+        train.configure(["--learning_rate=1e-4"])
