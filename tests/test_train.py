@@ -644,6 +644,11 @@ def test_resume_writes_a_consolidated_file_lost_to_a_kill(dataset, tmp_path):
     assert not Path(str(final) + ".tmp").exists()
     png = (out / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and png[16:24] == (640).to_bytes(4, "big") + (240).to_bytes(4, "big")
+    latest = out / "checkpoints" / "latest_checkpoint.txt"                 # issue 24 item 14: emptied by a crash
+    latest.write_text("")
+    assert last_error_line(run(args, check=False)) == (f"error: {latest}: a damaged checkpoint: is empty; "
+                                                       "iter_000000002 is intact: resume from it with "
+                                                       "--resume_from=previous")
 
 
 def test_help_and_the_plain_flag_forms(tmp_path):
