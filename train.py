@@ -159,9 +159,7 @@ _CONFIG_KEYS = configurator.config_keys(globals())
 MODEL_PRESETS = {
     "tiny": dict(model_channels=128, num_blocks=4, num_heads=4, adaln_lora_dim=32, crossattn_emb_channels=64),
     "small": dict(model_channels=512, num_blocks=8, num_heads=8, adaln_lora_dim=64, crossattn_emb_channels=256),
-    "2B": model.PRESETS["2B"],
-    "14B": model.PRESETS["14B"],
-}
+    **model.PRESETS}
 CHOICES = {"lr_schedule": ("constant", "linear", "cosine", "lambda_linear"), "loss_mean": ("all", "noisy"),
            "parallel": ("ddp", "fsdp"), "model_size": tuple(MODEL_PRESETS), "compile": ("", "blocks", "model"),
            "action_mode": ("none", "global", "per_frame"), "action_type": ("absolute", "delta", "delta_state"),
@@ -379,8 +377,7 @@ def make_optimizer(raw, c):
     trainable = [p for p in raw.parameters() if p.requires_grad]   # after FSDP: the DTensors
     # fused on every device: one kernel per step, and the step counters stay tensors (the per-tensor AdamW reads
     # each one with .item(), a host sync per parameter on a GPU); the CPU runs the path the GPU does
-    opt = torch.optim.AdamW(trainable, lr=c["lr"], betas=tuple(c["betas"]), weight_decay=c["weight_decay"],
-                            fused=True)
+    opt = torch.optim.AdamW(trainable, lr=c["lr"], betas=tuple(c["betas"]), weight_decay=c["weight_decay"], fused=True)
     return trainable, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c))
 
 
@@ -600,17 +597,19 @@ def log_text(rec, eta_s):
 
 
 class StopSignal:
-    """SIGTERM (a preempted job) and SIGINT (Ctrl-C) set a flag: the loop finishes its step, saves and exits
-    non-zero. A second SIGINT interrupts at once."""
+    """SIGTERM (a preempted job) and SIGINT (Ctrl-C) set a flag: the loop finishes its step, saves and exits non-zero;
+    a second SIGINT interrupts at once. restore(): the caller's handlers back (forked pool workers inherit them)."""
 
     def __init__(self):
-        self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self.handle)
+        self.signum, self.previous = 0, {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
         self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 @torch.no_grad()
@@ -762,6 +761,7 @@ def main(argv=None):
             break
 
     saver.finish()
+    stop.restore()
     env.say(end_message(stop, step, saver, log_path, ckpt_dir, lora.enabled(raw)))
     del net, saver         # (as for the bench)
     shutdown()

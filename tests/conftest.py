@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -14,3 +15,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A test that runs train.main in-process and fails midway leaves its SIGTERM handler installed; forked pool
+    workers of later tests would inherit it and swallow the pool's SIGTERM at exit (a hang seen in CI)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
