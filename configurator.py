@@ -183,6 +183,9 @@ def exit_on_known_errors(main, argv=None):
     """The one handler of every command: main(argv), a known error printed as 'error: <path>: <problem>' (exit 1)."""
     try:
         return main(argv)
+    except BrokenPipeError:   # output piped into a reader that left (`--help | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as e:   # noqa: BLE001 (re-raised unless known)
         msg = known_error(e)
         if msg is None:

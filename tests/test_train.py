@@ -660,6 +660,10 @@ def test_help_and_the_plain_flag_forms(tmp_path):
         assert p.returncode == 0 and p.stdout.startswith("usage: python train.py"), p.stderr[-2000:]
         assert "\n  --save_interval=200   also saved at max_iters and on SIGTERM / SIGINT\n" in p.stdout
         assert not list(tmp_path.iterdir())                             # nothing written
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p.stdout.close()                                                # a reader that left (`--help | head`)
+    assert p.wait(timeout=120) == 1 and not p.stderr.read()         # no BrokenPipeError traceback
     c = train.configure(["--frame_size=32x48", "--cameras=0,1"])
     assert c["frame_size"] == (32, 48) and c["cameras"] == (0, 1)
     assert train.configure(["--cameras", "0"])["cameras"] == (0,)
