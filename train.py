@@ -598,7 +598,7 @@ def log_text(rec, eta_s):
 
 class StopSignal:
     """SIGTERM (a preempted job) and SIGINT (Ctrl-C) set a flag: the loop finishes its step, saves and exits non-zero;
-    a second SIGINT interrupts at once. restore(): the caller's handlers back (forked pool workers inherit them)."""
+    a second SIGINT interrupts at once. end_message puts the caller's handlers back (forked workers inherit them)."""
 
     def __init__(self):
         self.signum, self.previous = 0, {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -606,10 +606,6 @@ class StopSignal:
     def handle(self, signum, frame):
         self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 @torch.no_grad()
@@ -761,7 +757,6 @@ def main(argv=None):
             break
 
     saver.finish()
-    stop.restore()
     env.say(end_message(stop, step, saver, log_path, ckpt_dir, lora.enabled(raw)))
     del net, saver         # (as for the bench)
     shutdown()
@@ -770,6 +765,8 @@ def main(argv=None):
 
 
 def end_message(stop, step, saver, log_path, ckpt_dir, is_lora):
+    for s, handler in stop.previous.items():     # the run is over: the caller's handlers back
+        signal.signal(s, handler)
     if stop.signum:
         name = signal.Signals(stop.signum).name
         return f"stopped by {name} at step {step}: saved {saver.last_good}; the same command resumes it"

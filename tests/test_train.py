@@ -473,6 +473,7 @@ def test_training_steps_make_no_host_syncs(dataset, tmp_path):
         with opcount.SyncCounter() as s:
             train.main(args)
         counts.append(s.count)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the caller's handler back (forked workers)
     assert counts[0] == counts[1] > 0, counts
 
 
